@@ -1,0 +1,67 @@
+"""A local Prefect server for the length of one run: started on loopback, stopped (by PID) afterwards."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def wait_healthy(api_url: str, timeout: float = 120.0, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"Prefect server exited with code {process.returncode} before it was healthy")
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(f"{api_url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        time.sleep(0.5)
+    raise TimeoutError(f"Prefect server at {api_url} not healthy after {timeout:.0f} s")
+
+
+def stop(process: subprocess.Popen, grace: float = 15.0) -> None:
+    """Prefect's server and workers need two SIGTERMs: the first starts a graceful shutdown."""
+    for _ in range(2):
+        if process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(grace / 2)
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+@contextlib.contextmanager
+def local_server(host: str = "127.0.0.1", port: int | None = None, log_file: Path | None = None) -> Iterator[str]:
+    """Start ``prefect server start`` on ``host`` (loopback by default); yield its API URL; stop it after."""
+    port = port or free_port(host)
+    api_url = f"http://{host}:{port}/api"
+    log = open(log_file, "ab") if log_file else subprocess.DEVNULL
+    process = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        wait_healthy(api_url, process=process)
+        yield api_url
+    finally:
+        stop(process)
+        if log_file:
+            log.close()

@@ -1,0 +1,122 @@
+"""The ``gmpipe`` command: run stages and the pipeline as Prefect flows, validate params, sample."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from gmpipe.config.params import ParamsError, load_params
+
+STAGES = ("prepare",)
+
+
+def _fail(message: str, code: int = 1) -> int:
+    print(f"gmpipe: error: {message}", file=sys.stderr)
+    return code
+
+
+def cmd_check_params(args: argparse.Namespace) -> int:
+    try:
+        load_params(args.file)
+    except ParamsError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    print(f"{args.file}: ok")
+    return 0
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    try:
+        load_params(Path(args.root) / args.params)
+    except ParamsError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    from flows import environment
+
+    environment.configure(args.root)
+    from flows.stages import run_stage
+
+    state = run_stage(args.name, args.params, args.root)
+    if state.is_failed():
+        return _fail(f"stage '{args.name}' failed: {state.message}")
+    return 0
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    try:
+        load_params(Path(args.root) / "params.yaml")
+    except ParamsError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    from flows import environment
+
+    environment.configure(args.root)
+    from flows.pipeline import dvc_stage_order
+
+    unknown = sorted(set(args.stages) - set(dvc_stage_order(args.root)))
+    if unknown:
+        return _fail(f"unknown stage(s) {', '.join(unknown)}; dvc.yaml has {', '.join(dvc_stage_order(args.root))}", 2)
+
+    def run() -> int:
+        from flows.pipeline import pipeline
+
+        state = pipeline(stages=args.stages or None, root=args.root, force=args.force, return_state=True)
+        if state.is_failed():
+            return _fail(f"pipeline failed: {state.message}")
+        return 0
+
+    if os.environ.get("PREFECT_API_URL") or args.no_server:
+        return run()
+    from flows.server import local_server
+
+    log_file = Path(args.root) / ".prefect" / "server.log"
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    print(f"gmpipe: starting a local Prefect server (log: {log_file}) ...", flush=True)
+    with local_server(log_file=log_file) as api_url:
+        os.environ["PREFECT_API_URL"] = api_url
+        print(f"gmpipe: Prefect UI at {api_url.removesuffix('/api')} while the pipeline runs", flush=True)
+        return run()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gmpipe",
+        description="Train a latent generative model from images, as a DVC + Prefect pipeline.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    check = sub.add_parser("check-params", help="validate a params file and exit (2 on problems)")
+    check.add_argument("file", nargs="?", default="params.yaml", help="params file (default: params.yaml)")
+    check.set_defaults(func=cmd_check_params)
+
+    stage = sub.add_parser("stage", help="run one stage as a Prefect flow (what dvc.yaml calls)")
+    stage.add_argument("name", choices=STAGES, help="stage to run")
+    stage.add_argument("--params", default="params.yaml", help="params file, relative to --root")
+    stage.add_argument("--root", default=".", help="project root (the DVC repo); default: here")
+    stage.set_defaults(func=cmd_stage)
+
+    pipe = sub.add_parser(
+        "pipeline", help="run the stages in DVC order through `dvc repro` as one Prefect flow",
+        description="Each selected stage runs through `dvc repro --single-item`, so stages that are up to "
+        "date are skipped. Starts a local Prefect server on 127.0.0.1 for the run unless PREFECT_API_URL is set.",
+    )
+    pipe.add_argument("stages", nargs="*", help="stages to run (default: all)")
+    pipe.add_argument("--force", action="store_true", help="rerun the selected stages even if up to date")
+    pipe.add_argument("--no-server", action="store_true", help="use Prefect's temporary per-process server")
+    pipe.add_argument("--root", default=".", help="project root (the DVC repo); default: here")
+    pipe.set_defaults(func=cmd_pipeline)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""Where each stage reads and writes, relative to one project root (the DVC repo)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Paths:
+    root: Path = Path(".")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def prepared(self) -> Path:
+        return self.root / "data" / "prepared"
+
+    @property
+    def latents(self) -> Path:
+        return self.root / "data" / "latents"
+
+    @property
+    def vae(self) -> Path:
+        return self.root / "models" / "vae"
+
+    @property
+    def ldm(self) -> Path:
+        return self.root / "models" / "ldm"
+
+    @property
+    def student(self) -> Path:
+        return self.root / "models" / "student"
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"
+
+    @property
+    def checkpoints(self) -> Path:
+        """Training state for resume; persisted by DVC so ``dvc repro`` does not wipe it."""
+        return self.root / "checkpoints"
