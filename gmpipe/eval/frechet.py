@@ -1,0 +1,61 @@
+"""Frechet distance between Gaussians fitted to two feature sets.
+
+    d^2 = ||mu_1 - mu_2||^2 + Tr(Sigma_1 + Sigma_2 - 2 (Sigma_1 Sigma_2)^(1/2))
+
+the squared Frechet (2-Wasserstein) distance between N(mu_1, Sigma_1) and N(mu_2, Sigma_2) (Dowson & Landau,
+1982), used as FID on Inception-v3 pool3 features by Heusel et al. (2017). gmpipe computes it on
+EfficientNet-Lite0 features by default and reports it as FD-EffNetLite0 (see ``gmpipe.eval.features``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import linalg
+
+# Largest imaginary part tolerated on the diagonal of sqrtm(Sigma_1 Sigma_2) before the result is declared
+# untrustworthy; smaller parts are round-off from a nearly singular product and are dropped.
+_IMAGINARY_TOLERANCE = 1e-3
+
+
+def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean (D,) and unbiased covariance (D, D) of features (N, D), in float64."""
+    features = np.asarray(features, dtype=np.float64)
+    if features.ndim != 2 or len(features) < 2:
+        raise ValueError(f"expected features of shape (N >= 2, D), got {features.shape}")
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def frechet_distance(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
+) -> float:
+    """Squared Frechet distance between N(mu1, sigma1) and N(mu2, sigma2) (module docstring equation).
+
+    mu: (D,), sigma: (D, D). The matrix square root comes from ``scipy.linalg.sqrtm``. When the product of the
+    covariances is singular (e.g. fewer samples than dimensions) sqrtm can return non-finite values; it is then
+    recomputed with ``eps * I`` added to both covariances. A negligible imaginary part (round-off) is discarded;
+    a large one raises ``ValueError``.
+    """
+    mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
+    sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
+        raise ValueError(
+            f"mismatched statistics: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}"
+        )
+
+    covmean = linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():
+        offset = np.eye(len(sigma1)) * eps
+        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        largest_imaginary = np.max(np.abs(np.diagonal(covmean).imag))
+        if largest_imaginary > _IMAGINARY_TOLERANCE:
+            raise ValueError(f"sqrtm(sigma1 @ sigma2) has an imaginary component of {largest_imaginary:.3g}")
+        covmean = covmean.real
+
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+
+
+def frechet_distance_from_features(features1: np.ndarray, features2: np.ndarray, eps: float = 1e-6) -> float:
+    """Squared Frechet distance between Gaussians fitted to features1 (N1, D) and features2 (N2, D)."""
+    return frechet_distance(*feature_statistics(features1), *feature_statistics(features2), eps=eps)
