@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Idempotent set-up: a virtual environment with torch installed first (so a CPU machine never downloads a
+# multi-GB CUDA build), the project with its dev extra, DVC and Prefect kept inside the project, and the
+# Fashion-MNIST data set from Debian when it is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+FASHION_MNIST_DIR=/usr/share/datasets/fashion-mnist
+
+say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
+
+if [ ! -x "$VENV/bin/python" ]; then
+    say "creating virtual environment $VENV"
+    "$PYTHON" -m venv "$VENV"
+    "$VENV/bin/python" -m pip install --quiet --upgrade pip
+fi
+PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
+
+if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+    say "installing $TORCH_SPEC first"
+    if [ -n "${TORCH_INDEX_URL:-}" ]; then
+        "${PIP[@]}" "$TORCH_SPEC" --index-url "$TORCH_INDEX_URL"
+    else
+        "${PIP[@]}" "$TORCH_SPEC"
+    fi
+fi
+
+stamp="$VENV/.gmpipe-installed"
+want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    say "installing gmpipe and its dependencies"
+    "${PIP[@]}" -e ".[dev]"
+    echo "$want" > "$stamp"
+fi
+
+if [ ! -f "$FASHION_MNIST_DIR/train-images-idx3-ubyte.gz" ]; then
+    if [ "$(id -u)" = 0 ]; then SUDO=(); elif sudo -n true 2>/dev/null; then SUDO=(sudo); else SUDO=(none); fi
+    if [ "${SUDO[0]:-}" = none ]; then
+        say "Fashion-MNIST is missing and this user cannot install Debian packages. Run:"
+        say "    sudo apt-get update && sudo apt-get install -y dataset-fashion-mnist"
+        say "(or point data.path in params.yaml at a folder with the four idx .gz files)"
+        exit 1
+    fi
+    say "installing the Debian package dataset-fashion-mnist"
+    "${SUDO[@]}" apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 \
+        || { "${SUDO[@]}" apt-get update -qq && "${SUDO[@]}" apt-get install -y -qq dataset-fashion-mnist; }
+fi
+
+# DVC inside a fresh clone: site cache in the repo, no analytics (also in .dvc/config).
+export DVC_NO_ANALYTICS=1
+say "ready ($("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)'))"

@@ -1,0 +1,31 @@
+# gmpipe entry points. `make demo` and `make test` do all set-up themselves and are safe to rerun.
+#   make demo    set up, then run the demo pipeline (dvc repro of every stage, as a Prefect flow)
+#   make test    set up, then run the test suite
+#   make smoke   set up, then run the whole pipeline on configs/smoke.yaml in a scratch copy
+#   make lint    ruff
+# Variables: VENV (default .venv), PYTHON (interpreter that creates it), TORCH_SPEC (default torch==2.13.0),
+# TORCH_INDEX_URL (e.g. https://download.pytorch.org/whl/cpu on a CPU machine without a local torch wheel),
+# PYTEST_ARGS (extra pytest arguments).
+VENV ?= .venv
+PYTHON ?= python3
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX_URL ?=
+PYTEST_ARGS ?=
+export VENV PYTHON TORCH_SPEC TORCH_INDEX_URL
+
+.PHONY: setup demo test smoke lint
+
+setup:
+	@bash .ci/setup.sh
+
+demo: setup
+	@. $(VENV)/bin/activate && gmpipe pipeline
+
+test: setup
+	@. $(VENV)/bin/activate && python -m pytest $(PYTEST_ARGS)
+
+smoke: setup
+	@. $(VENV)/bin/activate && bash .ci/smoke.sh
+
+lint: setup
+	@$(VENV)/bin/ruff check gmpipe flows tests bench

@@ -1,0 +1,73 @@
+"""Shared fixtures: a Prefect server on loopback for the session, scratch DVC projects, the data fixture."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURE_FASHION_MNIST = REPO / "tests" / "fixtures" / "fashion-mnist-mini"
+BIN = Path(sys.executable).parent
+
+
+def smoke_params(**overrides) -> dict:
+    """configs/smoke.yaml pointed at the committed Fashion-MNIST fixture, with section overrides."""
+    params = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
+    params["data"]["path"] = str(FIXTURE_FASHION_MNIST)
+    for section, values in overrides.items():
+        params.setdefault(section, {}).update(values)
+    return params
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory) -> str:
+    """One real Prefect server (SQLite) on 127.0.0.1 for the whole session; every flow in the tests uses it."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    os.environ["PREFECT_HOME"] = str(home)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_UI_ENABLED", "false")
+    os.environ["DVC_NO_ANALYTICS"] = "1"
+    from flows.server import local_server
+
+    with local_server(log_file=home / "server.log") as api_url:
+        os.environ["PREFECT_API_URL"] = api_url
+        yield api_url
+    os.environ.pop("PREFECT_API_URL", None)
+
+
+def run(command: list[str], cwd: Path, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", DVC_NO_ANALYTICS="1")
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{command} exited {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result
+
+
+@pytest.fixture
+def dvc_project(tmp_path) -> callable:
+    """A scratch git + DVC repo holding this project's code, dvc.yaml and the given params."""
+
+    def make(params: dict) -> Path:
+        root = tmp_path / "project"
+        ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+        for folder in ("gmpipe", "flows", "configs"):
+            shutil.copytree(REPO / folder, root / folder, ignore=ignore)
+        for file in ("dvc.yaml", ".dvcignore"):
+            shutil.copy(REPO / file, root / file)
+        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        (root / ".gitignore").write_text("/data/\n/models/\n/reports/\n/checkpoints/\n.prefect/\n")
+        run(["git", "init", "-q"], root)
+        run(["git", "config", "user.email", "ci@example.invalid"], root)
+        run(["git", "config", "user.name", "ci"], root)
+        run(["dvc", "init", "-q"], root)
+        run(["dvc", "config", "core.analytics", "false"], root)
+        run(["dvc", "config", "core.site_cache_dir", ".dvc/site_cache"], root)
+        return root
+
+    return make

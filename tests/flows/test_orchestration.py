@@ -1,0 +1,86 @@
+"""Prefect + DVC for real: a local Prefect server, scratch git/DVC repos, `dvc repro` through the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+
+from tests.conftest import REPO, run, smoke_params
+
+
+def _artifacts(key: str) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+
+
+def test_pipeline_flow_runs_dvc_repro_then_skips(prefect_api, dvc_project):
+    root = dvc_project(smoke_params(prepare={"max_per_class": 5}))
+    first = run(["gmpipe", "pipeline", "prepare"], root)
+    manifest = json.loads((root / "data/prepared/manifest.json").read_text())
+    assert manifest["counts"]["train"]["total"] == 50
+    assert (root / "dvc.lock").is_file()
+    assert "Running stage 'prepare'" in first.stdout + first.stderr
+
+    second = run(["dvc", "repro", "prepare"], root)
+    assert "didn't change, skipping" in second.stdout
+
+    # A params change of the stage's own section reruns it.
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["prepare"]["max_per_class"] = 6
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    run(["dvc", "repro", "prepare"], root)
+    assert json.loads((root / "data/prepared/manifest.json").read_text())["counts"]["train"]["total"] == 60
+
+    markdown = [a.data for a in _artifacts("prepare")]
+    assert any("data/prepared" in text and "train" in text for text in markdown)
+    assert any("| prepare |" in a.data for a in _artifacts("pipeline"))
+
+
+def test_stage_reports_bad_params_without_traceback(prefect_api, dvc_project):
+    root = dvc_project(smoke_params(data={"image_size": 2}))
+    result = run(["gmpipe", "stage", "prepare"], root, check=False)
+    assert result.returncode == 2
+    assert "data.image_size: must be >= 8 (got 2)" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_stage_failure_is_one_clear_line_and_keeps_outputs(prefect_api, dvc_project):
+    root = dvc_project(smoke_params(prepare={"max_per_class": 3}))
+    run(["gmpipe", "stage", "prepare"], root)
+    before = (root / "data/prepared/manifest.json").read_text()
+    params = smoke_params(data={"path": str(root / "missing")})
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    result = run(["gmpipe", "stage", "prepare"], root, check=False)
+    assert result.returncode == 1
+    assert "Fashion-MNIST file not found" in result.stderr and "Traceback" not in result.stderr
+    assert (root / "data/prepared/manifest.json").read_text() == before
+
+
+def test_pipeline_rejects_unknown_stage(dvc_project):
+    root = dvc_project(smoke_params())
+    result = run(["gmpipe", "pipeline", "no_such_stage", "--no-server"], root, check=False)
+    assert result.returncode == 2 and "unknown stage(s) no_such_stage" in result.stderr
+
+
+def test_dvc_yaml_lists_the_modules_each_stage_imports():
+    """Every gmpipe/flows module a stage imports is a dep (by file or by folder), so code changes rerun it."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        script = (
+            f"import sys, json, flows.stages, gmpipe.stages.{name}; print(json.dumps(sorted("
+            "m.__file__ for n, m in sys.modules.items() if n.split('.')[0] in ('gmpipe', 'flows') "
+            "and getattr(m, '__file__', None) and not n.startswith(('gmpipe.config.params', 'gmpipe.config')))))"
+        )
+        files = json.loads(run(["python", "-c", script], REPO).stdout)
+        deps = [d for d in stage["deps"] if not d.startswith("$")]
+        for file in files:
+            relative = str(__import__("pathlib").Path(file).relative_to(REPO))
+            if relative.endswith("__init__.py") and relative.count("/") <= 2:
+                continue
+            assert any(relative == d or relative.startswith(d.rstrip("/") + "/") for d in deps), (name, relative)
+        assert set(stage["params"]) <= {"data", name} | set(stage["params"])  # own sections only, checked below
+    assert stages["prepare"]["params"] == ["data", "prepare"]

@@ -1,0 +1,86 @@
+"""Params validation: every problem is one line naming the dotted key and the rule; exit code 2; no traceback."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from gmpipe.cli import main
+from gmpipe.config.params import Params, ParamsError, load_params, parse_params
+from tests.conftest import REPO
+
+BAD_INPUTS = [
+    ({"data": {"image_size": 4}}, "data.image_size: must be >= 8 (got 4)"),
+    ({"data": {"image_size": "32"}}, "data.image_size: must be an integer (got '32')"),
+    ({"data": {"channels": 2}}, "data.channels: must be one of 1 or 3 (got 2)"),
+    ({"data": {"source": "mnist"}}, "data.source: must be one of 'fashion_mnist' or 'image_folder' (got 'mnist')"),
+    ({"data": {"imgsize": 32}}, "data.imgsize: unknown key"),
+    ({"train_vea": {}}, "train_vea: unknown key"),
+    ({"data": 5}, "data: must be a mapping of keys to values (got 5)"),
+    ({"prepare": {"val_fraction": -0.1}}, "prepare.val_fraction: must be >= 0.0 (got -0.1)"),
+    ({"prepare": {"val_fraction": 1.5}}, "prepare.val_fraction: must be < 1.0 (got 1.5)"),
+    ({"prepare": {"val_fraction": 0.5, "test_fraction": 0.5}}, "prepare: val_fraction + test_fraction must be < 0.9"),
+    ({"prepare": {"max_per_class": 0}}, "prepare.max_per_class: must be >= 1 (got 0)"),
+    ({"prepare": {"seed": 1.5}}, "prepare.seed: must be an integer (got 1.5)"),
+    ({"prepare": {"alpha_background": 256}}, "prepare.alpha_background: must be <= 255 (got 256)"),
+    ([1, 2], "(top level): must be a mapping of sections (got list)"),
+]
+
+
+@pytest.mark.parametrize(("raw", "expected"), BAD_INPUTS)
+def test_bad_params_name_key_and_rule(raw, expected):
+    with pytest.raises(ParamsError) as info:
+        parse_params(raw, "p.yaml")
+    assert any(line.startswith(expected) for line in info.value.problems), info.value.problems
+
+
+def test_all_problems_reported_at_once():
+    with pytest.raises(ParamsError) as info:
+        parse_params({"data": {"image_size": 1, "channels": 7, "bogus": 0}})
+    assert len(info.value.problems) == 3
+
+
+def test_shipped_params_files_are_valid():
+    for file in (REPO / "params.yaml", REPO / "configs" / "smoke.yaml"):
+        assert isinstance(load_params(file), Params)
+
+
+def test_empty_file_means_defaults(tmp_path):
+    (tmp_path / "p.yaml").write_text("")
+    assert load_params(tmp_path / "p.yaml") == Params()
+
+
+def test_params_are_frozen():
+    params = Params()
+    with pytest.raises(Exception):
+        params.data.image_size = 64  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("data: {image_size: -1}\nprepare: {lr: 1}\n", ["data.image_size: must be >= 8 (got -1)", "prepare.lr: unknown key"]),
+        ("data: [unclosed\n", ["not valid YAML"]),
+    ],
+)
+def test_check_params_cli_exit_2_one_line_each(tmp_path, capsys, text, expected):
+    file = tmp_path / "params.yaml"
+    file.write_text(text)
+    assert main(["check-params", str(file)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == len(expected)
+    for line, want in zip(lines, expected, strict=True):
+        assert line.startswith(f"{file}: ") and want in line
+
+
+def test_check_params_missing_file(tmp_path, capsys):
+    assert main(["check-params", str(tmp_path / "nope.yaml")]) == 2
+    assert "nope.yaml: cannot read file" in capsys.readouterr().err
+
+
+def test_check_params_ok(tmp_path, capsys):
+    file = tmp_path / "params.yaml"
+    file.write_text(yaml.safe_dump({"data": {"image_size": 28}}))
+    assert main(["check-params", str(file)]) == 0
