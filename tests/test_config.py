@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from gmpipe.cli import main
 from gmpipe.config.params import Params, ParamsError, load_params, parse_params
@@ -52,14 +53,17 @@ def test_empty_file_means_defaults(tmp_path):
 
 def test_params_are_frozen():
     params = Params()
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         params.data.image_size = 64  # type: ignore[misc]
 
 
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("data: {image_size: -1}\nprepare: {lr: 1}\n", ["data.image_size: must be >= 8 (got -1)", "prepare.lr: unknown key"]),
+        (
+            "data: {image_size: -1}\nprepare: {lr: 1}\n",
+            ["data.image_size: must be >= 8 (got -1)", "prepare.lr: unknown key"],
+        ),
         ("data: [unclosed\n", ["not valid YAML"]),
     ],
 )
