@@ -1,0 +1,121 @@
+"""The KL autoencoder: a diffusers ``AutoencoderKL`` built from a few sizes, and a preset registry.
+
+The encoder maps images x of shape (B, C, H, W) to a diagonal Gaussian posterior q(z | x) over latents of
+shape (B, latent_channels, H / f, W / f); the decoder maps latents back to (B, C, H, W). The downsampling
+factor is f = 2 ** (len(block_out_channels) - 1): every encoder block but the last halves the resolution.
+
+H and W must be divisible by f. Otherwise the encoder rounds odd sizes down (diffusers pads by one pixel
+before each stride-2 conv) and the decoder's upsampling gives back a different size: 28x28 works for f = 2
+and f = 4 (28 -> 14 -> 7), but not for f = 8 (7 -> 3, decoded to 24x24). `check_image_size` says so early.
+
+The model is saved and loaded in the diffusers format (``save_pretrained`` / ``AutoencoderKL.from_pretrained``),
+so a trained autoencoder is usable outside gmpipe. Its ``scaling_factor`` is set to 1.0 on purpose: the
+latent scale and shift are measured on the data when latents are cached and stored next to them, and no
+hard-coded constant (such as Stable Diffusion's 0.18215) should be applied on top.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import AutoencoderKL
+
+
+def build_autoencoder(
+    in_channels: int,
+    block_out_channels: tuple[int, ...],
+    latent_channels: int,
+    layers_per_block: int,
+    norm_num_groups: int,
+    mid_block_attention: bool = True,
+) -> AutoencoderKL:
+    """A diffusers ``AutoencoderKL`` with one Down/UpEncoderBlock2D per entry of ``block_out_channels``.
+
+    Images (B, in_channels, H, W) -> latents (B, latent_channels, H / f, W / f), f = 2 ** (len(blocks) - 1);
+    the decoder outputs as many channels as it reads. Every width must be divisible by ``norm_num_groups``.
+    """
+    if not block_out_channels:
+        raise ValueError("block_out_channels must name at least one block width")
+    bad_widths = [width for width in block_out_channels if width % norm_num_groups]
+    if bad_widths:
+        raise ValueError(
+            f"block_out_channels {tuple(block_out_channels)}: widths {bad_widths} are not divisible "
+            f"by norm_num_groups={norm_num_groups}"
+        )
+    n_blocks = len(block_out_channels)
+    return AutoencoderKL(
+        in_channels=in_channels,
+        out_channels=in_channels,
+        down_block_types=("DownEncoderBlock2D",) * n_blocks,
+        up_block_types=("UpDecoderBlock2D",) * n_blocks,
+        block_out_channels=tuple(block_out_channels),
+        layers_per_block=layers_per_block,
+        latent_channels=latent_channels,
+        norm_num_groups=norm_num_groups,
+        mid_block_add_attention=mid_block_attention,
+        scaling_factor=1.0,
+    )
+
+
+@dataclass(frozen=True)
+class AutoencoderPreset:
+    """Architecture sizes of one autoencoder; the image channels come from the data."""
+
+    block_out_channels: tuple[int, ...]
+    latent_channels: int
+    layers_per_block: int
+    norm_num_groups: int
+
+    @property
+    def downsampling_factor(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    def build(self, in_channels: int) -> AutoencoderKL:
+        return build_autoencoder(
+            in_channels,
+            self.block_out_channels,
+            self.latent_channels,
+            self.layers_per_block,
+            self.norm_num_groups,
+        )
+
+
+AUTOENCODER_PRESETS: dict[str, AutoencoderPreset] = {
+    # Tests only: ~43k parameters with 1 channel, f = 2.
+    "tiny": AutoencoderPreset((8, 16), latent_channels=4, layers_per_block=1, norm_num_groups=4),
+    # Smoke runs and quick CPU demos: f = 4, e.g. 32x32 images -> 4x8x8 latents.
+    "small": AutoencoderPreset((16, 32, 64), latent_channels=4, layers_per_block=1, norm_num_groups=8),
+    # The CPU demo on Fashion-MNIST: f = 4.
+    "medium": AutoencoderPreset((32, 64, 64), latent_channels=4, layers_per_block=1, norm_num_groups=16),
+    # GPU runs on larger images: f = 8, as in the Latent Diffusion f8 autoencoders.
+    "large": AutoencoderPreset((64, 128, 256, 256), latent_channels=4, layers_per_block=2, norm_num_groups=32),
+}
+
+
+def build_autoencoder_preset(name: str, in_channels: int) -> AutoencoderKL:
+    """The autoencoder of the preset ``name`` (a key of ``AUTOENCODER_PRESETS``) for ``in_channels``."""
+    if name not in AUTOENCODER_PRESETS:
+        raise KeyError(f"unknown autoencoder preset {name!r}; choose one of {sorted(AUTOENCODER_PRESETS)}")
+    return AUTOENCODER_PRESETS[name].build(in_channels)
+
+
+def downsampling_factor(vae: AutoencoderKL) -> int:
+    """f = 2 ** (number of blocks - 1): latents are (H / f, W / f)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def check_image_size(vae: AutoencoderKL, height: int, width: int) -> None:
+    """Raise ValueError unless H and W are divisible by the downsampling factor (see the module docstring)."""
+    factor = downsampling_factor(vae)
+    if height % factor or width % factor:
+        raise ValueError(
+            f"image size {height}x{width} is not divisible by the autoencoder's downsampling factor {factor}; "
+            f"resize or pad the images, or use fewer blocks"
+        )
+
+
+def decoder_last_layer(vae: AutoencoderKL) -> torch.nn.Parameter:
+    """Weight of the decoder's final conv, (C, block_out_channels[0], 3, 3): where the adaptive GAN weight
+    compares the gradients of the reconstruction and adversarial losses."""
+    return vae.decoder.conv_out.weight

@@ -1,0 +1,146 @@
+"""Perceptual distance between images, LPIPS-style (Zhang et al. 2018, "The Unreasonable Effectiveness of Deep
+Features as a Perceptual Metric", eq. 1):
+
+    d(x, y) = 1/L sum_l 1/(H_l W_l) sum_{h,w} || w_l * (f^l_hw(x) / ||f^l_hw(x)|| - f^l_hw(y) / ||f^l_hw(y)||) ||^2
+
+f^l are the feature maps of a frozen network, normalised to unit length along channels at every position; w_l are
+per-channel linear weights (all ones when none are given). Two departures from LPIPS, written down here: layers
+are averaged (LPIPS sums them) so the distance does not grow with the number of layers, and the default network
+is EfficientNet-Lite0 (``gmpipe.eval.features.EffNetLite0Features``), because no installable package ships the
+VGG/AlexNet weights LPIPS was calibrated on.
+
+Learned LPIPS heads. ``load_lpips_layer_weights(path)`` reads a local LPIPS weights file (the official
+``vgg.pth``/``alex.pth`` layout, keys ``lin{l}.model.1.weight`` of shape (1, C_l, 1, 1), or ``lin{l}.weight``),
+as safetensors or with ``torch.load(weights_only=True)``. The heads were fitted on one backbone's channels, so
+pass them only together with an extractor for that backbone (e.g. your own VGG-16 with the LPIPS layers); the
+channel counts are checked at the first call.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import nn
+
+_LPIPS_KEY = re.compile(r"^lin(\d+)\.(?:model\.\d+\.)?weight$")
+
+
+class FeatureMapExtractor(Protocol):
+    """Anything with ``feature_maps(images (B, C, H, W) in [-1, 1]) -> list of (B, C_l, H_l, W_l)``,
+    differentiable with respect to the images. The extractor does its own resizing and normalisation."""
+
+    def feature_maps(self, images: torch.Tensor) -> list[torch.Tensor]: ...
+
+
+def load_lpips_layer_weights(path: str | Path) -> list[torch.Tensor]:
+    """Per-layer channel weights w_l, (C_l,) each in layer order, from a local LPIPS weights file.
+
+    Reads ``.safetensors`` or a torch file with ``weights_only=True``; keys ``lin{l}.model.1.weight`` (official
+    LPIPS) or ``lin{l}.weight``, shapes (1, C_l, 1, 1) or (C_l,). Other keys are ignored; a file without any
+    such key is an error naming the file.
+    """
+    from gmpipe.eval.features import load_weights_file  # lazy: keeps this module light to import
+
+    state = load_weights_file(path)
+    by_layer = {}
+    for key, tensor in state.items():
+        match = _LPIPS_KEY.match(key)
+        if match:
+            by_layer[int(match.group(1))] = tensor.detach().float().flatten()
+    if not by_layer:
+        raise ValueError(f"{path}: no LPIPS linear-layer weights (keys like 'lin0.model.1.weight') found")
+    if sorted(by_layer) != list(range(len(by_layer))):
+        raise ValueError(f"{path}: LPIPS layers {sorted(by_layer)} are not numbered 0..{len(by_layer) - 1}")
+    return [by_layer[index] for index in range(len(by_layer))]
+
+
+def normalize_channels(features: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+    """f / ||f|| along channels at every position: (B, C, H, W) -> (B, C, H, W). ``eps`` inside the square
+    root keeps the gradient finite where a feature vector is zero."""
+    return features * torch.rsqrt(features.square().sum(dim=1, keepdim=True) + eps)
+
+
+class PerceptualLoss(nn.Module):
+    """Frozen LPIPS-style distance (see the module docstring), differentiable with respect to the images.
+
+    Args:
+        extractor: a ``FeatureMapExtractor``; default ``EffNetLite0Features(image_size=64)`` (imported lazily).
+            If it is an ``nn.Module`` it becomes a submodule (moves with ``.to()``), is put in eval mode and its
+            parameters stop requiring gradients. ``parameters()`` therefore lists frozen weights: optimise
+            only the ones with ``requires_grad``. Any other extractor must be frozen and in eval mode already
+            (x and y go through it as one batch).
+        layer_weights: optional learned heads w_l, one non-negative (C_l,) tensor per feature map (see
+            ``load_lpips_layer_weights``); None weighs every channel 1.
+    """
+
+    def __init__(
+        self,
+        extractor: FeatureMapExtractor | None = None,
+        layer_weights: Sequence[torch.Tensor] | None = None,
+    ) -> None:
+        super().__init__()
+        if extractor is None:
+            from gmpipe.eval.features import EffNetLite0Features
+
+            extractor = EffNetLite0Features(image_size=64)
+        if isinstance(extractor, nn.Module):
+            extractor.eval()
+            extractor.requires_grad_(False)
+        self.extractor = extractor
+        self.n_weighted_layers = 0
+        for index, weight in enumerate(layer_weights or ()):
+            weight = torch.as_tensor(weight, dtype=torch.float32).flatten()
+            if (weight < 0).any():
+                raise ValueError(f"LPIPS layer weights must be non-negative (layer {index})")
+            self.register_buffer(f"layer_weight_{index}", weight)
+            self.n_weighted_layers += 1
+
+    @classmethod
+    def from_lpips_weights(cls, path: str | Path, extractor: FeatureMapExtractor | None = None) -> PerceptualLoss:
+        """A perceptual loss with the learned heads of a local LPIPS weights file (see the module docstring)."""
+        return cls(extractor, load_lpips_layer_weights(path))
+
+    def train(self, mode: bool = True) -> PerceptualLoss:
+        # The extractor stays in eval mode (frozen batch-norm statistics) inside a module put in training mode.
+        super().train(mode)
+        if isinstance(self.extractor, nn.Module):
+            self.extractor.eval()
+        return self
+
+    def _layer_weights(self, n_layers: int) -> list[torch.Tensor | None]:
+        if self.n_weighted_layers == 0:
+            return [None] * n_layers
+        if self.n_weighted_layers != n_layers:
+            raise ValueError(
+                f"{self.n_weighted_layers} LPIPS layer weights given but the extractor returns {n_layers} maps"
+            )
+        return [getattr(self, f"layer_weight_{index}") for index in range(n_layers)]
+
+    def distance(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-sample distance d(x, y): images (B, C, H, W) each, in [-1, 1] -> (B,).
+
+        d >= 0, and d = 0 where the normalised feature maps agree (e.g. x = y)."""
+        if x.shape != y.shape:
+            raise ValueError(f"perceptual loss needs images of one shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+        batch = x.shape[0]
+        # One pass over both batches; the frozen extractor is in eval mode, so samples do not interact.
+        maps = self.extractor.feature_maps(torch.cat([x, y]))
+        per_layer = []
+        for features, weight in zip(maps, self._layer_weights(len(maps)), strict=True):
+            difference = (normalize_channels(features[:batch]) - normalize_channels(features[batch:])).square()
+            if weight is not None:
+                if weight.numel() != difference.shape[1]:
+                    raise ValueError(
+                        f"LPIPS layer weight has {weight.numel()} channels, feature map has {difference.shape[1]}"
+                    )
+                difference = difference * weight.view(1, -1, 1, 1)
+            per_layer.append(difference.sum(dim=1).mean(dim=(1, 2)))
+        return torch.stack(per_layer).mean(dim=0)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Batch mean of ``distance(x, y)``: scalar."""
+        return self.distance(x, y).mean()
