@@ -1,0 +1,49 @@
+"""Settings of the one training loop, shared by every training section (``train_vae``, ``train_ldm``, ``distill``)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from gmpipe.config.base import Section
+
+PositiveInt = Annotated[int, Field(ge=1)]
+
+
+class LoopConfig(Section):
+    """Optimisation, precision, EMA, checkpointing and logging; a training section adds its model and loss keys.
+
+    ``batch_size`` is the global batch of one optimizer step (split over processes and ``grad_accum`` micro-batches).
+    """
+
+    seed: Annotated[int, Field(ge=0)] = 0
+    steps: PositiveInt = 1000
+    batch_size: PositiveInt = 64
+    grad_accum: PositiveInt = 1
+    lr: Annotated[float, Field(gt=0.0, le=1.0)] = 1e-3
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
+    beta1: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
+    beta2: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.999
+    warmup_steps: Annotated[int, Field(ge=0)] = 0
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    clip_grad_norm: Annotated[float, Field(gt=0.0)] | None = 1.0
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.999
+    ema_warmup: bool = True
+    checkpoint_every: PositiveInt = 500
+    keep_checkpoints: PositiveInt = 2
+    log_every: PositiveInt = 50
+    compile: bool = False
+    gradient_checkpointing: bool = False
+    nonfinite: Literal["stop", "skip"] = "stop"
+
+    @model_validator(mode="after")
+    def _batch_splits_evenly(self):
+        if self.batch_size % self.grad_accum:
+            raise ValueError(
+                f"batch_size must be divisible by grad_accum (got {self.batch_size} and {self.grad_accum})"
+            )
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"warmup_steps must be <= steps (got {self.warmup_steps} > {self.steps})")
+        return self

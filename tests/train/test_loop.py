@@ -1,0 +1,173 @@
+"""The shared training loop: learning, exact resume, EMA, checkpoints, non-finite losses, two processes."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+from gmpipe.config.loop import LoopConfig
+from gmpipe.errors import GmpipeError
+from gmpipe.train.checkpoint import latest_checkpoint, read_checkpoint
+from gmpipe.train.ema import EMA
+from gmpipe.train.loop import LossStep, NonFiniteLossError, batch_indices, train
+
+X = torch.randn(256, 4, generator=torch.Generator().manual_seed(0))
+W_TRUE = torch.tensor([[1.0], [-2.0], [0.5], [3.0]])
+Y = X @ W_TRUE
+
+
+def _regression_step(model: nn.Module, poison_at: int | None = None) -> LossStep:
+    def loss(batch, step, context, modules):
+        x, y = batch
+        noise = torch.randn_like(y) * 0.01  # uses the global RNG: resume must restore it
+        value = (modules["model"](x) - y - noise).square().mean()
+        if step == poison_at:
+            value = value * float("nan")
+        return value, {"mse": value.detach()}
+
+    return LossStep("model", model, loss)
+
+
+def _make_batch(index, device):
+    return X[index].to(device), Y[index].to(device)
+
+
+def _config(**overrides) -> LoopConfig:
+    base = dict(steps=6, batch_size=16, lr=0.05, log_every=2, checkpoint_every=2, ema_decay=0.9, clip_grad_norm=10.0)
+    return LoopConfig(**{**base, **overrides})
+
+
+def _run(tmp_path, config, model=None, **kwargs):
+    torch.manual_seed(1)
+    model = model or nn.Linear(4, 1)
+    return train(config, [_regression_step(model, kwargs.pop("poison_at", None))], len(X), _make_batch,
+                 tmp_path / "ckpt", live_dir=tmp_path / "live", ema_of="model", **kwargs)
+
+
+def test_loss_goes_down_and_metrics_are_logged(tmp_path):
+    result = _run(tmp_path, _config(steps=60, log_every=10, checkpoint_every=30))
+    assert result.history[-1]["model/mse"] < 0.1 * result.history[0]["model/mse"]
+    assert (tmp_path / "live" / "plots" / "metrics" / "model" / "mse.tsv").is_file()
+    assert result.step == 60
+
+
+def test_resume_continues_and_matches_an_uninterrupted_run(tmp_path):
+    straight = _run(tmp_path / "a", _config(steps=6))
+    first = _run(tmp_path / "b", _config(steps=4))
+    assert first.step == 4 and latest_checkpoint(tmp_path / "b/ckpt").name == "step-00000004"
+    resumed = _run(tmp_path / "b", _config(steps=6), model=nn.Linear(4, 1))
+    assert resumed.resumed_from == 4 and resumed.step == 6
+    for a, b in zip(straight.modules["model"].parameters(), resumed.modules["model"].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(straight.ema.module.weight, resumed.ema.module.weight, rtol=0, atol=0)
+
+
+def test_finished_run_is_a_no_op(tmp_path):
+    _run(tmp_path, _config(steps=4))
+    again = _run(tmp_path, _config(steps=4))
+    assert again.resumed_from == 4 and again.history == []
+
+
+def test_ema_round_trip_and_warmup():
+    model = nn.Linear(3, 2)
+    ema = EMA(model, decay=0.99)
+    assert ema.current_decay() == pytest.approx(0.1)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model)
+    restored = EMA(nn.Linear(3, 2), decay=0.99)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.updates == 1
+    torch.testing.assert_close(restored.module.weight, ema.module.weight, rtol=0, atol=0)
+    # d_0 = 0.1: the average moved 90% of the way to the new weights.
+    torch.testing.assert_close(ema.module.weight, model.weight - 0.1, rtol=0, atol=1e-6)
+
+
+def test_checkpoint_round_trip_is_exact(tmp_path):
+    result = _run(tmp_path, _config(steps=2))
+    state = read_checkpoint(latest_checkpoint(tmp_path / "ckpt"), ["model"])
+    for key, value in result.modules["model"].state_dict().items():
+        torch.testing.assert_close(state["modules"]["model"][key], value, rtol=0, atol=0)
+    assert state["trainer"]["step"] == 2 and state["optimizers"]["model"]["optimizer"]["state"]
+
+
+def test_only_newest_checkpoints_are_kept(tmp_path):
+    _run(tmp_path, _config(steps=8, checkpoint_every=2, keep_checkpoints=2))
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step-00000006", "step-00000008"]
+
+
+def test_pickled_checkpoint_is_refused(tmp_path):
+    _run(tmp_path, _config(steps=2))
+    optim_file = latest_checkpoint(tmp_path / "ckpt") / "model.optim.pt"
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("code ran",))
+
+    optim_file.write_bytes(pickle.dumps({"optimizer": Evil()}))
+    with pytest.raises(GmpipeError, match="refused to load"):
+        _run(tmp_path, _config(steps=4))
+
+
+def test_tampered_weights_are_refused(tmp_path):
+    _run(tmp_path, _config(steps=2))
+    weights = latest_checkpoint(tmp_path / "ckpt") / "model.safetensors"
+    weights.write_bytes(b"\x00" * 16 + weights.read_bytes()[16:])
+    with pytest.raises(GmpipeError, match="not a valid safetensors file"):
+        _run(tmp_path, _config(steps=4))
+
+
+def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path):
+    with pytest.raises(NonFiniteLossError, match="non-finite model loss at step 3"):
+        _run(tmp_path, _config(steps=6), poison_at=3)
+    assert latest_checkpoint(tmp_path / "ckpt").name == "step-00000002"
+
+
+def test_nonfinite_loss_can_be_skipped(tmp_path):
+    result = _run(tmp_path, _config(steps=6, nonfinite="skip"), poison_at=3)
+    assert result.step == 6 and all(torch.isfinite(p).all() for p in result.modules["model"].parameters())
+
+
+def test_batch_indices_shard_the_global_batch():
+    one = batch_indices(100, 8, step=3, micro=0, grad_accum=1, seed=5)
+    ranks = torch.cat([batch_indices(100, 8, 3, 0, 1, 5, rank=r, world=2) for r in range(2)])
+    assert torch.equal(one, ranks)
+    micro = torch.cat([batch_indices(100, 8, 3, m, 2, 5) for m in range(2)])
+    assert torch.equal(one, micro)
+    epoch = torch.cat([batch_indices(100, 10, s, 0, 1, 5) for s in range(10)])
+    assert sorted(epoch.tolist()) == list(range(100))  # one epoch visits every item once
+
+
+def _two_process_worker(directory: str):
+    from pathlib import Path
+
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+
+    # debug_launcher forks: drop the single-process state that earlier tests left in this process.
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+    accelerator = Accelerator(cpu=True)
+    assert accelerator.num_processes == 2
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    step = _regression_step(model)
+    result = train(_config(steps=5, checkpoint_every=5), [step], len(X), _make_batch, Path(directory) / "ckpt",
+                   accelerator=accelerator, ema_of="model")
+    flat = torch.cat([p.detach().flatten() for p in result.modules["model"].parameters()])
+    gathered = accelerator.gather(flat[None])
+    assert torch.equal(gathered[0], gathered[1]), "ranks diverged"
+    if accelerator.is_main_process:
+        torch.save(gathered, Path(directory) / "gathered.pt")
+
+
+def test_two_processes_keep_identical_parameters(tmp_path):
+    from accelerate import debug_launcher
+
+    debug_launcher(_two_process_worker, args=(str(tmp_path),), num_processes=2)
+    gathered = torch.load(tmp_path / "gathered.pt", weights_only=True)
+    assert gathered.shape[0] == 2 and torch.equal(gathered[0], gathered[1])
+    assert latest_checkpoint(tmp_path / "ckpt").name == "step-00000005"
