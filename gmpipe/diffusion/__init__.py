@@ -1,1 +1,66 @@
+"""Generalized diffusion and flow matching: x_t = a(t) x + b(t) z, trained on y = c(t) x + d(t) z.
 
+Time convention (written here once, used by every module in this package):
+    t = 0 is data, t = 1 is noise. x is a data sample, z ~ N(0, I) is noise of the same shape, and
+    x_t = a(t) x + b(t) z, so a(0) = 1, b(0) = 0 and a(1) ~ 0, b(1) ~ 1 (exact for rectified flow and
+    trigonometric paths; the variance-preserving schedules keep a(1) slightly above 0, see schedules.py).
+    Samplers integrate from t = 1 down to t = 0.
+
+Shapes: x, z, x_t and every prediction are (B, ...) with the batch first; a time t is a (B,) tensor of
+per-sample times (a float is accepted where noted and broadcast to the batch).
+
+Modules, one concept each:
+    schedules     a(t), b(t) and their derivatives: the path from data to noise
+    targets       c(t), d(t): what the network predicts
+    weightings    w(t): per-time loss weight
+    time_density  p(t): how training times are drawn, plus the resolution shift
+    objective     Objective = schedule x target x time density x weighting; the 2x2 conversions and the loss
+    samplers      Euler, Heun, DDIM and DDPM-ancestral samplers returning (samples, NFE)
+    guidance      classifier-free guidance and condition dropout
+    times         per-sample time broadcasting and the sampling time grid
+    noise         reproducible random draws with an optional torch.Generator
+"""
+
+from gmpipe.diffusion.guidance import (
+    GuidedModelFn,
+    drop_conditions,
+    drop_text_conditions,
+    guided_prediction,
+    make_guided_model_fn,
+)
+from gmpipe.diffusion.objective import Objective, solve_data_and_noise
+from gmpipe.diffusion.samplers import SAMPLERS, get_sampler
+from gmpipe.diffusion.schedules import SCHEDULES, Schedule, get_schedule
+from gmpipe.diffusion.targets import TARGETS, Target, get_target
+from gmpipe.diffusion.time_density import (
+    TIME_DENSITIES,
+    TimeDensity,
+    get_time_density,
+    resolution_shift,
+)
+from gmpipe.diffusion.weightings import WEIGHTINGS, Weighting, get_weighting
+
+__all__ = [
+    "SAMPLERS",
+    "SCHEDULES",
+    "TARGETS",
+    "TIME_DENSITIES",
+    "WEIGHTINGS",
+    "GuidedModelFn",
+    "Objective",
+    "Schedule",
+    "Target",
+    "TimeDensity",
+    "Weighting",
+    "drop_conditions",
+    "drop_text_conditions",
+    "get_sampler",
+    "get_schedule",
+    "get_target",
+    "get_time_density",
+    "get_weighting",
+    "guided_prediction",
+    "make_guided_model_fn",
+    "resolution_shift",
+    "solve_data_and_noise",
+]
