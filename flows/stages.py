@@ -21,8 +21,14 @@ def _prepare(params: Params, paths: Paths) -> dict:
     return prepare.run(params.data, params.prepare, paths)
 
 
+def _train_vae(params: Params, paths: Paths) -> dict:
+    from gmpipe.stages import train_vae
+
+    return train_vae.run(params.data, params.train_vae, paths)
+
+
 # Stage name -> how to call its run() with its own sections. Order is the DVC order.
-RUNNERS: dict[str, Callable[[Params, Paths], dict]] = {"prepare": _prepare}
+RUNNERS: dict[str, Callable[[Params, Paths], dict]] = {"prepare": _prepare, "train_vae": _train_vae}
 
 
 def summary_markdown(stage: str, summary: dict) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from gmpipe.config.params import ParamsError, load_params
 
-STAGES = ("prepare",)
+STAGES = ("prepare", "train_vae")
 
 
 def _fail(message: str, code: int = 1) -> int:

@@ -15,11 +15,13 @@ from pydantic import ValidationError
 from gmpipe.config.base import Section
 from gmpipe.config.data import DataConfig
 from gmpipe.config.prepare import PrepareConfig
+from gmpipe.config.train_vae import TrainVAEConfig
 
 
 class Params(Section):
     data: DataConfig = DataConfig()
     prepare: PrepareConfig = PrepareConfig()
+    train_vae: TrainVAEConfig = TrainVAEConfig()
 
 
 class ParamsError(Exception):

@@ -1,0 +1,43 @@
+"""``train_vae:`` the KL autoencoder, its losses and the patch discriminator (plus the shared loop keys)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from gmpipe.config.loop import LoopConfig
+
+Width = Annotated[int, Field(ge=1, le=4096)]
+
+
+class TrainVAEConfig(LoopConfig):
+    """Architecture: ``block_out_channels`` has one width per resolution level; the downsampling factor is
+    2 ** (levels - 1), so 32 px images with three levels give 8x8 latents of ``latent_channels``."""
+
+    block_out_channels: Annotated[list[Width], Field(min_length=1, max_length=6)] = [32, 64, 64]
+    latent_channels: Annotated[int, Field(ge=1, le=64)] = 4
+    layers_per_block: Annotated[int, Field(ge=1, le=4)] = 1
+    norm_num_groups: Annotated[int, Field(ge=1)] = 16
+    mid_block_attention: bool = True
+
+    rec_loss: Literal["l1", "l2"] = "l1"
+    kl_weight: Annotated[float, Field(ge=0.0)] = 1e-6
+    perceptual_weight: Annotated[float, Field(ge=0.0)] = 1.0
+    perceptual_image_size: Annotated[int, Field(ge=16, le=512)] = 64
+    lpips_weights: str | None = None
+    gan_weight: Annotated[float, Field(ge=0.0)] = 0.5
+    gan_loss: Literal["hinge", "non_saturating"] = "hinge"
+    disc_start: Annotated[int, Field(ge=0)] = 500
+    disc_lr: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    disc_width: Annotated[int, Field(ge=4, le=512)] = 32
+    disc_layers: Annotated[int, Field(ge=1, le=5)] = 2
+
+    eval_images: Annotated[int, Field(ge=16)] = 2000
+
+    @model_validator(mode="after")
+    def _groups_divide_widths(self):
+        bad = [w for w in self.block_out_channels if w % self.norm_num_groups]
+        if bad:
+            raise ValueError(f"norm_num_groups ({self.norm_num_groups}) must divide every block width (got {bad})")
+        return self

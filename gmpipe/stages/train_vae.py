@@ -1,0 +1,139 @@
+"""``train_vae``: a KL autoencoder (diffusers ``AutoencoderKL``) trained on the ELBO with a perceptual loss and a
+patch discriminator on the decoder, through the shared training loop. Writes ``models/vae/``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gmpipe.artifacts import atomic_dir, write_json
+from gmpipe.config.data import DataConfig
+from gmpipe.config.train_vae import TrainVAEConfig
+from gmpipe.data.prepared import load_split
+from gmpipe.errors import GmpipeError
+from gmpipe.eval.autoencoder import autoencoder_metrics, reconstruct, to_unit_range
+from gmpipe.eval.grids import save_grid, to_uint8
+from gmpipe.nn.autoencoder import build_autoencoder, check_image_size, decoder_last_layer
+from gmpipe.nn.discriminator import PatchDiscriminator
+from gmpipe.paths import Paths
+from gmpipe.train.loop import LossStep, make_accelerator, train
+from gmpipe.vae.autoencoder_loss import AutoencoderLoss
+
+DISCRIMINATOR_FILE = "discriminator.safetensors"
+
+
+def build_models(data: DataConfig, config: TrainVAEConfig):
+    vae = build_autoencoder(
+        data.channels, tuple(config.block_out_channels), config.latent_channels, config.layers_per_block,
+        config.norm_num_groups, config.mid_block_attention,
+    )
+    try:
+        check_image_size(vae, data.image_size, data.image_size)
+    except ValueError as exc:
+        raise GmpipeError(f"train_vae.block_out_channels: {exc}") from None
+    discriminator = PatchDiscriminator(data.channels, config.disc_width, config.disc_layers,
+                                       norm_groups=min(32, config.disc_width))
+    return vae, discriminator
+
+
+def build_loss(config: TrainVAEConfig) -> AutoencoderLoss:
+    perceptual = None
+    if config.perceptual_weight > 0:
+        from gmpipe.eval.features import EffNetLite0Features
+        from gmpipe.vae.perceptual import PerceptualLoss
+
+        extractor = EffNetLite0Features(image_size=config.perceptual_image_size)
+        if config.lpips_weights:
+            if not Path(config.lpips_weights).is_file():
+                raise GmpipeError(f"train_vae.lpips_weights: {config.lpips_weights}: file not found")
+            perceptual = PerceptualLoss.from_lpips_weights(config.lpips_weights, extractor)
+        else:
+            perceptual = PerceptualLoss(extractor)
+    return AutoencoderLoss(
+        rec_kind=config.rec_loss, kl_weight=config.kl_weight, perceptual_weight=config.perceptual_weight,
+        gan_weight=config.gan_weight, gan_loss=config.gan_loss, disc_start=config.disc_start,
+        perceptual_loss=perceptual,
+    )
+
+
+def loss_steps(vae, discriminator, loss: AutoencoderLoss, config: TrainVAEConfig) -> list[LossStep]:
+    """The generator (autoencoder) step, then the discriminator step once it is switched on."""
+    loss.to(next(vae.parameters()).device)
+
+    def autoencoder_step(x, step, context, modules):
+        posterior = modules["vae"].encode(x).latent_dist
+        z = posterior.sample()
+        x_hat = modules["vae"].decode(z).sample
+        context["x_hat"] = x_hat.detach()
+        last_layer = decoder_last_layer(vae) if loss.discriminator_active(step) else None
+        return loss.generator_loss(x, posterior.mean, posterior.logvar, x_hat, modules["discriminator"], step,
+                                   last_layer)
+
+    def discriminator_step(x, step, context, modules):
+        if not loss.discriminator_active(step):
+            return None, {}
+        return loss.discriminator_loss(x, context["x_hat"], modules["discriminator"], step)
+
+    return [
+        LossStep("vae", vae, autoencoder_step),
+        LossStep("discriminator", discriminator, discriminator_step, lr=config.disc_lr),
+    ]
+
+
+def run(data: DataConfig, config: TrainVAEConfig, paths: Paths) -> dict:
+    train_split = load_split(paths.prepared, "train")
+    test_split = load_split(paths.prepared, "test")
+    if train_split.images.shape[1] != data.channels or train_split.images.shape[-1] != data.image_size:
+        raise GmpipeError(
+            f"{paths.prepared}: images are {train_split.images.shape[1:]} but data asks for "
+            f"{data.channels}x{data.image_size}x{data.image_size}; rerun the 'prepare' stage"
+        )
+    images = torch.from_numpy(train_split.images)
+    vae, discriminator = build_models(data, config)
+    loss = build_loss(config)
+    accelerator = make_accelerator(config)
+
+    def make_batch(index, device):
+        return to_unit_range(images[index]).to(device)
+
+    reports = paths.reports / "train_vae"
+    result = train(
+        config, loss_steps(vae, discriminator, loss, config), len(images), make_batch,
+        paths.checkpoints / "train_vae", live_dir=reports / "live", ema_of="vae",
+        accelerator=accelerator, description="train_vae",
+    )
+    if not accelerator.is_main_process:
+        return {}
+    final = result.ema.module if result.ema is not None and config.ema_decay > 0 else result.modules["vae"]
+    final = final.to("cpu").eval()
+
+    from gmpipe.eval.features import EffNetLite0Features
+
+    metrics = autoencoder_metrics(final, test_split.images, train_split.images, EffNetLite0Features(),
+                                  n=config.eval_images, seed=config.seed)
+    metrics["step"] = result.step
+    val = load_split(paths.prepared, "val")
+    shown = to_unit_range(val.images[:16] if len(val) else test_split.images[:16])
+    reconstructions, _ = reconstruct(final, shown)
+
+    from safetensors.torch import save_file
+
+    with atomic_dir(paths.vae) as out:
+        final.save_pretrained(out, safe_serialization=True)
+        save_file({k: v.contiguous() for k, v in result.modules["discriminator"].state_dict().items()},
+                  out / DISCRIMINATOR_FILE)
+        (out / "discriminator.json").write_text(json.dumps(
+            {"in_channels": data.channels, "width": config.disc_width, "n_layers": config.disc_layers}, indent=2))
+    write_json(reports / "metrics.json", metrics)
+    save_grid(np.concatenate([to_uint8(shown), to_uint8(reconstructions)]), reports / "reconstructions.png",
+              columns=len(shown))
+    return {
+        "read": str(paths.prepared),
+        "wrote": [str(paths.vae), str(reports)],
+        "steps": result.step,
+        "resumed_from": result.resumed_from,
+        "metrics": {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()},
+    }
