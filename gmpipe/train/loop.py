@@ -231,8 +231,9 @@ def train(
                 if not torch.isfinite(loss.detach()):
                     if config.nonfinite == "stop":
                         raise NonFiniteLossError(
-                            f"{description}: non-finite {s.name} loss at step {step} ({float(loss.detach()):g}); stopped, "
-                            f"the last good checkpoint in {checkpoint_dir} is kept (nonfinite: skip to skip such steps)"
+                            f"{description}: non-finite {s.name} loss at step {step} ({float(loss.detach()):g}); "
+                            f"stopped, the last good checkpoint in {checkpoint_dir} is kept "
+                            "(set nonfinite: skip to skip such steps)"
                         )
                     optimizers[s.name].zero_grad(set_to_none=True)
                     stepped[s.name] = None

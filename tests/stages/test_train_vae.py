@@ -44,7 +44,8 @@ def test_smoke_run_writes_every_output_and_resumes(tmp_path):
 
 
 def test_discriminator_frozen_before_disc_start_and_trained_after(tmp_path):
-    params = parse_params(smoke_params(train_vae={"steps": 3, "disc_start": 3, "perceptual_weight": 0.0, "warmup_steps": 0}))
+    overrides = {"steps": 3, "disc_start": 3, "perceptual_weight": 0.0, "warmup_steps": 0}
+    params = parse_params(smoke_params(train_vae=overrides))
     vae, discriminator = train_vae.build_models(params.data, params.train_vae)
     loss = train_vae.build_loss(params.train_vae)
     steps = train_vae.loss_steps(vae, discriminator, loss, params.train_vae)
