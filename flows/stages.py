@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 from prefect import flow
@@ -13,22 +13,13 @@ from prefect.states import Failed
 from gmpipe.config.params import Params, ParamsError, load_params
 from gmpipe.errors import GmpipeError
 from gmpipe.paths import Paths
+from gmpipe.stages import STAGES
 
 
-def _prepare(params: Params, paths: Paths) -> dict:
-    from gmpipe.stages import prepare
-
-    return prepare.run(params.data, params.prepare, paths)
-
-
-def _train_vae(params: Params, paths: Paths) -> dict:
-    from gmpipe.stages import train_vae
-
-    return train_vae.run(params.data, params.train_vae, paths)
-
-
-# Stage name -> how to call its run() with its own sections. Order is the DVC order.
-RUNNERS: dict[str, Callable[[Params, Paths], dict]] = {"prepare": _prepare, "train_vae": _train_vae}
+def run_stage_function(stage: str, params: Params, paths: Paths) -> dict:
+    """Call ``gmpipe.stages.<stage>.run`` with the params sections it declares, and nothing else."""
+    module = importlib.import_module(f"gmpipe.stages.{stage}")
+    return module.run(*(getattr(params, section) for section in module.SECTIONS), paths)
 
 
 def summary_markdown(stage: str, summary: dict) -> str:
@@ -56,7 +47,7 @@ def _make_flow(stage: str):
     def stage_flow(params_file: str = "params.yaml", root: str = "."):
         try:
             params = load_params(Path(root) / params_file)
-            summary = RUNNERS[stage](params, Paths(Path(root)))
+            summary = run_stage_function(stage, params, Paths(Path(root)))
         except (GmpipeError, ParamsError, FileNotFoundError) as exc:
             return Failed(message=str(exc))
         create_markdown_artifact(
@@ -67,7 +58,7 @@ def _make_flow(stage: str):
     return stage_flow
 
 
-STAGE_FLOWS = {stage: _make_flow(stage) for stage in RUNNERS}
+STAGE_FLOWS = {stage: _make_flow(stage) for stage in STAGES}
 
 
 def run_stage(stage: str, params_file: str = "params.yaml", root: str = "."):

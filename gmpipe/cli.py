@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 
 from gmpipe.config.params import ParamsError, load_params
-
-STAGES = ("prepare", "train_vae")
+from gmpipe.stages import STAGES
 
 
 def _fail(message: str, code: int = 1) -> int:
@@ -80,6 +79,52 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         return run()
 
 
+def cmd_sample(args: argparse.Namespace) -> int:
+    from gmpipe.errors import GmpipeError
+
+    try:
+        return _sample(args)
+    except (GmpipeError, FileNotFoundError) as exc:
+        return _fail(str(exc))
+
+
+def _sample(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from gmpipe.eval.grids import save_grid, to_uint8
+    from gmpipe.generate import LatentGenerator
+
+    generator = LatentGenerator.load(args.model, args.vae)
+    mode = generator.conditioning["mode"]
+    labels = prompts = None
+    if mode == "class":
+        names = generator.conditioning["class_names"]
+        chosen = args.classes if args.classes else list(range(len(names)))
+        labels = [c for c in chosen for _ in range(args.n)]
+        rows = len(chosen)
+    elif mode == "text":
+        if not args.prompts:
+            return _fail("this model is text-conditional: give --prompts")
+        prompts = [p for p in args.prompts for _ in range(args.n)]
+        rows = len(args.prompts)
+    else:
+        rows = 1
+    cond = generator.condition(labels=labels, prompts=prompts)
+    latents, nfe = generator.sample_latents(cond, rows * args.n, args.sampler, args.steps, args.guidance, args.seed)
+    images = to_uint8(generator.decode(latents))
+    out = Path(args.out)
+    if out.suffix == ".npz":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(out, images=images, labels=np.array(labels if labels else [-1] * len(images)))
+    else:
+        save_grid(images, out, columns=args.n)
+    used = generator.sampling | {k: v for k, v in (("sampler", args.sampler), ("steps", args.steps),
+                                                    ("guidance", args.guidance)) if v is not None}
+    print(f"wrote {len(images)} images to {out} ({used['sampler']}, {used['steps']} steps, w={used['guidance']}, "
+          f"{nfe} network evaluations per image)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gmpipe",
@@ -107,6 +152,19 @@ def build_parser() -> argparse.ArgumentParser:
     pipe.add_argument("--no-server", action="store_true", help="use Prefect's temporary per-process server")
     pipe.add_argument("--root", default=".", help="project root (the DVC repo); default: here")
     pipe.set_defaults(func=cmd_pipeline)
+
+    sample = sub.add_parser("sample", help="write images from a trained model (a grid PNG or an .npz of uint8)")
+    sample.add_argument("--model", default="models/ldm", help="trained denoiser folder (default: models/ldm)")
+    sample.add_argument("--vae", default="models/vae", help="autoencoder folder (default: models/vae)")
+    sample.add_argument("--classes", type=int, nargs="*", help="class indices, one row each (default: all)")
+    sample.add_argument("--prompts", nargs="*", help="text prompts, one row each (text-conditional models)")
+    sample.add_argument("-n", type=int, default=8, help="images per class or prompt (default: 8)")
+    sample.add_argument("--sampler", choices=("euler", "heun", "ddim", "ddpm"), help="default: the model's own")
+    sample.add_argument("--steps", type=int, help="sampler steps (default: the model's own)")
+    sample.add_argument("--guidance", type=float, help="guidance weight w (default: the model's own)")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--out", default="samples.png", help="output .png grid or .npz (default: samples.png)")
+    sample.set_defaults(func=cmd_sample)
     return parser
 
 

@@ -13,8 +13,10 @@ import yaml
 from pydantic import ValidationError
 
 from gmpipe.config.base import Section
+from gmpipe.config.cache_latents import CacheLatentsConfig
 from gmpipe.config.data import DataConfig
 from gmpipe.config.prepare import PrepareConfig
+from gmpipe.config.train_ldm import TrainLDMConfig
 from gmpipe.config.train_vae import TrainVAEConfig
 
 
@@ -22,6 +24,8 @@ class Params(Section):
     data: DataConfig = DataConfig()
     prepare: PrepareConfig = PrepareConfig()
     train_vae: TrainVAEConfig = TrainVAEConfig()
+    cache_latents: CacheLatentsConfig = CacheLatentsConfig()
+    train_ldm: TrainLDMConfig = TrainLDMConfig()
 
 
 class ParamsError(Exception):

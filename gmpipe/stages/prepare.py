@@ -19,6 +19,8 @@ from gmpipe.paths import Paths
 
 DEFAULT_CAPTION = "a photo of a {}"
 
+SECTIONS = ("data", "prepare")
+
 
 def _hash_files(files: list[Path]) -> str:
     digest = hashlib.sha256()

@@ -24,6 +24,8 @@ from gmpipe.vae.autoencoder_loss import AutoencoderLoss
 
 DISCRIMINATOR_FILE = "discriminator.safetensors"
 
+SECTIONS = ("data", "train_vae")
+
 
 def build_models(data: DataConfig, config: TrainVAEConfig):
     vae = build_autoencoder(

@@ -1,0 +1,140 @@
+"""A trained latent generative model as one object: denoiser + objective + latent stats + autoencoder.
+
+``models/ldm/`` (written by ``train_ldm``) holds::
+
+    denoiser/            the EMA weights, diffusers format (what sampling uses)
+    denoiser_raw/        the last training weights, same format
+    objective.json       the generalized objective it was trained with (schedule, target, time density, weighting)
+    sampling.json        default sampler, steps and guidance weight
+    conditioning.json    mode, class names, text encoder source and max length
+    latent_stats.json    the latent shift and scale measured by cache_latents (copied from data/latents/stats.json)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gmpipe.data.latents import LatentStats
+from gmpipe.diffusion import Objective, get_sampler, make_guided_model_fn
+from gmpipe.errors import GmpipeError
+
+OBJECTIVE = "objective.json"
+SAMPLING = "sampling.json"
+CONDITIONING = "conditioning.json"
+LATENT_STATS = "latent_stats.json"
+
+
+def denoiser_fn(denoiser):
+    """denoiser(x_t, t, cond) as the (x_t, t, cond) callable the guidance wrapper expects."""
+    return lambda x_t, t, cond: denoiser(x_t, t, cond)
+
+
+@dataclass
+class LatentGenerator:
+    denoiser: torch.nn.Module
+    objective: Objective
+    stats: LatentStats
+    vae: torch.nn.Module | None
+    conditioning: dict
+    sampling: dict
+    latent_shape: tuple[int, int, int]
+
+    @classmethod
+    def load(cls, model_dir: str | Path, vae_dir: str | Path | None = None, weights: str = "denoiser"):
+        """Load ``models/ldm`` (or a student folder with the same layout) and, if given, the autoencoder."""
+        from gmpipe.nn.denoiser import Denoiser
+
+        model_dir = Path(model_dir)
+        if not (model_dir / OBJECTIVE).is_file():
+            raise GmpipeError(f"{model_dir}: no trained denoiser here; run the 'train_ldm' stage first")
+        denoiser = Denoiser.from_pretrained(model_dir / weights).eval()
+        vae = None
+        if vae_dir is not None:
+            from gmpipe.stages.cache_latents import load_vae
+
+            vae = load_vae(Path(vae_dir))
+        read = lambda name: json.loads((model_dir / name).read_text())  # noqa: E731
+        return cls(
+            denoiser=denoiser,
+            objective=Objective.from_config(read(OBJECTIVE)),
+            stats=LatentStats.load(model_dir / LATENT_STATS),
+            vae=vae,
+            conditioning=read(CONDITIONING),
+            sampling=read(SAMPLING),
+            latent_shape=(denoiser.in_channels, denoiser.sample_size, denoiser.sample_size),
+        )
+
+    def condition(self, labels: Sequence[int] | None = None, prompts: Sequence[str] | None = None):
+        """The denoiser's condition for class labels or text prompts (None for an unconditional model)."""
+        mode = self.conditioning["mode"]
+        if mode == "class":
+            if labels is None:
+                raise GmpipeError("this model is class-conditional: give class labels")
+            n_classes = len(self.conditioning["class_names"])
+            bad = [label for label in labels if not 0 <= label < n_classes]
+            if bad:
+                raise GmpipeError(f"class labels {bad} out of range 0..{n_classes - 1}")
+            return torch.tensor(list(labels), dtype=torch.long)
+        if mode == "text":
+            if prompts is None:
+                raise GmpipeError("this model is text-conditional: give prompts")
+            from gmpipe.nn.text_encoder import TextEncoder
+
+            encoder = TextEncoder(self.conditioning["text_encoder"], max_length=self.conditioning["max_length"])
+            return encoder.encode(list(prompts))
+        return None
+
+    @torch.no_grad()
+    def sample_latents(self, cond, n: int, sampler: str | None = None, steps: int | None = None,
+                       guidance: float | None = None, seed: int = 0, batch_size: int = 256,
+                       shift: float = 1.0) -> tuple[torch.Tensor, int]:
+        """Normalized latents (n, c, h, w) and the NFE per sample. ``cond`` has batch n (or is None)."""
+        sampler = get_sampler(sampler or self.sampling["sampler"])
+        steps = steps or self.sampling["steps"]
+        w = self.sampling["guidance"] if guidance is None else guidance
+        if self.conditioning["mode"] == "none":
+            w = 0.0
+        generator = torch.Generator().manual_seed(seed)
+        chunks, nfe = [], 0
+        for start in range(0, n, batch_size):
+            size = min(batch_size, n - start)
+            chunk_cond = _slice(cond, start, start + size)
+            noise = torch.randn((size, *self.latent_shape), generator=generator)
+            null = self.denoiser.null_condition(size, like=chunk_cond)
+            model_fn = make_guided_model_fn(denoiser_fn(self.denoiser), chunk_cond, null, w)
+            latents, nfe = sampler(model_fn, self.objective, noise, steps, shift=shift, generator=generator)
+            chunks.append(latents)
+        return torch.cat(chunks), nfe
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """Normalized latents -> images (n, C, H, W) in [-1, 1]."""
+        if self.vae is None:
+            raise GmpipeError("no autoencoder loaded: pass vae_dir to LatentGenerator.load")
+        images = [
+            self.vae.decode(self.stats.denormalize(latents[i : i + batch_size])).sample.clamp(-1, 1)
+            for i in range(0, len(latents), batch_size)
+        ]
+        return torch.cat(images)
+
+
+def _slice(cond, start: int, stop: int):
+    if cond is None:
+        return None
+    if isinstance(cond, tuple):
+        return tuple(c[start:stop] for c in cond)
+    return cond[start:stop]
+
+
+def save_model_bundle(directory: Path, objective: Objective, stats_file: Path, conditioning: dict,
+                      sampling: dict) -> None:
+    """The JSON files next to the weights that make a model folder self-contained."""
+    (directory / OBJECTIVE).write_text(json.dumps(objective.to_config(), indent=2))
+    (directory / SAMPLING).write_text(json.dumps(sampling, indent=2))
+    (directory / CONDITIONING).write_text(json.dumps(conditioning, indent=2))
+    (directory / LATENT_STATS).write_text(stats_file.read_text())

@@ -1,0 +1,78 @@
+"""``cache_latents``: encode every prepared image once with the trained VAE; embed the captions; measure the
+latent scale and shift. Writes ``data/latents/``."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from gmpipe.artifacts import atomic_dir, write_json
+from gmpipe.config.cache_latents import CacheLatentsConfig
+from gmpipe.data.latents import STATS, LatentSplit, LatentStats, save_split, save_texts
+from gmpipe.data.prepared import SPLITS, load_split
+from gmpipe.errors import GmpipeError
+from gmpipe.paths import Paths
+
+SECTIONS = ("cache_latents",)
+
+
+def load_vae(directory):
+    from diffusers import AutoencoderKL
+
+    if not (directory / "config.json").is_file():
+        raise GmpipeError(f"{directory}: no trained autoencoder; run the 'train_vae' stage first")
+    return AutoencoderKL.from_pretrained(directory, use_safetensors=True).eval()
+
+
+@torch.no_grad()
+def encode_to_latents(vae, images: np.ndarray, batch_size: int, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images (N, C, H, W) -> posterior mean and std, (N, c, h, w) float32 each."""
+    means, stds = [], []
+    for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", mininterval=1.0):
+        x = torch.from_numpy(images[start : start + batch_size]).float().div(127.5).sub(1.0)
+        posterior = vae.encode(x).latent_dist
+        means.append(posterior.mean.float())
+        stds.append(posterior.std.float())
+    return torch.cat(means), torch.cat(stds)
+
+
+def run(config: CacheLatentsConfig, paths: Paths) -> dict:
+    vae = load_vae(paths.vae)
+    splits = {name: load_split(paths.prepared, name) for name in SPLITS}
+    captions = sorted({str(c) for split in splits.values() for c in split.captions})
+    caption_ids = {caption: i for i, caption in enumerate(captions)}
+    counts = {}
+    with atomic_dir(paths.latents) as out:
+        for name, split in splits.items():
+            mean, std = encode_to_latents(vae, split.images, config.batch_size, f"cache_latents: {name}")
+            index = torch.tensor([caption_ids[str(c)] for c in split.captions], dtype=torch.int64)
+            latent = LatentSplit(mean, std, torch.from_numpy(split.labels).long(), index)
+            save_split(out, name, latent)
+            counts[name] = len(latent)
+            if name == "train":
+                if len(latent) == 0:
+                    raise GmpipeError(f"{paths.prepared}: the train split is empty")
+                stats = LatentStats.measure(mean, std, torch.Generator().manual_seed(config.seed))
+                stats.save(out / STATS, measured_on="train", n=len(latent), latent_shape=list(mean.shape[1:]),
+                           raw_std=float((mean + std * torch.randn_like(std)).std()))
+        if config.text_encoder:
+            from gmpipe.nn.text_encoder import TextEncoder
+
+            try:
+                encoder = TextEncoder(config.text_encoder, max_length=config.max_length)
+            except (FileNotFoundError, ValueError, OSError) as exc:
+                raise GmpipeError(f"cache_latents.text_encoder: {exc}") from None
+            states, mask = encoder.encode(captions, progress=True)
+            save_texts(out, captions, states, mask)
+            write_json(out / "text_encoder.json",
+                       {"text_encoder": config.text_encoder, "max_length": config.max_length})
+    return {
+        "read": [str(paths.prepared), str(paths.vae)],
+        "wrote": str(paths.latents),
+        "counts": counts,
+        "latent_shape": list(mean.shape[1:]),
+        "captions": len(captions),
+        "shift": [round(v, 4) for v in stats.shift],
+        "scale": [round(v, 4) for v in stats.scale],
+    }

@@ -1,0 +1,101 @@
+"""cache_latents and train_ldm on the fixture: the cache reproduces the VAE posterior, training lowers the loss,
+every output is written, and `gmpipe sample` loads the result."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from gmpipe.cli import main
+from gmpipe.config.params import parse_params
+from gmpipe.data.latents import STATS, LatentStats, load_split, load_texts
+from gmpipe.data.prepared import load_split as load_prepared
+from gmpipe.errors import GmpipeError
+from gmpipe.generate import LatentGenerator
+from gmpipe.paths import Paths
+from gmpipe.stages import cache_latents, prepare, train_ldm, train_vae
+from tests.conftest import smoke_params
+
+
+@pytest.fixture(scope="module")
+def trained_vae(tmp_path_factory):
+    """Prepared fixture data and a smoke-trained autoencoder, shared by the tests in this module."""
+    root = tmp_path_factory.mktemp("latents")
+    params = parse_params(smoke_params(prepare={"max_per_class": 20}, train_vae={"steps": 10, "disc_start": 5}))
+    paths = Paths(root)
+    prepare.run(params.data, params.prepare, paths)
+    train_vae.run(params.data, params.train_vae, paths)
+    cache_latents.run(params.cache_latents, paths)
+    return params, paths
+
+
+def test_cache_reproduces_the_vae_posterior(trained_vae):
+    params, paths = trained_vae
+    vae = cache_latents.load_vae(paths.vae)
+    images = load_prepared(paths.prepared, "val").images
+    cached = load_split(paths.latents, "val")
+    with torch.no_grad():
+        posterior = vae.encode(torch.from_numpy(images).float() / 127.5 - 1).latent_dist
+    torch.testing.assert_close(cached.mean, posterior.mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cached.std, posterior.std, rtol=1e-5, atol=1e-5)
+    assert cached.labels.tolist() == load_prepared(paths.prepared, "val").labels.tolist()
+
+
+def test_stats_normalize_latents(trained_vae):
+    _, paths = trained_vae
+    stats = LatentStats.load(paths.latents / STATS)
+    train = load_split(paths.latents, "train")
+    normalized = stats.normalize(train.sample(torch.arange(len(train)), torch.Generator().manual_seed(1)))
+    channel_mean = normalized.mean(dim=(0, 2, 3))
+    channel_std = normalized.std(dim=(0, 2, 3))
+    assert channel_mean.abs().max() < 0.1 and (channel_std - 1).abs().max() < 0.1
+    torch.testing.assert_close(stats.denormalize(stats.normalize(train.mean)), train.mean, rtol=1e-4, atol=1e-4)
+    assert json.loads((paths.latents / STATS).read_text())["measured_on"] == "train"
+
+
+def test_text_embeddings_are_cached(trained_vae):
+    _, paths = trained_vae
+    captions, states, mask = load_texts(paths.latents)
+    assert len(captions) == 10 and states.shape[:2] == (10, 16) and states.shape[2] == 384
+    assert mask[:, 0].all() and not mask.all()
+    train = load_split(paths.latents, "train")
+    assert captions[int(train.caption_index[0])].startswith("a photo of a ")
+
+
+def test_train_ldm_smoke_and_sample(trained_vae, tmp_path):
+    params, paths = trained_vae
+    config = params.train_ldm.model_copy(update={"steps": 40, "log_every": 10, "checkpoint_every": 20})
+    summary = train_ldm.run(config, paths)
+    assert summary["steps"] == 40 and summary["final_loss"] < summary["first_loss"]
+    for name in ("denoiser", "denoiser_raw", "objective.json", "sampling.json", "conditioning.json",
+                 "latent_stats.json", "training.json"):
+        assert (paths.ldm / name).exists(), name
+    assert (paths.reports / "train_ldm/samples.png").is_file()
+    objective = json.loads((paths.ldm / "objective.json").read_text())
+    assert objective["schedule"]["name"] == "rectified_flow" and objective["target"]["name"] == "velocity"
+
+    generator = LatentGenerator.load(paths.ldm, paths.vae)
+    cond = generator.condition(labels=[0, 1, 2])
+    latents, nfe = generator.sample_latents(cond, 3, steps=3, guidance=1.0)
+    assert latents.shape == (3, 4, 8, 8) and nfe == 6  # guided: 2 evaluations per step
+    assert generator.decode(latents).shape == (3, 1, 32, 32)
+    with pytest.raises(GmpipeError, match="out of range"):
+        generator.condition(labels=[99])
+
+    out = tmp_path / "grid.npz"
+    code = main(["sample", "--model", str(paths.ldm), "--vae", str(paths.vae), "--classes", "3", "7", "-n", "2",
+                 "--steps", "2", "--out", str(out)])
+    assert code == 0
+    with np.load(out) as saved:
+        assert saved["images"].shape == (4, 1, 32, 32) and saved["labels"].tolist() == [3, 3, 7, 7]
+
+
+def test_missing_upstream_names_the_stage(tmp_path):
+    params = parse_params(smoke_params())
+    with pytest.raises(GmpipeError, match="train_vae"):
+        cache_latents.run(params.cache_latents, Paths(tmp_path))
+    with pytest.raises(FileNotFoundError, match="cache_latents"):
+        train_ldm.run(params.train_ldm, Paths(tmp_path))
