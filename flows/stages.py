@@ -30,9 +30,11 @@ def summary_markdown(stage: str, summary: dict) -> str:
             value = summary[key]
             lines.append(f"- **{key}**: {', '.join(map(str, value)) if isinstance(value, list) else value}")
     for key, value in summary.items():
-        if key in ("read", "wrote", "rejected"):
+        if key in ("read", "wrote", "rejected", "markdown"):
             continue
         lines.append(f"- **{key}**: `{json.dumps(value)}`")
+    if summary.get("markdown"):
+        lines += ["", summary["markdown"]]
     rejected = summary.get("rejected") or []
     if rejected:
         lines += ["", f"### Rejected inputs ({len(rejected)})", "", "| file | reason |", "|---|---|"]

@@ -16,7 +16,7 @@ from gmpipe.data.prepared import load_split as load_prepared
 from gmpipe.errors import GmpipeError
 from gmpipe.generate import LatentGenerator
 from gmpipe.paths import Paths
-from gmpipe.stages import cache_latents, prepare, train_ldm, train_vae
+from gmpipe.stages import cache_latents, evaluate, prepare, train_ldm, train_vae
 from tests.conftest import smoke_params
 
 
@@ -65,10 +65,15 @@ def test_text_embeddings_are_cached(trained_vae):
     assert captions[int(train.caption_index[0])].startswith("a photo of a ")
 
 
-def test_train_ldm_smoke_and_sample(trained_vae, tmp_path):
+@pytest.fixture(scope="module")
+def trained_ldm(trained_vae):
     params, paths = trained_vae
     config = params.train_ldm.model_copy(update={"steps": 40, "log_every": 10, "checkpoint_every": 20})
-    summary = train_ldm.run(config, paths)
+    return params, paths, train_ldm.run(config, paths)
+
+
+def test_train_ldm_smoke_and_sample(trained_ldm, tmp_path):
+    params, paths, summary = trained_ldm
     assert summary["steps"] == 40 and summary["final_loss"] < summary["first_loss"]
     for name in ("denoiser", "denoiser_raw", "objective.json", "sampling.json", "conditioning.json",
                  "latent_stats.json", "training.json"):
@@ -99,3 +104,24 @@ def test_missing_upstream_names_the_stage(tmp_path):
         cache_latents.run(params.cache_latents, Paths(tmp_path))
     with pytest.raises(FileNotFoundError, match="cache_latents"):
         train_ldm.run(params.train_ldm, Paths(tmp_path))
+
+
+def test_evaluate_writes_metrics_plots_samples_and_report(trained_ldm):
+    params, paths, _ = trained_ldm
+    summary = evaluate.run(params.evaluate, paths)
+    metrics = json.loads((paths.reports / "metrics.json").read_text())
+    n = params.evaluate.n_samples
+    assert metrics["teacher"]["n"] == n and str(n) in metrics["floor"]
+    assert metrics["teacher"]["fd_effnet"] > 0 and 0 <= metrics["teacher"]["accuracy"] <= 1
+    assert metrics["vae"]["n"] == n and "psnr" in metrics["vae"]
+    assert any("distill" in note for note in metrics["notes"])  # no students yet: named, not a crash
+    out = paths.reports / "evaluate"
+    sweep = (out / "plots/nfe_sweep.csv").read_text().splitlines()
+    assert sweep[0].startswith("curve,model,sampler,steps,nfe") and len(sweep) == 1 + 2 * 2
+    assert len((out / "plots/guidance_sweep.csv").read_text().splitlines()) == 1 + 2
+    with np.load(out / "samples/teacher_headline.npz") as saved:
+        assert saved["images"].shape == (n, 1, 32, 32) and saved["images"].dtype == np.uint8
+        assert len(saved["labels"]) == n and str(saved["sampler"]) == "euler"
+    html = (paths.reports / "report.html").read_text()
+    assert "<svg" in html and "data:image/png;base64" in html and "http" not in html.replace("http://www.w3.org", "")
+    assert "| teacher |" in summary["markdown"]

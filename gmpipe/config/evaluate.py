@@ -1,0 +1,37 @@
+"""``evaluate:`` sample counts, sweeps and the feature network behind every distance."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from gmpipe.config.base import Section
+
+Steps = Annotated[int, Field(ge=1, le=1000)]
+
+
+class EvaluateConfig(Section):
+    """Every Frechet distance is reported with its n; distances are compared only at equal n.
+
+    ``n_samples`` generated images (and as many real test images) for the headline metrics of each model;
+    ``sweep_samples`` for each point of the NFE and guidance sweeps. ``fid_module`` (``package.module:factory``)
+    and ``fid_weights`` (a local safetensors or weights-only file) add true FID on that network (e.g. an
+    Inception-v3 returning 2048-d pool features); EfficientNet-Lite0 distances are always reported as fd_effnet.
+    """
+
+    seed: Annotated[int, Field(ge=0)] = 0
+    n_samples: Annotated[int, Field(ge=10)] = 1000
+    sweep_samples: Annotated[int, Field(ge=10)] = 500
+    feature_image_size: Annotated[int, Field(ge=32, le=512)] = 64
+    batch_size: Annotated[int, Field(ge=1)] = 250
+    sweep_samplers: list[Literal["euler", "heun", "ddim", "ddpm"]] = ["euler", "heun", "ddim", "ddpm"]
+    sweep_steps: list[Steps] = [1, 2, 4, 8, 16, 32, 50]
+    guidance_sweep: list[Annotated[float, Field(ge=0.0, le=50.0)]] = [0.0, 0.5, 1.0, 2.0, 3.0, 5.0]
+    student_steps: list[Steps] = [1, 2, 4]
+    classifier_steps: Annotated[int, Field(ge=1)] = 1500
+    classifier_batch_size: Annotated[int, Field(ge=1)] = 128
+    kid_subsets: Annotated[int, Field(ge=1)] = 50
+    pr_k: Annotated[int, Field(ge=1)] = 3
+    fid_module: str | None = None
+    fid_weights: str | None = None

@@ -1,0 +1,94 @@
+"""A self-contained HTML report: tables, line plots drawn as inline SVG, grids embedded as data URIs.
+
+Nothing is fetched when it opens (no CDN, no scripts), so it reads the same offline, in CI artifacts and mail.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from pathlib import Path
+
+PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
+
+
+def _ticks(low: float, high: float, count: int = 5) -> list[float]:
+    if high <= low:
+        return [low]
+    step = 10 ** math.floor(math.log10((high - low) / count))
+    for factor in (1, 2, 5, 10):
+        if (high - low) / (step * factor) <= count:
+            step *= factor
+            break
+    start = math.ceil(low / step) * step
+    return [start + i * step for i in range(int((high - start) / step) + 1)]
+
+
+def svg_line_plot(series: dict[str, list[tuple[float, float]]], x_label: str, y_label: str,
+                  log_x: bool = False, width: int = 520, height: int = 300) -> str:
+    """Polylines with markers, one per named series of (x, y) points; a log2 x axis when ``log_x``."""
+    points = [(x, y) for values in series.values() for x, y in values if y is not None and math.isfinite(y)]
+    if not points:
+        return "<p><em>no data</em></p>"
+    fx = (lambda v: math.log2(v)) if log_x else (lambda v: v)
+    xs, ys = [fx(x) for x, _ in points], [y for _, y in points]
+    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+    y0, y1 = min(0.0, min(ys)), max(ys) * 1.05 if max(ys) > 0 else 1.0
+    left, right, top, bottom = 60, 130, 15, 45
+    pw, ph = width - left - right, height - top - bottom
+    sx = lambda v: left + (fx(v) - x0) / (x1 - x0) * pw  # noqa: E731
+    sy = lambda v: top + ph - (v - y0) / (y1 - y0) * ph  # noqa: E731
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-size="11" '
+           f'font-family="sans-serif"><rect width="100%" height="100%" fill="white"/>',
+           f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" stroke="#333"/>',
+           f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + ph}" stroke="#333"/>']
+    x_ticks = sorted({x for x, _ in points}) if log_x else _ticks(x0, x1)
+    for tick in x_ticks:
+        out.append(f'<text x="{sx(tick):.1f}" y="{top + ph + 15}" text-anchor="middle">{tick:g}</text>')
+    for tick in _ticks(y0, y1):
+        out.append(f'<text x="{left - 5}" y="{sy(tick) + 4:.1f}" text-anchor="end">{tick:g}</text>')
+        out.append(f'<line x1="{left}" y1="{sy(tick):.1f}" x2="{left + pw}" y2="{sy(tick):.1f}" stroke="#eee"/>')
+    out.append(f'<text x="{left + pw / 2}" y="{height - 8}" text-anchor="middle">{html.escape(x_label)}</text>')
+    out.append(f'<text x="14" y="{top + ph / 2}" text-anchor="middle" '
+               f'transform="rotate(-90 14 {top + ph / 2})">{html.escape(y_label)}</text>')
+    for index, (name, values) in enumerate(series.items()):
+        color = PALETTE[index % len(PALETTE)]
+        valid = sorted((x, y) for x, y in values if y is not None and math.isfinite(y))
+        path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in valid)
+        out.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="1.8"/>')
+        out += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.8" fill="{color}"/>' for x, y in valid]
+        out.append(f'<text x="{left + pw + 10}" y="{top + 12 + 14 * index}" fill="{color}">{html.escape(name)}</text>')
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def html_table(rows: list[dict], columns: list[str] | None = None) -> str:
+    if not rows:
+        return "<p><em>nothing measured</em></p>"
+    columns = columns or list(dict.fromkeys(k for row in rows for k in row))
+
+    def cell(value) -> str:
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return html.escape("" if value is None else str(value))
+
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{cell(row.get(c))}</td>" for c in columns) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def embedded_png(path: Path, alt: str) -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"/>'
+
+
+def write_html(path: Path, title: str, sections: list[tuple[str, str]]) -> None:
+    """``sections``: (heading, HTML body) pairs, in order."""
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+             "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
+             "text-align:right}th{background:#f4f4f4}img{image-rendering:pixelated;max-width:100%}"
+             "pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:12px}")
+    body = "".join(f"<h2>{html.escape(h)}</h2>\n{content}\n" for h, content in sections)
+    Path(path).write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+                          f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>\n{body}</body></html>")

@@ -1,0 +1,329 @@
+"""``evaluate``: measure every model that exists against the real test set, sweep NFE and guidance, write
+``reports/metrics.json`` (DVC metrics), plot data (DVC plots), grids, the generated samples, and a report.
+
+Whatever upstream model is missing is named in the report and skipped, never a crash. Every distance comes
+with its n; models are compared only at equal n against the same real images.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gmpipe.artifacts import atomic_file, write_json
+from gmpipe.config.evaluate import EvaluateConfig
+from gmpipe.data.prepared import load_manifest, load_split
+from gmpipe.errors import GmpipeError
+from gmpipe.eval import report
+from gmpipe.eval.autoencoder import autoencoder_metrics, to_unit_range
+from gmpipe.eval.generated import Reference
+from gmpipe.eval.grids import save_grid, to_uint8
+from gmpipe.generate import LatentGenerator
+from gmpipe.paths import Paths
+
+SECTIONS = ("evaluate",)
+STUDENT_INFO = "student.json"
+
+
+def _out(paths: Paths) -> Path:
+    return paths.reports / "evaluate"
+
+
+def balanced_labels(n: int, num_classes: int) -> list[int]:
+    return [i % num_classes for i in range(n)]
+
+
+def generate(generator: LatentGenerator, labels: list[int] | None, class_names: list[str], n: int, *,
+             sampler: str, steps: int, guidance: float, seed: int, batch_size: int) -> tuple[torch.Tensor, int]:
+    """n images in [-1, 1] from ``generator`` for ``labels`` (class or the class captions for text models)."""
+    mode = generator.conditioning["mode"]
+    if mode == "class":
+        cond = generator.condition(labels=labels)
+    elif mode == "text":
+        cond = generator.condition(prompts=[f"a photo of a {class_names[label].lower()}" for label in labels])
+    else:
+        cond = None
+    latents, nfe = generator.sample_latents(cond, n, sampler, steps, guidance, seed=seed, batch_size=batch_size)
+    return generator.decode(latents, batch_size=batch_size), nfe
+
+
+def save_samples(directory: Path, name: str, images: torch.Tensor, labels, **meta) -> str:
+    """The exact uint8 images a metric was computed on, with labels and how they were made."""
+    directory.mkdir(parents=True, exist_ok=True)
+    file = directory / f"{name}.npz"
+    np.savez_compressed(file, images=to_uint8(images), labels=np.array(labels if labels else [], dtype=np.int64),
+                        **{k: np.array(v) for k, v in meta.items()})
+    return file.name
+
+
+def build_reference(config: EvaluateConfig, paths: Paths, class_names: list[str]) -> tuple[Reference, dict]:
+    from gmpipe.eval.classifier import accuracy, save_classifier, train_classifier
+    from gmpipe.eval.features import EffNetLite0Features
+
+    train, test = load_split(paths.prepared, "train"), load_split(paths.prepared, "test")
+    rng = np.random.default_rng(config.seed)
+    n_ref = min(max(config.n_samples, config.sweep_samples), len(test))
+    test_images = to_unit_range(test.images[rng.permutation(len(test))[:n_ref]])
+    extractor = EffNetLite0Features(image_size=config.feature_image_size)
+    features = extractor.extract(test_images, batch_size=config.batch_size, progress=True)
+
+    classifier = train_classifier(
+        to_unit_range(train.images), torch.from_numpy(train.labels), len(class_names),
+        steps=config.classifier_steps, batch_size=config.classifier_batch_size, seed=config.seed, progress=True,
+    )
+    save_classifier(classifier, _out(paths) / "classifier")
+    classifier_accuracy = accuracy(classifier, to_unit_range(test.images), torch.from_numpy(test.labels))
+
+    extra = {}
+    if config.fid_weights:
+        extra["fid"] = _fid_extractor(config, test_images)
+    reference = Reference(features, extractor, classifier, extra, config.kid_subsets, config.pr_k, config.batch_size)
+
+    # The real-data floor: train vs test images, at each n used below.
+    floor = {}
+    for n in sorted({min(config.n_samples, n_ref), min(config.sweep_samples, n_ref)}):
+        train_images = to_unit_range(train.images[rng.permutation(len(train))[:n]])
+        floor[str(n)] = reference.measure(train_images)
+    return reference, {"classifier_test_accuracy": classifier_accuracy, "classifier_test_n": len(test),
+                       "floor": floor, "n_reference": n_ref}
+
+
+def _fid_extractor(config: EvaluateConfig, test_images: torch.Tensor):
+    import importlib
+
+    from gmpipe.eval.features import load_state_dict_features
+
+    if not config.fid_module or ":" not in config.fid_module:
+        raise GmpipeError("evaluate.fid_module: give 'package.module:factory' together with evaluate.fid_weights")
+    module_name, factory = config.fid_module.split(":", 1)
+    try:
+        factory_fn = getattr(importlib.import_module(module_name), factory)
+    except (ImportError, AttributeError) as exc:
+        raise GmpipeError(f"evaluate.fid_module: cannot import {config.fid_module} ({exc})") from None
+    if not Path(config.fid_weights).is_file():
+        raise GmpipeError(f"evaluate.fid_weights: {config.fid_weights}: file not found")
+    extractor = load_state_dict_features(factory_fn, config.fid_weights)
+    return extractor, extractor.extract(test_images, batch_size=config.batch_size)
+
+
+def evaluate_teacher(config: EvaluateConfig, paths: Paths, reference: Reference, class_names: list[str]):
+    """Guidance sweep, then NFE sweep at the best w, then the headline metrics at n_samples."""
+    generator = LatentGenerator.load(paths.ldm, paths.vae)
+    conditional = generator.conditioning["mode"] != "none"
+    default = generator.sampling
+    n_sweep = min(config.sweep_samples, len(reference.features))
+    labels = balanced_labels(n_sweep, len(class_names)) if conditional else None
+    samples_dir = _out(paths) / "samples"
+
+    guidance_rows = []
+    for w in (config.guidance_sweep if conditional else [0.0]):
+        images, nfe = generate(generator, labels, class_names, n_sweep, sampler=default["sampler"],
+                               steps=default["steps"], guidance=w, seed=config.seed, batch_size=config.batch_size)
+        row = {"model": "teacher", "sampler": default["sampler"], "steps": default["steps"], "w": w, "nfe": nfe,
+               **reference.measure(images, torch.tensor(labels) if labels else None)}
+        row["samples"] = save_samples(samples_dir, f"teacher_w{w:g}", images, labels, model="teacher",
+                                      sampler=default["sampler"], steps=default["steps"], w=w)
+        guidance_rows.append(row)
+    best_w = min(guidance_rows, key=lambda r: r["fd_effnet"])["w"]
+
+    nfe_rows = []
+    for sampler in config.sweep_samplers:
+        for steps in config.sweep_steps:
+            images, nfe = generate(generator, labels, class_names, n_sweep, sampler=sampler, steps=steps,
+                                   guidance=best_w, seed=config.seed, batch_size=config.batch_size)
+            row = {"model": "teacher", "sampler": sampler, "steps": steps, "w": best_w, "nfe": nfe,
+                   **reference.measure(images, torch.tensor(labels) if labels else None, with_pr=False)}
+            nfe_rows.append(row)
+
+    n = min(config.n_samples, len(reference.features))
+    head_labels = balanced_labels(n, len(class_names)) if conditional else None
+    images, nfe = generate(generator, head_labels, class_names, n, sampler=default["sampler"],
+                           steps=default["steps"], guidance=best_w, seed=config.seed + 1, batch_size=config.batch_size)
+    headline = {"model": "teacher", "sampler": default["sampler"], "steps": default["steps"], "w": best_w,
+                "nfe": nfe, **reference.measure(images, torch.tensor(head_labels) if head_labels else None)}
+    headline["samples"] = save_samples(samples_dir, "teacher_headline", images, head_labels, model="teacher",
+                                       sampler=default["sampler"], steps=default["steps"], w=best_w)
+    _grid(images, head_labels, len(class_names), _out(paths) / "grids" / "teacher.png")
+    return headline, guidance_rows, nfe_rows
+
+
+def _grid(images: torch.Tensor, labels, num_classes: int, path: Path, per_class: int = 10) -> None:
+    """One row per class (the first ``per_class`` samples of each), or the first 80 for unconditional sets."""
+    if labels:
+        rows = [[i for i, label in enumerate(labels) if label == c][:per_class] for c in range(num_classes)]
+        order = [i for row in rows for i in row]
+        columns = per_class
+    else:
+        order, columns = list(range(min(80, len(images)))), 10
+    save_grid(to_uint8(images[order]), path, columns=columns)
+
+
+def student_folders(paths: Paths) -> list[Path]:
+    if not paths.student.is_dir():
+        return []
+    return sorted(p for p in paths.student.iterdir() if (p / STUDENT_INFO).is_file())
+
+
+def evaluate_students(config: EvaluateConfig, paths: Paths, reference: Reference, class_names: list[str]) -> list:
+    rows = []
+    n = min(config.n_samples, len(reference.features))
+    for folder in student_folders(paths):
+        info = json.loads((folder / STUDENT_INFO).read_text())
+        generator = LatentGenerator.load(folder, paths.vae)
+        conditional = generator.conditioning["mode"] != "none"
+        labels = balanced_labels(n, len(class_names)) if conditional else None
+        for steps in config.student_steps:
+            images, nfe = generate(generator, labels, class_names, n, sampler=generator.sampling["sampler"],
+                                   steps=steps, guidance=generator.sampling["guidance"], seed=config.seed + 1,
+                                   batch_size=config.batch_size)
+            row = {"model": f"student:{folder.name}", "method": info.get("method", folder.name),
+                   "sampler": generator.sampling["sampler"], "steps": steps, "nfe": nfe,
+                   "w": info.get("guidance_folded", generator.sampling["guidance"]),
+                   **reference.measure(images, torch.tensor(labels) if labels else None)}
+            row["samples"] = save_samples(_out(paths) / "samples", f"{folder.name}_{steps}step", images, labels,
+                                          model=folder.name, sampler=row["sampler"], steps=steps, w=row["w"])
+            rows.append(row)
+            _grid(images, labels, len(class_names), _out(paths) / "grids" / f"{folder.name}_{steps}step.png")
+    return rows
+
+
+def _code_version(root: Path) -> str:
+    try:
+        result = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=root, capture_output=True, text=True,
+                                timeout=10)
+        return result.stdout.strip() or "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
+    with atomic_file(path) as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def run(config: EvaluateConfig, paths: Paths) -> dict:
+    manifest = load_manifest(paths.prepared)
+    class_names = manifest["class_names"]
+    upstream = (("autoencoder", paths.vae, "train_vae"), ("teacher denoiser", paths.ldm, "train_ldm"),
+                ("distilled students", paths.student, "distill"))
+    notes = [f"no {name} in {folder}: run the '{stage}' stage to evaluate it"
+             for name, folder, stage in upstream if not folder.is_dir()]
+    torch.manual_seed(config.seed)
+    reference, real = build_reference(config, paths, class_names)
+    metrics: dict = {"classifier": {"test_accuracy": real["classifier_test_accuracy"],
+                                    "test_n": real["classifier_test_n"]},
+                     "floor": real["floor"]}
+    if paths.vae.is_dir():
+        from gmpipe.eval.features import EffNetLite0Features
+        from gmpipe.stages.cache_latents import load_vae
+
+        train, test = load_split(paths.prepared, "train"), load_split(paths.prepared, "test")
+        metrics["vae"] = autoencoder_metrics(load_vae(paths.vae), test.images, train.images,
+                                             EffNetLite0Features(config.feature_image_size),
+                                             n=min(config.n_samples, len(test)), seed=config.seed)
+    guidance_rows, nfe_rows, student_rows = [], [], []
+    if paths.vae.is_dir() and paths.ldm.is_dir():
+        headline, guidance_rows, nfe_rows = evaluate_teacher(config, paths, reference, class_names)
+        floor = real["floor"][str(headline["n"])]["fd_effnet"]
+        headline["fd_ratio_to_floor"] = headline["fd_effnet"] / max(floor, 1e-12)
+        metrics["teacher"] = headline
+        student_rows = evaluate_students(config, paths, reference, class_names)
+        for row in student_rows:
+            row["fd_ratio_to_teacher"] = row["fd_effnet"] / max(headline["fd_effnet"], 1e-12)
+            row["fd_ratio_to_floor"] = row["fd_effnet"] / max(floor, 1e-12)
+        metrics["students"] = {f"{r['model'].split(':', 1)[1]}_{r['steps']}step": r for r in student_rows}
+    metrics["notes"] = notes
+
+    out = _out(paths)
+    plots = out / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    nfe_curve = [dict(r, curve=f"teacher {r['sampler']}") for r in nfe_rows]
+    nfe_curve += [dict(r, curve=r["model"]) for r in student_rows]
+    _write_csv(plots / "nfe_sweep.csv", nfe_curve, ["curve", "model", "sampler", "steps", "nfe", "w", "n",
+                                                    "fd_effnet", "kid", "accuracy"])
+    _write_csv(plots / "guidance_sweep.csv", guidance_rows, ["w", "n", "nfe", "fd_effnet", "kid", "accuracy",
+                                                             "precision", "recall"])
+    write_json(paths.reports / "metrics.json", _finite(metrics))
+    write_report(paths, config, metrics, guidance_rows, nfe_curve, student_rows)
+    return {
+        "read": [str(paths.prepared), str(paths.vae), str(paths.ldm), str(paths.student)],
+        "wrote": [str(paths.reports / "metrics.json"), str(paths.reports / "report.html"), str(out)],
+        "notes": notes,
+        "markdown": summary_table(metrics),
+    }
+
+
+def _finite(value):
+    """JSON without NaN/Infinity (DVC and most JSON readers reject them): non-finite floats become null."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+def summary_table(metrics: dict) -> str:
+    rows = []
+    if "teacher" in metrics:
+        rows.append(metrics["teacher"])
+    rows += list(metrics.get("students", {}).values())
+    lines = ["| model | sampler | steps | NFE | w | n | FD-EffNetLite0 | x floor | accuracy |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['sampler']} | {r['steps']} | {r['nfe']} | {r['w']:g} | {r['n']} | "
+                     f"{r['fd_effnet']:.2f} | {r.get('fd_ratio_to_floor', float('nan')):.2f} | "
+                     f"{r.get('accuracy', float('nan')):.3f} |")
+    vae = metrics.get("vae")
+    if vae:
+        lines += ["", f"Autoencoder (n={vae['n']}): PSNR {vae['psnr']:.2f} dB, SSIM {vae['ssim']:.3f}, "
+                  f"FD ratio to floor {vae['fd_ratio']:.2f}"]
+    lines += ["", f"Classifier test accuracy: {metrics['classifier']['test_accuracy']:.3f}"]
+    lines += [f"- {note}" for note in metrics.get("notes", [])]
+    return "\n".join(lines)
+
+
+def write_report(paths: Paths, config: EvaluateConfig, metrics: dict, guidance_rows, nfe_curve, student_rows):
+    sections = []
+    if metrics.get("notes"):
+        sections.append(("Not evaluated", "<ul>" + "".join(f"<li>{n}</li>" for n in metrics["notes"]) + "</ul>"))
+    headline = ([metrics["teacher"]] if "teacher" in metrics else []) + student_rows
+    columns = ["model", "sampler", "steps", "nfe", "w", "n", "fd_effnet", "fd_ratio_to_floor", "kid", "precision",
+               "recall", "accuracy"]
+    sections.append(("Generated samples vs the real test set", report.html_table(headline, columns)))
+    floor_rows = [{"n": n, **{k: v for k, v in row.items() if k != "n"}} for n, row in metrics["floor"].items()]
+    sections.append(("Real-data floor (train vs test images)", report.html_table(floor_rows, ["n", "fd_effnet",
+                                                                                           "kid", "precision",
+                                                                                           "recall"])))
+    if "vae" in metrics:
+        sections.append(("Autoencoder reconstructions", report.html_table([metrics["vae"]])))
+    sections.append(("Classifier", report.html_table([metrics["classifier"]])))
+    if nfe_curve:
+        series: dict[str, list] = {}
+        for row in nfe_curve:
+            series.setdefault(row["curve"], []).append((row["nfe"], row["fd_effnet"]))
+        sections.append(("Quality vs network evaluations",
+                         report.svg_line_plot(series, "network evaluations per image (log2)",
+                                              f"FD-EffNetLite0 (n={nfe_curve[0]['n']})", log_x=True)))
+    if len(guidance_rows) > 1:
+        fd = {"FD-EffNetLite0": [(r["w"], r["fd_effnet"]) for r in guidance_rows]}
+        quality = {k: [(r["w"], r.get(k)) for r in guidance_rows] for k in ("accuracy", "precision", "recall")}
+        sections.append(("Guidance: quality vs diversity",
+                         report.svg_line_plot(fd, "guidance weight w", f"FD (n={guidance_rows[0]['n']})")
+                         + report.svg_line_plot(quality, "guidance weight w", "fraction")))
+    grids = sorted((_out(paths) / "grids").glob("*.png"))
+    if grids:
+        sections.append(("Samples (one row per class)",
+                         "".join(f"<h3>{g.stem}</h3>{report.embedded_png(g, g.stem)}" for g in grids)))
+    params_text = (paths.root / "params.yaml").read_text() if (paths.root / "params.yaml").is_file() else ""
+    sections.append(("Provenance", f"<p>code version: <code>{_code_version(paths.root)}</code></p>"
+                                   f"<pre>{report.html.escape(params_text)}</pre>"))
+    report.write_html(paths.reports / "report.html", "gmpipe evaluation", sections)
