@@ -159,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--classes", type=int, nargs="*", help="class indices, one row each (default: all)")
     sample.add_argument("--prompts", nargs="*", help="text prompts, one row each (text-conditional models)")
     sample.add_argument("-n", type=int, default=8, help="images per class or prompt (default: 8)")
-    sample.add_argument("--sampler", choices=("euler", "heun", "ddim", "ddpm"), help="default: the model's own")
+    sample.add_argument("--sampler", choices=("euler", "heun", "ddim", "ddpm", "consistency"),
+                        help="default: the model's own")
     sample.add_argument("--steps", type=int, help="sampler steps (default: the model's own)")
     sample.add_argument("--guidance", type=float, help="guidance weight w (default: the model's own)")
     sample.add_argument("--seed", type=int, default=0)

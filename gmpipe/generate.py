@@ -29,6 +29,15 @@ CONDITIONING = "conditioning.json"
 LATENT_STATS = "latent_stats.json"
 
 
+def resolve_sampler(name: str):
+    """A gmpipe.diffusion sampler by name, or the multistep consistency sampler of consistency students."""
+    if name == "consistency":
+        from gmpipe.distill.consistency import consistency_sample
+
+        return consistency_sample
+    return get_sampler(name)
+
+
 def denoiser_fn(denoiser):
     """denoiser(x_t, t, cond) as the (x_t, t, cond) callable the guidance wrapper expects."""
     return lambda x_t, t, cond: denoiser(x_t, t, cond)
@@ -94,7 +103,7 @@ class LatentGenerator:
                        guidance: float | None = None, seed: int = 0, batch_size: int = 256,
                        shift: float = 1.0) -> tuple[torch.Tensor, int]:
         """Normalized latents (n, c, h, w) and the NFE per sample. ``cond`` has batch n (or is None)."""
-        sampler = get_sampler(sampler or self.sampling["sampler"])
+        sampler = resolve_sampler(sampler or self.sampling["sampler"])
         steps = steps or self.sampling["steps"]
         w = self.sampling["guidance"] if guidance is None else guidance
         if self.conditioning["mode"] == "none":

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from gmpipe.config.base import Section
 from gmpipe.config.cache_latents import CacheLatentsConfig
 from gmpipe.config.data import DataConfig
+from gmpipe.config.distill import DistillConfig
 from gmpipe.config.evaluate import EvaluateConfig
 from gmpipe.config.prepare import PrepareConfig
 from gmpipe.config.train_ldm import TrainLDMConfig
@@ -27,6 +28,7 @@ class Params(Section):
     train_vae: TrainVAEConfig = TrainVAEConfig()
     cache_latents: CacheLatentsConfig = CacheLatentsConfig()
     train_ldm: TrainLDMConfig = TrainLDMConfig()
+    distill: DistillConfig = DistillConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
 
 

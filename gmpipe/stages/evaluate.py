@@ -177,7 +177,8 @@ def evaluate_students(config: EvaluateConfig, paths: Paths, reference: Reference
         generator = LatentGenerator.load(folder, paths.vae)
         conditional = generator.conditioning["mode"] != "none"
         labels = balanced_labels(n, len(class_names)) if conditional else None
-        for steps in config.student_steps:
+        designed = [s for s in config.student_steps if s in info["steps"]] or info["steps"][:1]
+        for steps in designed:
             images, nfe = generate(generator, labels, class_names, n, sampler=generator.sampling["sampler"],
                                    steps=steps, guidance=generator.sampling["guidance"], seed=config.seed + 1,
                                    batch_size=config.batch_size)

@@ -16,7 +16,7 @@ from gmpipe.data.prepared import load_split as load_prepared
 from gmpipe.errors import GmpipeError
 from gmpipe.generate import LatentGenerator
 from gmpipe.paths import Paths
-from gmpipe.stages import cache_latents, evaluate, prepare, train_ldm, train_vae
+from gmpipe.stages import cache_latents, distill, evaluate, prepare, train_ldm, train_vae
 from tests.conftest import smoke_params
 
 
@@ -106,18 +106,48 @@ def test_missing_upstream_names_the_stage(tmp_path):
         train_ldm.run(params.train_ldm, Paths(tmp_path))
 
 
-def test_evaluate_writes_metrics_plots_samples_and_report(trained_ldm):
+@pytest.fixture(scope="module")
+def distilled(trained_ldm):
     params, paths, _ = trained_ldm
+    return params, paths, distill.run(params.distill, paths)
+
+
+def test_distill_writes_students_that_sample(distilled):
+    params, paths, summary = distilled
+    assert summary["students"] == ["progressive-4step", "progressive-2step", "progressive-1step", "reflow",
+                                   "consistency"]
+    for name in summary["students"]:
+        info = json.loads((paths.student / name / "student.json").read_text())
+        assert info["guidance_folded"] == 1.0 and info["nfe_per_step"] == 1
+        generator = LatentGenerator.load(paths.student / name, paths.vae)
+        steps = info["steps"][0]
+        latents, nfe = generator.sample_latents(generator.condition(labels=[1, 2]), 2, steps=steps)
+        assert nfe == steps and torch.isfinite(latents).all()  # guidance folded in: 1 evaluation per step
+    reflow = json.loads((paths.student / "reflow" / "objective.json").read_text())
+    assert reflow["schedule"]["name"] == "rectified_flow" and reflow["target"]["name"] == "velocity"
+    table = json.loads((paths.reports / "distill/metrics.json").read_text())
+    assert table["progressive-1step"]["steps"] == [1] and table["reflow"]["train_steps"] == params.distill.steps
+    assert "| reflow | reflow |" in summary["markdown"]
+    # Rerunning resumes every student from its finished checkpoint instead of training again.
+    again = distill.run(params.distill, paths)
+    assert again["students"] == summary["students"]
+
+
+def test_evaluate_writes_metrics_plots_samples_and_report(distilled):
+    params, paths, _ = distilled
     summary = evaluate.run(params.evaluate, paths)
     metrics = json.loads((paths.reports / "metrics.json").read_text())
     n = params.evaluate.n_samples
     assert metrics["teacher"]["n"] == n and str(n) in metrics["floor"]
     assert metrics["teacher"]["fd_effnet"] > 0 and 0 <= metrics["teacher"]["accuracy"] <= 1
     assert metrics["vae"]["n"] == n and "psnr" in metrics["vae"]
-    assert any("distill" in note for note in metrics["notes"])  # no students yet: named, not a crash
+    assert metrics["notes"] == []
+    assert metrics["students"]["progressive-1step_1step"]["nfe"] == 1
+    assert metrics["students"]["reflow_2step"]["n"] == n
     out = paths.reports / "evaluate"
     sweep = (out / "plots/nfe_sweep.csv").read_text().splitlines()
-    assert sweep[0].startswith("curve,model,sampler,steps,nfe") and len(sweep) == 1 + 2 * 2
+    assert sweep[0].startswith("curve,model,sampler,steps,nfe")
+    assert sum(line.startswith("teacher") for line in sweep) == 2 * 2
     assert len((out / "plots/guidance_sweep.csv").read_text().splitlines()) == 1 + 2
     with np.load(out / "samples/teacher_headline.npz") as saved:
         assert saved["images"].shape == (n, 1, 32, 32) and saved["images"].dtype == np.uint8
@@ -125,3 +155,17 @@ def test_evaluate_writes_metrics_plots_samples_and_report(trained_ldm):
     html = (paths.reports / "report.html").read_text()
     assert "<svg" in html and "data:image/png;base64" in html and "http" not in html.replace("http://www.w3.org", "")
     assert "| teacher |" in summary["markdown"]
+
+
+def test_evaluate_names_missing_models(tmp_path):
+    params = parse_params(smoke_params(prepare={"max_per_class": 10}))
+    paths = Paths(tmp_path)
+    prepare.run(params.data, params.prepare, paths)
+    config = params.evaluate.model_copy(update={"n_samples": 20, "sweep_samples": 20, "classifier_steps": 5})
+    summary = evaluate.run(config, paths)
+    metrics = json.loads((paths.reports / "metrics.json").read_text())
+    assert [note.split(":")[1].strip() for note in metrics["notes"]] == [
+        "run the 'train_vae' stage to evaluate it", "run the 'train_ldm' stage to evaluate it",
+        "run the 'distill' stage to evaluate it"]
+    assert "teacher" not in metrics and metrics["floor"]["20"]["n"] == 20
+    assert "distill" in summary["markdown"]

@@ -1,0 +1,41 @@
+"""``distill:`` few-step students of the trained denoiser, with the guidance weight folded in."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from gmpipe.config.loop import LoopConfig
+
+Method = Literal["progressive", "reflow", "consistency", "guidance"]
+
+
+class DistillConfig(LoopConfig):
+    """``steps`` is the number of optimizer steps per student (per round for progressive distillation).
+
+    Every student is a plain conditional copy of the teacher's architecture, initialised from the teacher (or,
+    for progressive rounds after the first, from the previous student), distilled from the teacher guided at the
+    fixed weight ``guidance``: one network evaluation per sampling step instead of two.
+    """
+
+    methods: Annotated[list[Method], Field(min_length=1)] = ["progressive", "reflow"]
+    guidance: Annotated[float, Field(ge=0.0, le=50.0)] = 1.0
+    time_shift: Annotated[float, Field(gt=0.0)] = 1.0
+    progressive_start_steps: Annotated[int, Field(ge=1, le=1024)] = 16
+    progressive_final_steps: Annotated[int, Field(ge=1, le=1024)] = 1
+    reflow_pairs: Annotated[int, Field(ge=1)] = 20000
+    reflow_sampler: Literal["euler", "heun", "ddim"] = "heun"
+    reflow_teacher_steps: Annotated[int, Field(ge=1, le=1000)] = 16
+    consistency_intervals: Annotated[int, Field(ge=2, le=1000)] = 16
+    consistency_steps: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1)] = [1, 2, 4]
+
+    @model_validator(mode="after")
+    def _rounds_halve(self):
+        start, final = self.progressive_start_steps, self.progressive_final_steps
+        if final > start or start % final or (start // final) & (start // final - 1):
+            raise ValueError(
+                "progressive_start_steps must be progressive_final_steps times a power of two "
+                f"(got {start} and {final})"
+            )
+        return self
