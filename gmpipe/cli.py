@@ -64,6 +64,9 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         state = pipeline(stages=args.stages or None, root=args.root, force=args.force, return_state=True)
         if state.is_failed():
             return _fail(f"pipeline failed: {state.message}")
+        print("| stage | outcome |")
+        for stage, outcome in state.result().items():
+            print(f"| {stage} | {outcome} |")
         return 0
 
     if os.environ.get("PREFECT_API_URL") or args.no_server:
