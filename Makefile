@@ -3,17 +3,19 @@
 #   make test    set up, then run the test suite
 #   make smoke   set up, then run the whole pipeline on configs/smoke.yaml in a scratch copy
 #   make lint    ruff
+#   make bench   set up, then run the benchmarks (reports/bench.json, reports/bench.md); BENCH_ARGS=--quick for tiny sizes
 # Variables: VENV (default .venv), PYTHON (interpreter that creates it), TORCH_SPEC (default torch==2.13.0),
 # TORCH_INDEX_URL (e.g. https://download.pytorch.org/whl/cpu on a CPU machine without a local torch wheel),
-# PYTEST_ARGS (extra pytest arguments).
+# PYTEST_ARGS (extra pytest arguments), BENCH_ARGS (e.g. --quick, --root DIR, --threads 1).
 VENV ?= .venv
 PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX_URL ?=
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 export VENV PYTHON TORCH_SPEC TORCH_INDEX_URL
 
-.PHONY: setup demo test smoke lint
+.PHONY: setup demo test smoke lint bench
 
 setup:
 	@bash .ci/setup.sh
@@ -26,6 +28,9 @@ test: setup
 
 smoke: setup
 	@. $(VENV)/bin/activate && bash .ci/smoke.sh
+
+bench: setup
+	@. $(VENV)/bin/activate && python -m bench $(BENCH_ARGS)
 
 lint: setup
 	@$(VENV)/bin/ruff check gmpipe flows tests bench

@@ -1,0 +1,86 @@
+"""Run every benchmark section and write ``reports/bench.json`` and ``reports/bench.md``.
+
+    python -m bench                      # full sizes (minutes; run it on a quiet machine)
+    python -m bench --quick              # tiny sizes (seconds): checks that everything runs
+    python -m bench --root DIR           # DIR/models/{ldm,vae,student/*} for the sampling section
+    python -m bench --only sampling data --threads 1 --out /tmp/bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from bench import data_throughput, hardware_use, latent_caching, orchestration, sampling, trainer_overhead
+from bench.report import machine_info, markdown_table, ratio_lines, section_markdown
+
+SECTIONS: dict[str, Callable[..., dict]] = {
+    "trainer_overhead": trainer_overhead.run,
+    "latent_caching": latent_caching.run,
+    "hardware_use": hardware_use.run,
+    "sampling": sampling.run,
+    "orchestration": orchestration.run,
+    "data": data_throughput.run,
+}
+
+
+def _parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: seconds, not minutes")
+    parser.add_argument("--root", type=Path, help="a project folder with trained models (models/ldm, vae, student)")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own choice)")
+    return parser
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def section_main(run: Callable[..., dict]) -> None:
+    """Command line of a single section module: ``python -m bench.sampling [--quick] [--root DIR]``."""
+    args = _parser(run.__module__).parse_args()
+    _set_threads(args.threads)
+    run("quick" if args.quick else "full", args.root)
+
+
+def markdown(report: dict) -> str:
+    machine = report["machine"]
+    lines = ["# gmpipe benchmarks", "", f"`{report['command']}` ({report['size']} sizes, "
+             f"{report['seconds']:.0f} s)", "", markdown_table(["machine", ""], [[k, v] for k, v in machine.items()]),
+             "", "## Ratios and targets", ""]
+    for name, section in report["sections"].items():
+        lines += [f"- **{name}**: " + "; ".join(ratio_lines(section))]
+    for section in report["sections"].values():
+        lines += ["", section_markdown(section)]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser("gmpipe benchmarks: ratios measured side by side in one run")
+    parser.add_argument("--out", type=Path, default=Path("reports"), help="where bench.json and bench.md go")
+    parser.add_argument("--only", nargs="+", choices=list(SECTIONS), help="run only these sections")
+    args = parser.parse_args(argv)
+    _set_threads(args.threads)
+    size = "quick" if args.quick else "full"
+    machine = machine_info()
+    start = time.perf_counter()
+    sections = {name: run(size, args.root) for name, run in SECTIONS.items() if not args.only or name in args.only}
+    machine["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
+    report = {"command": " ".join(["python -m bench", *(argv if argv is not None else sys.argv[1:])]),
+              "size": size, "seconds": time.perf_counter() - start, "machine": machine, "sections": sections}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / "bench.md").write_text(markdown(report))
+    print(f"\nwrote {args.out / 'bench.json'} and {args.out / 'bench.md'} ({report['seconds']:.0f} s; load average "
+          f"{machine['load_average_1_5_15min']} before, {machine['load_average_after']} after)")
+    missed = [cond for s in sections.values() for cond, t in s["targets"].items() if not t["met"]]
+    print("targets not met: " + ("; ".join(missed) if missed else "none"))
+    return 0
