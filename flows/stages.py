@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
 import json
+import subprocess
+import tempfile
 from pathlib import Path
 
 from prefect import flow
@@ -12,14 +13,29 @@ from prefect.states import Failed
 
 from gmpipe.config.params import Params, ParamsError, load_params
 from gmpipe.errors import GmpipeError
+from gmpipe.launch import accelerate_command
 from gmpipe.paths import Paths
 from gmpipe.stages import STAGES
+from gmpipe.stages.runner import needs_launcher, run_stage_function
 
 
-def run_stage_function(stage: str, params: Params, paths: Paths) -> dict:
-    """Call ``gmpipe.stages.<stage>.run`` with the params sections it declares, and nothing else."""
-    module = importlib.import_module(f"gmpipe.stages.{stage}")
-    return module.run(*(getattr(params, section) for section in module.SECTIONS), paths)
+def launch_stage(stage: str, params: Params, params_file: str, root: str) -> dict:
+    """Run a training stage on ``compute.world_size`` processes through ``accelerate launch``, streaming its
+    output; returns rank 0's summary."""
+    with tempfile.TemporaryDirectory() as scratch:
+        summary_file = str(Path(scratch) / "summary.json")
+        command, env = accelerate_command(params.compute, stage, params_file, root, summary_file)
+        print(f"launching {params.compute.world_size} processes: {' '.join(command)}", flush=True)
+        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        tail: list[str] = []
+        for line in process.stdout:
+            print(line, end="", flush=True)
+            tail = (tail + [line])[-20:]
+        if process.wait() != 0:
+            errors = [line.strip() for line in tail if "gmpipe: error:" in line]
+            raise GmpipeError(errors[-1].split("gmpipe: error:", 1)[1].strip() if errors else
+                              f"accelerate launch exited with code {process.returncode}: {''.join(tail[-3:]).strip()}")
+        return json.loads(Path(summary_file).read_text())
 
 
 def summary_markdown(stage: str, summary: dict) -> str:
@@ -49,7 +65,10 @@ def _make_flow(stage: str):
     def stage_flow(params_file: str = "params.yaml", root: str = "."):
         try:
             params = load_params(Path(root) / params_file)
-            summary = run_stage_function(stage, params, Paths(Path(root)))
+            if needs_launcher(stage, params):
+                summary = launch_stage(stage, params, params_file, root)
+            else:
+                summary = run_stage_function(stage, params, Paths(Path(root)))
         except (GmpipeError, ParamsError, FileNotFoundError) as exc:
             return Failed(message=str(exc))
         create_markdown_artifact(

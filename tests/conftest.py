@@ -32,6 +32,7 @@ def prefect_api(tmp_path_factory) -> str:
     os.environ["PREFECT_HOME"] = str(home)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_UI_ENABLED", "false")
+    os.environ["PREFECT_LOGGING_TO_API_ENABLED"] = "false"  # no log shipping to a server the session stops
     os.environ["DVC_NO_ANALYTICS"] = "1"
     from flows.server import local_server
 

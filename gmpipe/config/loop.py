@@ -28,7 +28,6 @@ class LoopConfig(Section):
     warmup_steps: Annotated[int, Field(ge=0)] = 0
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
     clip_grad_norm: Annotated[float, Field(gt=0.0)] | None = 1.0
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.999
     ema_warmup: bool = True
     checkpoint_every: PositiveInt = 500

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from gmpipe.config.base import Section
 from gmpipe.config.cache_latents import CacheLatentsConfig
+from gmpipe.config.compute import ComputeConfig
 from gmpipe.config.data import DataConfig
 from gmpipe.config.distill import DistillConfig
 from gmpipe.config.evaluate import EvaluateConfig
@@ -24,6 +25,7 @@ from gmpipe.config.train_vae import TrainVAEConfig
 
 class Params(Section):
     data: DataConfig = DataConfig()
+    compute: ComputeConfig = ComputeConfig()
     prepare: PrepareConfig = PrepareConfig()
     train_vae: TrainVAEConfig = TrainVAEConfig()
     cache_latents: CacheLatentsConfig = CacheLatentsConfig()

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from gmpipe.artifacts import atomic_dir, write_json
+from gmpipe.config.compute import ComputeConfig
 from gmpipe.config.distill import DistillConfig
 from gmpipe.data.latents import STATS, LatentStats, load_split, load_texts
 from gmpipe.distill import halving_schedule, make_couplings, reflow_objective, teacher_sample_fn
@@ -20,7 +21,7 @@ from gmpipe.paths import Paths
 from gmpipe.stages.train_ldm import make_batch_fn
 from gmpipe.train.loop import LossStep, make_accelerator, train
 
-SECTIONS = ("distill",)
+SECTIONS = ("distill", "compute")
 STUDENT_INFO = "student.json"
 
 
@@ -52,14 +53,14 @@ def _last_logged_loss(checkpoint_dir: Path) -> float | None:
     return None
 
 
-def run(config: DistillConfig, paths: Paths) -> dict:
+def run(config: DistillConfig, compute: ComputeConfig, paths: Paths) -> dict:
     teacher_bundle = LatentGenerator.load(paths.ldm)
     teacher, objective = teacher_bundle.denoiser, teacher_bundle.objective
     mode = teacher_bundle.conditioning["mode"]
     split = load_split(paths.latents, "train")
     stats = LatentStats.load(paths.latents / STATS)
     texts = load_texts(paths.latents) if mode == "text" else None
-    accelerator = make_accelerator(config)
+    accelerator = make_accelerator(compute)
     teacher.to(accelerator.device).eval().requires_grad_(False)
     denoise, null = _teacher_callables(teacher)
     w = config.guidance if mode != "none" else 0.0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 from gmpipe.artifacts import atomic_dir, write_json
+from gmpipe.config.compute import ComputeConfig
 from gmpipe.config.train_ldm import TrainLDMConfig
 from gmpipe.data.latents import STATS, LatentStats, load_split, load_texts
 from gmpipe.data.prepared import load_manifest
@@ -16,7 +17,7 @@ from gmpipe.generate import LatentGenerator, save_model_bundle
 from gmpipe.paths import Paths
 from gmpipe.train.loop import LossStep, make_accelerator, train
 
-SECTIONS = ("train_ldm",)
+SECTIONS = ("train_ldm", "compute")
 
 
 def load_training_latents(config: TrainLDMConfig, paths: Paths):
@@ -66,7 +67,7 @@ def build_denoiser(config: TrainLDMConfig, latent_shape, num_classes: int, text_
     return Denoiser(config.conditioning, channels, height, config.preset, num_classes=num_classes, text_dim=text_dim)
 
 
-def run(config: TrainLDMConfig, paths: Paths) -> dict:
+def run(config: TrainLDMConfig, compute: ComputeConfig, paths: Paths) -> dict:
     split, stats, texts = load_training_latents(config, paths)
     manifest = load_manifest(paths.prepared)
     class_names = manifest["class_names"]
@@ -74,7 +75,7 @@ def run(config: TrainLDMConfig, paths: Paths) -> dict:
     text_dim = texts[1].shape[-1] if texts is not None else None
     denoiser = build_denoiser(config, latent_shape, len(class_names), text_dim)
     objective = Objective.from_config(config.objective_config())
-    accelerator = make_accelerator(config)
+    accelerator = make_accelerator(compute)
     reports = paths.reports / "train_ldm"
     result = train(
         config, [denoising_step(denoiser, objective, config)], len(split),

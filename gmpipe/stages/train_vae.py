@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from gmpipe.artifacts import atomic_dir, write_json
+from gmpipe.config.compute import ComputeConfig
 from gmpipe.config.data import DataConfig
 from gmpipe.config.train_vae import TrainVAEConfig
 from gmpipe.data.prepared import load_split
@@ -24,7 +25,7 @@ from gmpipe.vae.autoencoder_loss import AutoencoderLoss
 
 DISCRIMINATOR_FILE = "discriminator.safetensors"
 
-SECTIONS = ("data", "train_vae")
+SECTIONS = ("data", "train_vae", "compute")
 
 
 def build_models(data: DataConfig, config: TrainVAEConfig):
@@ -85,7 +86,7 @@ def loss_steps(vae, discriminator, loss: AutoencoderLoss, config: TrainVAEConfig
     ]
 
 
-def run(data: DataConfig, config: TrainVAEConfig, paths: Paths) -> dict:
+def run(data: DataConfig, config: TrainVAEConfig, compute: ComputeConfig, paths: Paths) -> dict:
     train_split = load_split(paths.prepared, "train")
     test_split = load_split(paths.prepared, "test")
     if train_split.images.shape[1] != data.channels or train_split.images.shape[-1] != data.image_size:
@@ -96,7 +97,7 @@ def run(data: DataConfig, config: TrainVAEConfig, paths: Paths) -> dict:
     images = torch.from_numpy(train_split.images)
     vae, discriminator = build_models(data, config)
     loss = build_loss(config)
-    accelerator = make_accelerator(config)
+    accelerator = make_accelerator(compute)
 
     def make_batch(index, device):
         return to_unit_range(images[index]).to(device)

@@ -31,8 +31,9 @@ class EMA:
     def update(self, module: nn.Module) -> None:
         decay = self.current_decay()
         live = dict(module.named_parameters())
-        for name, param in self.module.named_parameters():
-            param.lerp_(live[name].detach().to(param.dtype), 1.0 - decay)
+        shadow = [param for _, param in self.module.named_parameters()]
+        targets = [live[name].detach().to(param.dtype) for name, param in self.module.named_parameters()]
+        torch._foreach_lerp_(shadow, targets, 1.0 - decay)
         live_buffers = dict(module.named_buffers())
         for name, buffer in self.module.named_buffers():
             buffer.copy_(live_buffers[name])

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from gmpipe.config.compute import ComputeConfig
 from gmpipe.config.loop import LoopConfig
 from gmpipe.errors import GmpipeError
 from gmpipe.train.checkpoint import latest_checkpoint, read_checkpoint, save_checkpoint
@@ -114,15 +115,38 @@ def _frozen(modules: list[nn.Module]):
                 param.requires_grad_(flag)
 
 
-def make_accelerator(config: LoopConfig, cpu: bool | None = None):
+def _fused_adam_supported(module: nn.Module, device: torch.device) -> bool:
+    """Fused AdamW (one kernel for all parameters; ~3x faster optimizer step on CPU) needs float parameters
+    on CPU or CUDA."""
+    return device.type in ("cpu", "cuda") and all(p.is_floating_point() for p in module.parameters())
+
+
+def make_accelerator(compute: ComputeConfig | None = None):
+    """An Accelerator for ``compute`` (default: one process, CUDA if present, full precision).
+
+    Under ``accelerate launch`` the world size comes from the launcher; it must match ``compute`` (a launcher
+    that silently started one process is an error, not a slow run).
+    """
     from accelerate import Accelerator
 
-    if cpu is None:
-        cpu = not torch.cuda.is_available()
+    compute = compute or ComputeConfig()
+    cpu = compute.device == "cpu" or (compute.device == "auto" and not torch.cuda.is_available())
+    if compute.device == "cuda" and not torch.cuda.is_available():
+        raise GmpipeError("compute.device: cuda requested but no CUDA device is available")
+    if compute.threads and cpu:
+        torch.set_num_threads(compute.threads)
     try:
-        return Accelerator(mixed_precision=config.mixed_precision, cpu=cpu)
+        accelerator = Accelerator(mixed_precision=compute.mixed_precision, cpu=cpu)
     except (ValueError, RuntimeError) as exc:
-        raise GmpipeError(f"mixed_precision={config.mixed_precision!r} is not available here ({exc})") from None
+        raise GmpipeError(
+            f"compute.mixed_precision={compute.mixed_precision!r} is not available here ({exc})"
+        ) from None
+    if accelerator.num_processes != compute.world_size:
+        raise GmpipeError(
+            f"compute asks for {compute.world_size} processes but {accelerator.num_processes} started; "
+            "run the stage through `gmpipe stage` (it launches accelerate with the right flags)"
+        )
+    return accelerator
 
 
 def train(
@@ -139,8 +163,9 @@ def train(
     """Run (or resume) training to ``config.steps`` optimizer steps; return the unwrapped modules and EMA."""
     from tqdm.auto import tqdm
 
-    accelerator = accelerator or make_accelerator(config)
-    seed_everything(config.seed)
+    accelerator = accelerator or make_accelerator()
+    # Each rank draws its own noise: identical streams on every rank would shrink the effective batch.
+    seed_everything(config.seed + accelerator.process_index)
     device = accelerator.device
     main = accelerator.is_main_process
     names = [s.name for s in steps]
@@ -153,6 +178,7 @@ def train(
         s.name: torch.optim.AdamW(
             [p for p in s.module.parameters() if p.requires_grad] + s.extra_parameters,
             lr=s.lr or config.lr, betas=(config.beta1, config.beta2), weight_decay=config.weight_decay,
+            fused=_fused_adam_supported(s.module, device),
         )
         for s in steps
     }

@@ -21,7 +21,7 @@ def test_smoke_run_writes_every_output_and_resumes(tmp_path):
     params = parse_params(smoke_params(train_vae={"steps": 20, "disc_start": 10, "checkpoint_every": 10}))
     paths = Paths(tmp_path)
     prepare.run(params.data, params.prepare, paths)
-    summary = train_vae.run(params.data, params.train_vae, paths)
+    summary = train_vae.run(params.data, params.train_vae, params.compute, paths)
     assert summary["steps"] == 20
 
     vae = AutoencoderKL.from_pretrained(paths.vae)
@@ -39,7 +39,7 @@ def test_smoke_run_writes_every_output_and_resumes(tmp_path):
 
     # More steps continue from the last checkpoint instead of starting over.
     longer = parse_params(smoke_params(train_vae={"steps": 25, "disc_start": 10, "checkpoint_every": 10}))
-    again = train_vae.run(longer.data, longer.train_vae, paths)
+    again = train_vae.run(longer.data, longer.train_vae, longer.compute, paths)
     assert again["resumed_from"] == 20 and again["steps"] == 25
 
 

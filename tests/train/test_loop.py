@@ -165,9 +165,19 @@ def _two_process_worker(directory: str):
 
 
 def test_two_processes_keep_identical_parameters(tmp_path):
-    from accelerate import debug_launcher
+    """Two CPU ranks through accelerate.debug_launcher. It forks, so it runs in a fresh interpreter: forking
+    the test process after other tests started Prefect's background threads is not safe."""
+    import subprocess
+    import sys
 
-    debug_launcher(_two_process_worker, args=(str(tmp_path),), num_processes=2)
+    from tests.conftest import REPO
+
+    script = (
+        "from accelerate import debug_launcher; from tests.train.test_loop import _two_process_worker; "
+        f"debug_launcher(_two_process_worker, args=({str(tmp_path)!r},), num_processes=2)"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
     gathered = torch.load(tmp_path / "gathered.pt", weights_only=True)
     assert gathered.shape[0] == 2 and torch.equal(gathered[0], gathered[1])
     assert latest_checkpoint(tmp_path / "ckpt").name == "step-00000005"
