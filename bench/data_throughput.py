@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from bench.measure import interleave, median, quiet_stderr, speedup, spread, timed
-from bench.report import REPO, Section, print_section
+from bench.report import REPO, Section
 from bench.workloads import demo_autoencoder, synthetic_images
 from gmpipe.config.cache_latents import CacheLatentsConfig
 from gmpipe.config.data import FASHION_MNIST_DIR, DataConfig
@@ -103,10 +103,7 @@ def run(size: str = "full", root=None) -> dict:
     section.ratios["cache_latents encoding / Fashion-MNIST prepare (img/s)"] = rows[2][5]
     section.notes += notes + [f"Fashion-MNIST from {fashion_dir}; encoder batch {batch_size} "
                               "(cache_latents default), random uint8 images of the demo shape"]
-    section.samples = seconds
-    result = section.to_dict()
-    print_section(result)
-    return result
+    return section.finish(seconds)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.measure import interleave, median, speedup, timed
-from bench.report import Section, print_section
+from bench.report import Section
 from bench.workloads import LATENT_SHAPE, ldm_config, ldm_step, synthetic_latents
 from gmpipe.stages.train_ldm import make_batch_fn
 
@@ -169,10 +169,7 @@ def run(size: str = "full", root=None) -> dict:
     section.notes.append("profiled rows: each op kind's share of self CPU time in one profiled forward + backward, "
                          "applied to the timed fwd+bwd; matmul GFLOP/s = counted matmul FLOPs / their profiled time")
     section.notes.append(f"attention FLOPs added analytically: {attention_flops(step, s['batch_size']) / 1e9:.3g} G")
-    section.samples = results
-    result = section.to_dict()
-    print_section(result)
-    return result
+    return section.finish(results)
 
 
 if __name__ == "__main__":

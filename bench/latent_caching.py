@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from bench.measure import interleave, median, quiet_stderr, speedup, spread
-from bench.report import Section, print_section
+from bench.report import Section
 from bench.workloads import (
     demo_autoencoder,
     ldm_config,
@@ -62,10 +62,7 @@ def run(size: str = "full", root=None) -> dict:
         f"Latent caching: train_ldm '{s['preset']}' DiT, batch {s['batch_size']}, demo autoencoder (32 px -> 4x8x8)",
         s["rounds"], ["case", "steps/s", "ms/step", "ms/step range", "speed vs encoding"], rows)
     section.ratios["cached / encode every step"] = speedup(seconds["cached latents"], baseline)
-    section.samples = seconds
-    result = section.to_dict()
-    print_section(result)
-    return result
+    return section.finish(seconds)
 
 
 if __name__ == "__main__":

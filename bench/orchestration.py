@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from bench.measure import interleave, median, spread, timed
-from bench.report import REPO, Section, print_section
+from bench.report import REPO, Section
 from gmpipe.config.params import load_params
 from gmpipe.paths import Paths
 from gmpipe.stages import prepare
@@ -167,10 +167,7 @@ def run(size: str = "full", root=None) -> dict:
                                                  else "started by this benchmark on 127.0.0.1"))
     if not skipped:
         section.notes.append("the no-op dvc repro did NOT skip the stage")
-    section.samples = seconds
-    result = section.to_dict()
-    print_section(result)
-    return result
+    return section.finish(seconds)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,13 @@ class Section:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def finish(self, samples) -> dict:
+        """Attach the raw measurements, print the section, and return it as a dict."""
+        self.samples = samples
+        result = self.to_dict()
+        print_section(result)
+        return result
+
 
 def _cell(value) -> str:
     if value is None:

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from bench.measure import interleave, median, speedup
-from bench.report import Section, print_section
+from bench.report import Section
 from bench.workloads import LATENT_SHAPE, demo_autoencoder, ldm_config
 from gmpipe.data.fashion_mnist import CLASS_NAMES
 from gmpipe.data.latents import LatentStats
@@ -113,10 +113,7 @@ def run(size: str = "full", root: Path | None = None) -> dict:
             section.ratios[f"{short} / teacher (with decode)"] = row[5]
     decode_ms = median([r["decode"] for r in results[teacher_name]]) * 1e3
     section.notes += notes + [f"decoding {n} images takes {decode_ms:.0f} ms"]
-    section.samples = results
-    result = section.to_dict()
-    print_section(result)
-    return result
+    return section.finish(results)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 
 from bench.measure import interleave, median, speedup, spread
-from bench.report import Section, print_section
+from bench.report import Section
 from bench.workloads import bare_seconds_per_step, ldm_config, ldm_step, loop_seconds_per_step, synthetic_latents
 from gmpipe.stages.train_ldm import make_batch_fn
 
@@ -55,10 +55,7 @@ def run(size: str = "full", root=None) -> dict:
     section.notes.append(f"loop machinery beyond the same work in a bare loop: {machinery * 1e3:.2f} ms/step")
     section.notes.append(f"steady state: median step of {measured} per round after {warmup} warm-up steps; "
                          f"log_every={config.log_every}, checkpoint_every={config.checkpoint_every} (defaults)")
-    section.samples = seconds
-    result = section.to_dict()
-    print_section(result)
-    return result
+    return section.finish(seconds)
 
 
 if __name__ == "__main__":

@@ -116,6 +116,16 @@ class _CallCounter:
         return self.model_fn(x_t, t)
 
 
+def _integrate(model_fn: ModelFn, noise: Tensor, num_steps: int, shift: float, step) -> tuple[Tensor, int]:
+    """Walk time_grid(num_steps, shift) from t = 1 to 0 with step(model, x, t, s) -> x_s; count the NFE."""
+    model = _CallCounter(model_fn)
+    times = time_grid(num_steps, shift=shift, device=noise.device, dtype=noise.dtype)
+    x = noise
+    for t, s in zip(times[:-1], times[1:], strict=True):
+        x = step(model, x, t, s)
+    return x, model.nfe
+
+
 @torch.no_grad()
 def euler(
     model_fn: ModelFn,
@@ -127,12 +137,7 @@ def euler(
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, int]:
     """Euler on the probability-flow ODE from t = 1 to 0. NFE = num_steps (x nfe_per_call)."""
-    model = _CallCounter(model_fn)
-    times = time_grid(num_steps, shift=shift, device=noise.device, dtype=noise.dtype)
-    x = noise
-    for t, s in zip(times[:-1], times[1:], strict=True):
-        x = euler_step(model, objective, x, t, s)
-    return x, model.nfe
+    return _integrate(model_fn, noise, num_steps, shift, lambda m, x, t, s: euler_step(m, objective, x, t, s))
 
 
 @torch.no_grad()
@@ -147,12 +152,11 @@ def heun(
 ) -> tuple[Tensor, int]:
     """Heun's second-order method (Karras et al. 2022, Algorithm 1) from t = 1 to 0, with a plain Euler
     last step into t = 0. NFE = 2 num_steps - 1 (x nfe_per_call)."""
-    model = _CallCounter(model_fn)
-    times = time_grid(num_steps, shift=shift, device=noise.device, dtype=noise.dtype)
-    x = noise
-    for t, s in zip(times[:-1], times[1:], strict=True):
-        x = heun_step(model, objective, x, t, s) if s > 0 else euler_step(model, objective, x, t, s)
-    return x, model.nfe
+
+    def step(model, x, t, s):
+        return heun_step(model, objective, x, t, s) if s > 0 else euler_step(model, objective, x, t, s)
+
+    return _integrate(model_fn, noise, num_steps, shift, step)
 
 
 @torch.no_grad()
@@ -166,12 +170,7 @@ def ddim(
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, int]:
     """Deterministic DDIM (eta = 0) from t = 1 to 0. NFE = num_steps (x nfe_per_call)."""
-    model = _CallCounter(model_fn)
-    times = time_grid(num_steps, shift=shift, device=noise.device, dtype=noise.dtype)
-    x = noise
-    for t, s in zip(times[:-1], times[1:], strict=True):
-        x = ddim_step(model, objective, x, t, s)
-    return x, model.nfe
+    return _integrate(model_fn, noise, num_steps, shift, lambda m, x, t, s: ddim_step(m, objective, x, t, s))
 
 
 @torch.no_grad()
@@ -190,12 +189,11 @@ def ddpm(
     Fresh noise comes from `generator`; the last step into t = 0 adds none (sigma = 0 there because
     b(0) = 0). NFE = num_steps (x nfe_per_call).
     """
-    model = _CallCounter(model_fn)
-    times = time_grid(num_steps, shift=shift, device=noise.device, dtype=noise.dtype)
-    x = noise
-    for t, s in zip(times[:-1], times[1:], strict=True):
-        x = ddim_step(model, objective, x, t, s, eta=eta, generator=generator)
-    return x, model.nfe
+
+    def step(model, x, t, s):
+        return ddim_step(model, objective, x, t, s, eta=eta, generator=generator)
+
+    return _integrate(model_fn, noise, num_steps, shift, step)
 
 
 SAMPLERS: dict[str, Sampler] = {"euler": euler, "heun": heun, "ddim": ddim, "ddpm": ddpm}

@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from gmpipe.artifacts import atomic_file
+
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """Images (N, C, H, W) in [-1, 1] -> uint8 (N, C, H, W), rounded and clipped."""
@@ -32,5 +34,5 @@ def save_grid(images: np.ndarray, path: str | Path, columns: int, scale: int = 2
     image = Image.fromarray(canvas[..., 0] if canvas.shape[-1] == 1 else canvas)
     if scale > 1:
         image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
+    with atomic_file(path, "wb") as handle:
+        image.save(handle, format="PNG")

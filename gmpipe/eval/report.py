@@ -10,6 +10,8 @@ import html
 import math
 from pathlib import Path
 
+from gmpipe.artifacts import atomic_file
+
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 
 
@@ -90,5 +92,6 @@ def write_html(path: Path, title: str, sections: list[tuple[str, str]]) -> None:
              "text-align:right}th{background:#f4f4f4}img{image-rendering:pixelated;max-width:100%}"
              "pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:12px}")
     body = "".join(f"<h2>{html.escape(h)}</h2>\n{content}\n" for h, content in sections)
-    Path(path).write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-                          f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>\n{body}</body></html>")
+    with atomic_file(path) as handle:
+        handle.write(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+                     f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>\n{body}</body></html>")

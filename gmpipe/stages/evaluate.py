@@ -56,8 +56,9 @@ def save_samples(directory: Path, name: str, images: torch.Tensor, labels, **met
     """The exact uint8 images a metric was computed on, with labels and how they were made."""
     directory.mkdir(parents=True, exist_ok=True)
     file = directory / f"{name}.npz"
-    np.savez_compressed(file, images=to_uint8(images), labels=np.array(labels if labels else [], dtype=np.int64),
-                        **{k: np.array(v) for k, v in meta.items()})
+    with atomic_file(file, "wb") as handle:
+        np.savez_compressed(handle, images=to_uint8(images), labels=np.array(labels or [], dtype=np.int64),
+                            **{k: np.array(v) for k, v in meta.items()})
     return file.name
 
 

@@ -65,6 +65,11 @@ def save_checkpoint(
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(directory)
+        kept = f"the last good checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+        raise GmpipeError(f"{final}: checkpoint could not be written ({exc.strerror or exc}); {kept}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
