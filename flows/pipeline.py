@@ -1,13 +1,81 @@
-"""The whole pipeline as one Prefect flow: each stage through ``dvc repro``, so DVC decides what is up to date."""
+"""The whole pipeline as one Prefect flow: each stage through ``dvc repro``, so DVC decides what is up to date.
+
+A run holds the workspace lock for its whole length (two runs on one workspace would otherwise race on
+``params.yaml``, ``dvc.lock`` and the outputs, and DVC's own repo lock makes the second ``dvc repro`` fail rather
+than wait). When a DVC remote is configured, the run pulls from it first and pushes to it after the stages.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from pathlib import Path
 
 import yaml
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
+
+WORKSPACE_LOCK = Path(".dvc") / "tmp" / "gmpipe-workspace.lock"
+REMOTE_ENV = "GMPIPE_DVC_REMOTE"
+ENV_REMOTE_NAME = "gmpipe"
+
+# Workspaces whose lock this call chain already holds, so that a deployment flow can take the lock, rewrite
+# params.yaml and then call the pipeline flow (which takes it again) without waiting on itself.
+_held_locks: ContextVar[frozenset[str]] = ContextVar("gmpipe_held_workspace_locks", default=frozenset())
+
+
+def _holder_description() -> str:
+    from prefect.runtime import flow_run
+
+    run_name = flow_run.name
+    who = f"flow run '{run_name}' " if run_name else ""
+    return f"{who}(pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')})"
+
+
+@contextlib.contextmanager
+def workspace_lock(root: str | Path = ".", log: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``ROOT/.dvc/tmp/gmpipe-workspace.lock`` while the block runs.
+
+    A second holder (another process, or another thread: ``flock`` locks belong to the open file) waits and logs
+    who it waits for. Re-entrant within one call chain. The kernel drops the lock when its holder dies, so a killed
+    run never leaves the workspace locked. ``log`` defaults to ``print`` as called, so inside a flow with
+    ``log_prints`` the wait shows in the run's log.
+    """
+    log = log or print
+    key = str(Path(root).resolve())
+    if key in _held_locks.get():
+        yield
+        return
+    path = Path(key) / WORKSPACE_LOCK
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), "r+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = handle.read().strip() or "another run"
+            log(f"workspace {key} is in use by {holder}; waiting for it to finish")
+            started = time.monotonic()
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            log(f"workspace {key} is free after {time.monotonic() - started:.1f} s; starting")
+        handle.seek(0)
+        handle.truncate()
+        handle.write(_holder_description() + "\n")
+        handle.flush()
+        token = _held_locks.set(_held_locks.get() | {key})
+        try:
+            yield
+        finally:
+            _held_locks.reset(token)
+            handle.seek(0)
+            handle.truncate()
+            handle.flush()
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def dvc_stage_order(root: str | Path = ".") -> list[str]:
@@ -16,30 +84,84 @@ def dvc_stage_order(root: str | Path = ".") -> list[str]:
         return list(yaml.safe_load(handle)["stages"])
 
 
-@task(name="dvc-repro", task_run_name="dvc repro {stage}")
-def repro_stage(stage: str, root: str = ".", force: bool = False) -> str:
-    """``dvc repro -s STAGE``: runs the stage only when its deps, params or code changed."""
-    command = ["dvc", "repro", "--single-item", stage] + (["--force"] if force else [])
-    process = subprocess.Popen(command, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def _dvc_environment() -> dict[str, str]:
+    """This interpreter's scripts folder first on PATH: a worker started as ``.venv/bin/prefect worker start``
+    without an activated venv still finds ``dvc`` and the ``gmpipe`` command that dvc.yaml runs."""
+    scripts = str(Path(sys.executable).parent)
+    return dict(os.environ, PATH=os.pathsep.join([scripts, os.environ.get("PATH", os.defpath)]))
+
+
+def run_dvc(arguments: list[str], root: str | Path) -> list[str]:
+    """Run ``dvc ARGUMENTS`` in ``root``, streaming its output into the flow log; raise with its tail on failure."""
+    command = ["dvc", *arguments]
+    process = subprocess.Popen(command, cwd=root, env=_dvc_environment(), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
     lines = []
     for line in process.stdout:
         print(line, end="", flush=True)
         lines.append(line)
     if process.wait() != 0:
-        raise RuntimeError(f"dvc repro {stage} failed (exit {process.returncode}): {''.join(lines[-5:]).strip()}")
+        raise RuntimeError(f"{' '.join(command)} failed (exit {process.returncode}): {''.join(lines[-5:]).strip()}")
+    return lines
+
+
+def dvc_remote(root: str | Path = ".") -> str | None:
+    """The DVC remote a run syncs with, or None.
+
+    ``GMPIPE_DVC_REMOTE`` (a folder, relative to the workspace, or any URL DVC understands) wins: it is written to
+    the git-ignored ``.dvc/config.local`` as remote ``gmpipe``. Otherwise DVC's default remote (``dvc remote add
+    -d``, at any config level) is used.
+    """
+    url = os.environ.get(REMOTE_ENV, "").strip()
+    if url:
+        if "://" not in url:
+            url = str((Path(root) / Path(url).expanduser()).resolve())
+        run_dvc(["remote", "add", "--local", "--force", ENV_REMOTE_NAME, url], root)
+        return ENV_REMOTE_NAME
+    result = subprocess.run(["dvc", "remote", "default"], cwd=root, env=_dvc_environment(), capture_output=True,
+                            text=True)
+    name = result.stdout.strip()
+    return name if result.returncode == 0 and name else None
+
+
+@task(name="dvc-pull", task_run_name="dvc pull -r {remote}")
+def pull_outputs(remote: str, root: str = ".") -> None:
+    """Fetch the outputs ``dvc.lock`` names from the remote; what the remote lacks (a first run) is not an error."""
+    run_dvc(["pull", "--allow-missing", "--remote", remote], root)
+
+
+@task(name="dvc-push", task_run_name="dvc push -r {remote}")
+def push_outputs(remote: str, root: str = ".") -> None:
+    """Upload every cached output ``dvc.lock`` names to the remote."""
+    run_dvc(["push", "--remote", remote], root)
+
+
+@task(name="dvc-repro", task_run_name="dvc repro {stage}")
+def repro_stage(stage: str, root: str = ".", force: bool = False) -> str:
+    """``dvc repro -s STAGE``: runs the stage only when its deps, params or code changed."""
+    lines = run_dvc(["repro", "--single-item", stage] + (["--force"] if force else []), root)
     skipped = any("didn't change, skipping" in line or "is cached - skipping" in line for line in lines)
     return "up to date" if skipped else "ran"
 
 
 @flow(name="pipeline", log_prints=True)
 def pipeline(stages: list[str] | None = None, root: str = ".", force: bool = False) -> dict[str, str]:
-    """Run ``stages`` (default: all, in DVC order); returns what happened to each."""
+    """Run ``stages`` (default: all, in DVC order) under the workspace lock, between a ``dvc pull`` and a
+    ``dvc push`` when a remote is configured; returns what happened to each stage."""
     order = dvc_stage_order(root)
     unknown = sorted(set(stages or []) - set(order))
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; dvc.yaml has {order}")
     selected = [s for s in order if stages is None or s in stages]
-    outcome = {stage: repro_stage(stage, root, force) for stage in selected}
+    with workspace_lock(root):
+        remote = dvc_remote(root)
+        if remote:
+            pull_outputs(remote, root)
+        else:
+            print(f"no DVC remote configured ({REMOTE_ENV} or `dvc remote add -d`): nothing pulled or pushed")
+        outcome = {stage: repro_stage(stage, root, force) for stage in selected}
+        if remote:
+            push_outputs(remote, root)
     table = "\n".join(f"| {stage} | {what} |" for stage, what in outcome.items())
     create_markdown_artifact(key="pipeline", markdown=f"| stage | outcome |\n|---|---|\n{table}")
     return outcome
