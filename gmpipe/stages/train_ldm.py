@@ -15,7 +15,7 @@ from gmpipe.errors import GmpipeError
 from gmpipe.eval.grids import save_grid, to_uint8
 from gmpipe.generate import LatentGenerator, save_model_bundle
 from gmpipe.paths import Paths
-from gmpipe.train.loop import LossStep, make_accelerator, train
+from gmpipe.train.loop import LossStep, make_accelerator, to_device, train
 
 SECTIONS = ("train_ldm", "compute")
 
@@ -33,12 +33,12 @@ def make_batch_fn(split, stats: LatentStats, texts, mode: str):
     states, mask = (texts[1], texts[2]) if texts is not None else (None, None)
 
     def make_batch(index, device):
-        latents = stats.normalize(split.sample(index)).to(device)
+        latents = to_device(stats.normalize(split.sample(index)), device)
         if mode == "class":
-            return latents, split.labels[index].to(device)
+            return latents, to_device(split.labels[index], device)
         if mode == "text":
             caption = split.caption_index[index]
-            return latents, (states[caption].to(device), mask[caption].to(device))
+            return latents, (to_device(states[caption], device), to_device(mask[caption], device))
         return latents, None
 
     return make_batch

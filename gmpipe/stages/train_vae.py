@@ -20,7 +20,7 @@ from gmpipe.eval.grids import save_grid, to_uint8
 from gmpipe.nn.autoencoder import build_autoencoder, check_image_size, decoder_last_layer
 from gmpipe.nn.discriminator import PatchDiscriminator
 from gmpipe.paths import Paths
-from gmpipe.train.loop import LossStep, make_accelerator, train
+from gmpipe.train.loop import LossStep, make_accelerator, to_device, train
 from gmpipe.vae.autoencoder_loss import AutoencoderLoss
 
 DISCRIMINATOR_FILE = "discriminator.safetensors"
@@ -100,7 +100,7 @@ def run(data: DataConfig, config: TrainVAEConfig, compute: ComputeConfig, paths:
     accelerator = make_accelerator(compute)
 
     def make_batch(index, device):
-        return to_unit_range(images[index]).to(device)
+        return to_device(to_unit_range(images[index]), device)
 
     reports = paths.reports / "train_vae"
     result = train(

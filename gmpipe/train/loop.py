@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -115,6 +116,19 @@ def _frozen(modules: list[nn.Module]):
                 param.requires_grad_(flag)
 
 
+def checks_each_step(device: torch.device, config: LoopConfig) -> bool:
+    """Whether losses are checked for NaN/Inf every step (CPU, or when such steps are skipped) or at each
+    log/checkpoint boundary (accelerators, to keep the host out of the hot loop)."""
+    return device.type == "cpu" or config.nonfinite == "skip"
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host batch to the training device; pinned and asynchronous when that device is a GPU."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def _fused_adam_supported(module: nn.Module, device: torch.device) -> bool:
     """Fused AdamW (one kernel for all parameters; ~3x faster optimizer step on CPU) needs float parameters
     on CPU or CUDA."""
@@ -130,11 +144,20 @@ def make_accelerator(compute: ComputeConfig | None = None):
     from accelerate import Accelerator
 
     compute = compute or ComputeConfig()
+    if torch.cuda.is_available():  # TF32 matmuls on Ampere and newer: fp32 range, ~10-bit mantissa, much faster
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     cpu = compute.device == "cpu" or (compute.device == "auto" and not torch.cuda.is_available())
     if compute.device == "cuda" and not torch.cuda.is_available():
         raise GmpipeError("compute.device: cuda requested but no CUDA device is available")
     if compute.threads and cpu:
         torch.set_num_threads(compute.threads)
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        # One process: drop the precision/device state an earlier stage left in this process (accelerate keeps it
+        # in a process-wide singleton and refuses a different mixed_precision otherwise).
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
     try:
         accelerator = Accelerator(mixed_precision=compute.mixed_precision, cpu=cpu)
     except (ValueError, RuntimeError) as exc:
@@ -238,6 +261,19 @@ def train(
             )
         accelerator.wait_for_everyone()
 
+    check_each_step = checks_each_step(device, config)
+    unchecked_nonfinite: torch.Tensor | None = None
+    last_checked = start_step
+
+    def raise_if_nonfinite(done: int) -> None:
+        nonlocal unchecked_nonfinite, last_checked
+        if unchecked_nonfinite is not None and bool(unchecked_nonfinite):
+            raise NonFiniteLossError(
+                f"{description}: non-finite loss between steps {last_checked} and {done}; stopped, the last good "
+                f"checkpoint in {checkpoint_dir} is kept"
+            )
+        unchecked_nonfinite, last_checked = None, done
+
     step = start_step
     for step in range(start_step, config.steps):
         stepped = {n: False for n in names}
@@ -254,7 +290,12 @@ def train(
                     loss, terms = s.loss(batch, step, context, modules)
                 if loss is None:
                     continue
-                if not torch.isfinite(loss.detach()):
+                if not check_each_step:
+                    # On an accelerator a per-step check would sync the host every step: accumulate a device-side
+                    # flag and check it before every log and checkpoint instead (no bad checkpoint is ever written).
+                    flag = ~torch.isfinite(loss.detach())
+                    unchecked_nonfinite = flag if unchecked_nonfinite is None else unchecked_nonfinite | flag
+                elif not torch.isfinite(loss.detach()):
                     if config.nonfinite == "stop":
                         raise NonFiniteLossError(
                             f"{description}: non-finite {s.name} loss at step {step} ({float(loss.detach()):g}); "
@@ -284,6 +325,9 @@ def train(
         count += 1
         progress.update(1)
         done = step + 1
+        boundary = done % config.log_every == 0 or done % config.checkpoint_every == 0 or done == config.steps
+        if boundary and not check_each_step:
+            raise_if_nonfinite(done)
         if done % config.log_every == 0 or done == config.steps:
             means = {k: v / count for k, v in sums.items()}
             if world > 1:

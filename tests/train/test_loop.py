@@ -181,3 +181,25 @@ def test_two_processes_keep_identical_parameters(tmp_path):
     gathered = torch.load(tmp_path / "gathered.pt", weights_only=True)
     assert gathered.shape[0] == 2 and torch.equal(gathered[0], gathered[1])
     assert latest_checkpoint(tmp_path / "ckpt").name == "step-00000005"
+
+
+def test_nonfinite_check_without_host_sync_stops_before_the_next_checkpoint(tmp_path, monkeypatch):
+    """The accelerator path (a device-side flag checked at log/checkpoint boundaries), exercised on CPU."""
+    import gmpipe.train.loop as loop
+
+    monkeypatch.setattr(loop, "checks_each_step", lambda device, config: False)
+    with pytest.raises(NonFiniteLossError, match="between steps 2 and 4"):
+        _run(tmp_path, _config(steps=6), poison_at=3)
+    assert latest_checkpoint(tmp_path / "ckpt").name == "step-00000002"
+
+
+def test_bf16_autocast_and_compile_run_on_cpu(tmp_path):
+    """GPU speed paths exercised on CPU: bf16 autocast through accelerate, and torch.compile."""
+    from gmpipe.config.compute import ComputeConfig
+    from gmpipe.train.loop import make_accelerator
+
+    accelerator = make_accelerator(ComputeConfig(device="cpu", mixed_precision="bf16"))
+    result = _run(tmp_path / "bf16", _config(steps=4), accelerator=accelerator)
+    assert result.step == 4 and all(torch.isfinite(p).all() for p in result.modules["model"].parameters())
+    compiled = _run(tmp_path / "compiled", _config(steps=3, compile=True))
+    assert compiled.step == 3 and latest_checkpoint(tmp_path / "compiled/ckpt").name == "step-00000003"
