@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from gmpipe.artifacts import atomic_file, write_json
 from gmpipe.config.evaluate import EvaluateConfig
@@ -122,7 +123,7 @@ def evaluate_teacher(config: EvaluateConfig, paths: Paths, reference: Reference,
     samples_dir = _out(paths) / "samples"
 
     guidance_rows = []
-    for w in (config.guidance_sweep if conditional else [0.0]):
+    for w in tqdm(config.guidance_sweep if conditional else [0.0], desc="evaluate: guidance sweep", unit="w"):
         images, nfe = generate(generator, labels, class_names, n_sweep, sampler=default["sampler"],
                                steps=default["steps"], guidance=w, seed=config.seed, batch_size=config.batch_size)
         row = {"model": "teacher", "sampler": default["sampler"], "steps": default["steps"], "w": w, "nfe": nfe,
@@ -133,13 +134,13 @@ def evaluate_teacher(config: EvaluateConfig, paths: Paths, reference: Reference,
     best_w = min(guidance_rows, key=lambda r: r["fd_effnet"])["w"]
 
     nfe_rows = []
-    for sampler in config.sweep_samplers:
-        for steps in config.sweep_steps:
-            images, nfe = generate(generator, labels, class_names, n_sweep, sampler=sampler, steps=steps,
-                                   guidance=best_w, seed=config.seed, batch_size=config.batch_size)
-            row = {"model": "teacher", "sampler": sampler, "steps": steps, "w": best_w, "nfe": nfe,
-                   **reference.measure(images, torch.tensor(labels) if labels else None, with_pr=False)}
-            nfe_rows.append(row)
+    grid = [(sampler, steps) for sampler in config.sweep_samplers for steps in config.sweep_steps]
+    for sampler, steps in tqdm(grid, desc="evaluate: NFE sweep", unit="setting"):
+        images, nfe = generate(generator, labels, class_names, n_sweep, sampler=sampler, steps=steps,
+                               guidance=best_w, seed=config.seed, batch_size=config.batch_size)
+        row = {"model": "teacher", "sampler": sampler, "steps": steps, "w": best_w, "nfe": nfe,
+               **reference.measure(images, torch.tensor(labels) if labels else None, with_pr=False)}
+        nfe_rows.append(row)
 
     n = min(config.n_samples, len(reference.features))
     head_labels = balanced_labels(n, len(class_names)) if conditional else None
@@ -173,7 +174,7 @@ def student_folders(paths: Paths) -> list[Path]:
 def evaluate_students(config: EvaluateConfig, paths: Paths, reference: Reference, class_names: list[str]) -> list:
     rows = []
     n = min(config.n_samples, len(reference.features))
-    for folder in student_folders(paths):
+    for folder in tqdm(student_folders(paths), desc="evaluate: students", unit="student"):
         info = json.loads((folder / STUDENT_INFO).read_text())
         generator = LatentGenerator.load(folder, paths.vae)
         conditional = generator.conditioning["mode"] != "none"
