@@ -40,7 +40,9 @@ class Reference:
         generated = self.extractor.extract(images, batch_size=self.batch_size)
         real = self.subset(n)
         result = {"n": n, "fd_effnet": frechet_distance_from_features(generated, real)}
-        kid_mean, kid_std = kernel_distance(generated, real, n_subsets=self.kid_subsets, subset_size=min(n, 1000))
+        # Subsets of half the set (at most 1,000) so that the spread over subsets means something.
+        kid_mean, kid_std = kernel_distance(generated, real, n_subsets=self.kid_subsets,
+                                            subset_size=max(2, min(n // 2, 1000)))
         result.update(kid=kid_mean, kid_std=kid_std)
         if with_pr:
             pr = precision_recall(real, generated, k=self.pr_k)

@@ -113,8 +113,22 @@ def _fid_extractor(config: EvaluateConfig, test_images: torch.Tensor):
     return extractor, extractor.extract(test_images, batch_size=config.batch_size)
 
 
-def evaluate_teacher(config: EvaluateConfig, paths: Paths, reference: Reference, class_names: list[str]):
-    """Guidance sweep, then NFE sweep at the best w, then the headline metrics at n_samples."""
+def choose_guidance(guidance_rows: list[dict], real_accuracy: float) -> float:
+    """The headline guidance weight: the lowest-FD w whose samples the classifier recognises at least as well as
+    real test images (guidance trades diversity for fidelity; FD alone prefers w = 0, accuracy alone the largest
+    w). Without such a w, the most recognisable one; without labels, the lowest FD."""
+    if not guidance_rows or "accuracy" not in guidance_rows[0]:
+        return min(guidance_rows, key=lambda r: r["fd_effnet"])["w"] if guidance_rows else 0.0
+    recognisable = [r for r in guidance_rows if r["accuracy"] >= real_accuracy]
+    if recognisable:
+        return min(recognisable, key=lambda r: r["fd_effnet"])["w"]
+    return max(guidance_rows, key=lambda r: r["accuracy"])["w"]
+
+
+def evaluate_teacher(config: EvaluateConfig, paths: Paths, reference: Reference, class_names: list[str],
+                     real_accuracy: float, student_ws: set[float]):
+    """Guidance sweep, then the NFE sweep at the chosen w, then the teacher at n_samples with its default
+    sampler and steps: at the chosen w (the headline) and at every w a student was distilled at."""
     generator = LatentGenerator.load(paths.ldm, paths.vae)
     conditional = generator.conditioning["mode"] != "none"
     default = generator.sampling
@@ -131,7 +145,7 @@ def evaluate_teacher(config: EvaluateConfig, paths: Paths, reference: Reference,
         row["samples"] = save_samples(samples_dir, f"teacher_w{w:g}", images, labels, model="teacher",
                                       sampler=default["sampler"], steps=default["steps"], w=w)
         guidance_rows.append(row)
-    best_w = min(guidance_rows, key=lambda r: r["fd_effnet"])["w"]
+    best_w = choose_guidance(guidance_rows, real_accuracy) if conditional else 0.0
 
     nfe_rows = []
     grid = [(sampler, steps) for sampler in config.sweep_samplers for steps in config.sweep_steps]
@@ -144,14 +158,17 @@ def evaluate_teacher(config: EvaluateConfig, paths: Paths, reference: Reference,
 
     n = min(config.n_samples, len(reference.features))
     head_labels = balanced_labels(n, len(class_names)) if conditional else None
-    images, nfe = generate(generator, head_labels, class_names, n, sampler=default["sampler"],
-                           steps=default["steps"], guidance=best_w, seed=config.seed + 1, batch_size=config.batch_size)
-    headline = {"model": "teacher", "sampler": default["sampler"], "steps": default["steps"], "w": best_w,
-                "nfe": nfe, **reference.measure(images, torch.tensor(head_labels) if head_labels else None)}
-    headline["samples"] = save_samples(samples_dir, "teacher_headline", images, head_labels, model="teacher",
-                                       sampler=default["sampler"], steps=default["steps"], w=best_w)
-    _grid(images, head_labels, len(class_names), _out(paths) / "grids" / "teacher.png")
-    return headline, guidance_rows, nfe_rows
+    by_w = {}
+    for w in sorted({best_w} | (student_ws if conditional else set())):
+        images, nfe = generate(generator, head_labels, class_names, n, sampler=default["sampler"],
+                               steps=default["steps"], guidance=w, seed=config.seed + 1, batch_size=config.batch_size)
+        row = {"model": "teacher", "sampler": default["sampler"], "steps": default["steps"], "w": w, "nfe": nfe,
+               **reference.measure(images, torch.tensor(head_labels) if head_labels else None)}
+        row["samples"] = save_samples(samples_dir, f"teacher_n{n}_w{w:g}", images, head_labels, model="teacher",
+                                      sampler=default["sampler"], steps=default["steps"], w=w)
+        _grid(images, head_labels, len(class_names), _out(paths) / "grids" / f"teacher_w{w:g}.png")
+        by_w[w] = row
+    return by_w[best_w], by_w, guidance_rows, nfe_rows
 
 
 def _grid(images: torch.Tensor, labels, num_classes: int, path: Path, per_class: int = 10) -> None:
@@ -233,13 +250,20 @@ def run(config: EvaluateConfig, paths: Paths) -> dict:
                                              n=min(config.n_samples, len(test)), seed=config.seed)
     guidance_rows, nfe_rows, student_rows = [], [], []
     if paths.vae.is_dir() and paths.ldm.is_dir():
-        headline, guidance_rows, nfe_rows = evaluate_teacher(config, paths, reference, class_names)
+        student_ws = {float(json.loads((f / STUDENT_INFO).read_text())["guidance_folded"])
+                      for f in student_folders(paths)}
+        headline, teacher_by_w, guidance_rows, nfe_rows = evaluate_teacher(
+            config, paths, reference, class_names, real["classifier_test_accuracy"], student_ws)
         floor = real["floor"][str(headline["n"])]["fd_effnet"]
-        headline["fd_ratio_to_floor"] = headline["fd_effnet"] / max(floor, 1e-12)
+        for row in teacher_by_w.values():
+            row["fd_ratio_to_floor"] = row["fd_effnet"] / max(floor, 1e-12)
         metrics["teacher"] = headline
+        metrics["teacher_by_w"] = {f"w{w:g}": row for w, row in teacher_by_w.items()}
         student_rows = evaluate_students(config, paths, reference, class_names)
         for row in student_rows:
-            row["fd_ratio_to_teacher"] = row["fd_effnet"] / max(headline["fd_effnet"], 1e-12)
+            teacher = teacher_by_w.get(float(row["w"]), headline)
+            row["fd_ratio_to_teacher"] = row["fd_effnet"] / max(teacher["fd_effnet"], 1e-12)
+            row["teacher_w"] = teacher["w"]
             row["fd_ratio_to_floor"] = row["fd_effnet"] / max(floor, 1e-12)
         metrics["students"] = {f"{r['model'].split(':', 1)[1]}_{r['steps']}step": r for r in student_rows}
     metrics["notes"] = notes
@@ -275,16 +299,14 @@ def _finite(value):
 
 
 def summary_table(metrics: dict) -> str:
-    rows = []
-    if "teacher" in metrics:
-        rows.append(metrics["teacher"])
+    rows = list(metrics.get("teacher_by_w", {}).values())
     rows += list(metrics.get("students", {}).values())
-    lines = ["| model | sampler | steps | NFE | w | n | FD-EffNetLite0 | x floor | accuracy |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | sampler | steps | NFE | w | n | FD-EffNetLite0 | x floor | x teacher | accuracy |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['sampler']} | {r['steps']} | {r['nfe']} | {r['w']:g} | {r['n']} | "
                      f"{r['fd_effnet']:.2f} | {r.get('fd_ratio_to_floor', float('nan')):.2f} | "
-                     f"{r.get('accuracy', float('nan')):.3f} |")
+                     f"{r.get('fd_ratio_to_teacher', float('nan')):.2f} | {r.get('accuracy', float('nan')):.3f} |")
     vae = metrics.get("vae")
     if vae:
         lines += ["", f"Autoencoder (n={vae['n']}): PSNR {vae['psnr']:.2f} dB, SSIM {vae['ssim']:.3f}, "
@@ -298,9 +320,9 @@ def write_report(paths: Paths, config: EvaluateConfig, metrics: dict, guidance_r
     sections = []
     if metrics.get("notes"):
         sections.append(("Not evaluated", "<ul>" + "".join(f"<li>{n}</li>" for n in metrics["notes"]) + "</ul>"))
-    headline = ([metrics["teacher"]] if "teacher" in metrics else []) + student_rows
-    columns = ["model", "sampler", "steps", "nfe", "w", "n", "fd_effnet", "fd_ratio_to_floor", "kid", "precision",
-               "recall", "accuracy"]
+    headline = list(metrics.get("teacher_by_w", {}).values()) + student_rows
+    columns = ["model", "sampler", "steps", "nfe", "w", "n", "fd_effnet", "fd_ratio_to_floor", "fd_ratio_to_teacher",
+               "kid", "precision", "recall", "accuracy"]
     sections.append(("Generated samples vs the real test set", report.html_table(headline, columns)))
     floor_rows = [{"n": n, **{k: v for k, v in row.items() if k != "n"}} for n, row in metrics["floor"].items()]
     sections.append(("Real-data floor (train vs test images)", report.html_table(floor_rows, ["n", "fd_effnet",

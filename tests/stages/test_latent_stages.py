@@ -149,7 +149,10 @@ def test_evaluate_writes_metrics_plots_samples_and_report(distilled):
     assert sweep[0].startswith("curve,model,sampler,steps,nfe")
     assert sum(line.startswith("teacher") for line in sweep) == 2 * 2
     assert len((out / "plots/guidance_sweep.csv").read_text().splitlines()) == 1 + 2
-    with np.load(out / "samples/teacher_headline.npz") as saved:
+    assert set(metrics["teacher_by_w"]) >= {"w1"}  # the teacher at the students' folded w, at equal n
+    assert metrics["students"]["reflow_1step"]["teacher_w"] == 1.0
+    assert metrics["students"]["reflow_1step"]["fd_ratio_to_teacher"] > 0
+    with np.load(out / f"samples/teacher_n{n}_w{metrics['teacher']['w']:g}.npz") as saved:
         assert saved["images"].shape == (n, 1, 32, 32) and saved["images"].dtype == np.uint8
         assert len(saved["labels"]) == n and str(saved["sampler"]) == "euler"
     html = (paths.reports / "report.html").read_text()
