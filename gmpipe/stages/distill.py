@@ -19,7 +19,7 @@ from gmpipe.errors import GmpipeError
 from gmpipe.generate import CONDITIONING, LatentGenerator, save_model_bundle
 from gmpipe.paths import Paths
 from gmpipe.stages.train_ldm import make_batch_fn
-from gmpipe.train.loop import LossStep, make_accelerator, train
+from gmpipe.train.loop import LossStep, make_accelerator, seed_everything, train
 
 SECTIONS = ("distill", "compute")
 STUDENT_INFO = "student.json"
@@ -54,6 +54,7 @@ def _last_logged_loss(checkpoint_dir: Path) -> float | None:
 
 
 def run(config: DistillConfig, compute: ComputeConfig, paths: Paths) -> dict:
+    seed_everything(config.seed)  # model initialisation depends on the seed, not on what ran before
     teacher_bundle = LatentGenerator.load(paths.ldm)
     teacher, objective = teacher_bundle.denoiser, teacher_bundle.objective
     mode = teacher_bundle.conditioning["mode"]

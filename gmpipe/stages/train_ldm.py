@@ -15,7 +15,7 @@ from gmpipe.errors import GmpipeError
 from gmpipe.eval.grids import save_grid, to_uint8
 from gmpipe.generate import LatentGenerator, save_model_bundle
 from gmpipe.paths import Paths
-from gmpipe.train.loop import LossStep, make_accelerator, to_device, train
+from gmpipe.train.loop import LossStep, make_accelerator, seed_everything, to_device, train
 
 SECTIONS = ("train_ldm", "compute")
 
@@ -73,6 +73,7 @@ def run(config: TrainLDMConfig, compute: ComputeConfig, paths: Paths) -> dict:
     class_names = manifest["class_names"]
     latent_shape = tuple(split.mean.shape[1:])
     text_dim = texts[1].shape[-1] if texts is not None else None
+    seed_everything(config.seed)  # model initialisation depends on the seed, not on what ran before
     denoiser = build_denoiser(config, latent_shape, len(class_names), text_dim)
     objective = Objective.from_config(config.objective_config())
     accelerator = make_accelerator(compute)

@@ -20,7 +20,7 @@ from gmpipe.eval.grids import save_grid, to_uint8
 from gmpipe.nn.autoencoder import build_autoencoder, check_image_size, decoder_last_layer
 from gmpipe.nn.discriminator import PatchDiscriminator
 from gmpipe.paths import Paths
-from gmpipe.train.loop import LossStep, make_accelerator, to_device, train
+from gmpipe.train.loop import LossStep, make_accelerator, seed_everything, to_device, train
 from gmpipe.vae.autoencoder_loss import AutoencoderLoss
 
 DISCRIMINATOR_FILE = "discriminator.safetensors"
@@ -95,6 +95,7 @@ def run(data: DataConfig, config: TrainVAEConfig, compute: ComputeConfig, paths:
             f"{data.channels}x{data.image_size}x{data.image_size}; rerun the 'prepare' stage"
         )
     images = torch.from_numpy(train_split.images)
+    seed_everything(config.seed)  # model initialisation depends on the seed, not on what ran before
     vae, discriminator = build_models(data, config)
     loss = build_loss(config)
     accelerator = make_accelerator(compute)

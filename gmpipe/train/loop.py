@@ -116,15 +116,28 @@ def _frozen(modules: list[nn.Module]):
                 param.requires_grad_(flag)
 
 
+def _metrics_logger(directory: Path, resume: bool):
+    """dvclive writing plain metric files only: dvc.yaml declares the metrics and plots, and the stage already runs
+    inside `dvc repro`, so dvclive's own DVC integration (experiments, dvc.yaml edits, a probe of the git repo that
+    fails in a repository without commits) is switched off."""
+    from dvclive import Live
+
+    class PlainLive(Live):
+        def _init_dvc(self) -> None:
+            self._dvc_file = None
+
+    return PlainLive(str(directory), dvcyaml=False, save_dvc_exp=False, resume=resume, report=None)
+
+
 def checks_each_step(device: torch.device, config: LoopConfig) -> bool:
     """Whether losses are checked for NaN/Inf every step (CPU, or when such steps are skipped) or at each
     log/checkpoint boundary (accelerators, to keep the host out of the hot loop)."""
     return device.type == "cpu" or config.nonfinite == "skip"
 
 
-def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     """Host batch to the training device; pinned and asynchronous when that device is a GPU."""
-    if device.type == "cuda":
+    if torch.device(device).type == "cuda":
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)
 
@@ -239,9 +252,7 @@ def train(
 
     live = None
     if main and live_dir is not None:
-        from dvclive import Live
-
-        live = Live(str(live_dir), dvcyaml=False, save_dvc_exp=False, resume=start_step > 0, report=None)
+        live = _metrics_logger(live_dir, resume=start_step > 0)
         live.step = start_step
 
     world, rank = accelerator.num_processes, accelerator.process_index
