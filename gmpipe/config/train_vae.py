@@ -26,6 +26,7 @@ class TrainVAEConfig(LoopConfig):
     perceptual_weight: Annotated[float, Field(ge=0.0)] = 1.0
     perceptual_image_size: Annotated[int, Field(ge=16, le=512)] = 64
     lpips_weights: str | None = None
+    lpips_backbone_weights: str | None = None
     gan_weight: Annotated[float, Field(ge=0.0)] = 0.5
     gan_loss: Literal["hinge", "non_saturating"] = "hinge"
     disc_start: Annotated[int, Field(ge=0)] = 500
@@ -34,6 +35,12 @@ class TrainVAEConfig(LoopConfig):
     disc_layers: Annotated[int, Field(ge=1, le=5)] = 2
 
     eval_images: Annotated[int, Field(ge=16)] = 2000
+
+    @model_validator(mode="after")
+    def _lpips_needs_its_backbone(self):
+        if bool(self.lpips_weights) != bool(self.lpips_backbone_weights):
+            raise ValueError("lpips_weights and lpips_backbone_weights go together (LPIPS heads + their VGG-16 trunk)")
+        return self
 
     @model_validator(mode="after")
     def _groups_divide_widths(self):

@@ -252,3 +252,56 @@ def load_state_dict_features(
     except RuntimeError as error:
         raise ValueError(f"{path} does not match the module built by {module_factory!r}: {error}") from error
     return StateDictFeatures(network, image_size, mean, std)
+
+
+# VGG-16's convolutional trunk (Simonyan & Zisserman 2015, configuration D) in torchvision's layout: integers are
+# 3x3 conv widths (each followed by ReLU), "M" a 2x2 max pool. LPIPS reads relu1_2, relu2_2, relu3_3, relu4_3 and
+# relu5_3, which are these indices of the `features` sequence.
+VGG16_LAYERS = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
+LPIPS_VGG16_TAPS = (3, 8, 15, 22, 29)
+# LPIPS' input scaling layer (Zhang et al. 2018): images in [-1, 1] are shifted and scaled per channel.
+LPIPS_SHIFT = (-0.030, -0.088, -0.188)
+LPIPS_SCALE = (0.458, 0.448, 0.450)
+
+
+class VGG16Features(nn.Module):
+    """The VGG-16 trunk behind LPIPS, from a local weights file (torchvision's ``vgg16`` state dict: keys
+    ``features.N.weight``/``.bias``; classifier keys are ignored). No package ships these weights: this is the
+    path for users who have them. ``feature_maps(images (B, 1|3, H, W) in [-1, 1])`` returns the five LPIPS maps,
+    differentiable with respect to the images; the network is frozen."""
+
+    def __init__(self, weights_path: str | Path):
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = 3
+        for spec in VGG16_LAYERS:
+            if spec == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                layers += [nn.Conv2d(channels, spec, 3, padding=1), nn.ReLU(inplace=False)]
+                channels = spec
+        self.features = nn.Sequential(*layers)
+        state = {k.removeprefix("features."): v for k, v in load_weights_file(weights_path).items()
+                 if not k.startswith("classifier.")}
+        try:
+            self.features.load_state_dict(state)
+        except RuntimeError as error:
+            raise ValueError(f"{weights_path} is not a VGG-16 state dict ({str(error).splitlines()[0]})") from None
+        self.register_buffer("shift", torch.tensor(LPIPS_SHIFT).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("scale", torch.tensor(LPIPS_SCALE).view(1, 3, 1, 1), persistent=False)
+        self.requires_grad_(False).eval()
+
+    def train(self, mode: bool = True) -> VGG16Features:
+        return super().train(False)
+
+    def feature_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
+        x = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+        x = (x - self.shift) / self.scale
+        maps = []
+        for index, layer in enumerate(self.features):
+            x = layer(x)
+            if index in LPIPS_VGG16_TAPS:
+                maps.append(x)
+                if index == LPIPS_VGG16_TAPS[-1]:
+                    break
+        return maps

@@ -48,13 +48,19 @@ def build_loss(config: TrainVAEConfig) -> AutoencoderLoss:
         from gmpipe.eval.features import EffNetLite0Features
         from gmpipe.vae.perceptual import PerceptualLoss
 
-        extractor = EffNetLite0Features(image_size=config.perceptual_image_size)
         if config.lpips_weights:
-            if not Path(config.lpips_weights).is_file():
-                raise GmpipeError(f"train_vae.lpips_weights: {config.lpips_weights}: file not found")
-            perceptual = PerceptualLoss.from_lpips_weights(config.lpips_weights, extractor)
+            from gmpipe.eval.features import VGG16Features
+
+            for key in ("lpips_weights", "lpips_backbone_weights"):
+                if not Path(getattr(config, key)).is_file():
+                    raise GmpipeError(f"train_vae.{key}: {getattr(config, key)}: file not found")
+            try:
+                trunk = VGG16Features(config.lpips_backbone_weights)
+                perceptual = PerceptualLoss.from_lpips_weights(config.lpips_weights, trunk)
+            except ValueError as exc:
+                raise GmpipeError(f"train_vae.lpips_weights: {exc}") from None
         else:
-            perceptual = PerceptualLoss(extractor)
+            perceptual = PerceptualLoss(EffNetLite0Features(image_size=config.perceptual_image_size))
     return AutoencoderLoss(
         rec_kind=config.rec_loss, kl_weight=config.kl_weight, perceptual_weight=config.perceptual_weight,
         gan_weight=config.gan_weight, gan_loss=config.gan_loss, disc_start=config.disc_start,

@@ -164,13 +164,20 @@ def test_evaluate_names_missing_models(tmp_path):
     params = parse_params(smoke_params(prepare={"max_per_class": 10}))
     paths = Paths(tmp_path)
     prepare.run(params.data, params.prepare, paths)
-    config = params.evaluate.model_copy(update={"n_samples": 20, "sweep_samples": 20, "classifier_steps": 5})
+    weights = tmp_path / "fid_net.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(tiny_fid_network().state_dict(), weights)
+    config = params.evaluate.model_copy(update={
+        "n_samples": 20, "sweep_samples": 20, "classifier_steps": 5,
+        "fid_module": "tests.stages.test_latent_stages:tiny_fid_network", "fid_weights": str(weights)})
     summary = evaluate.run(config, paths)
     metrics = json.loads((paths.reports / "metrics.json").read_text())
     assert [note.split(":")[1].strip() for note in metrics["notes"]] == [
         "run the 'train_vae' stage to evaluate it", "run the 'train_ldm' stage to evaluate it",
         "run the 'distill' stage to evaluate it"]
     assert "teacher" not in metrics and metrics["floor"]["20"]["n"] == 20
+    assert metrics["floor"]["20"]["fid"] > 0  # true FID on the user's own network + local weights file
     assert "distill" in summary["markdown"]
 
 
@@ -220,3 +227,10 @@ def test_two_process_training_matches_one_process(trained_vae, tmp_path, prefect
     (roots[2] / "params.yaml").write_text(yaml.safe_dump(raw))
     state = run_stage("train_ldm", "params.yaml", str(roots[2]))
     assert state.is_completed() and state.result()["resumed_from"] == 40
+
+
+def tiny_fid_network():
+    """A stand-in for a user's Inception-v3: any module returning pooled features, built by a factory."""
+    from torch import nn
+
+    return nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())

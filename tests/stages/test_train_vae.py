@@ -65,3 +65,43 @@ def test_bad_architecture_for_image_size_is_a_clear_error():
     params = parse_params(smoke_params(data={"image_size": 28}, train_vae={"block_out_channels": [8, 8, 8, 8]}))
     with pytest.raises(GmpipeError, match="train_vae.block_out_channels"):
         train_vae.build_models(params.data, params.train_vae)
+
+
+def test_true_lpips_from_local_vgg16_and_lpips_files(tmp_path):
+    """The LPIPS path for users who have the files: a VGG-16 trunk and LPIPS heads written by the test."""
+    from safetensors.torch import save_file
+    from torch import nn
+
+    from gmpipe.eval.features import LPIPS_VGG16_TAPS, VGG16_LAYERS
+
+    trunk, channels, index = {}, 3, 0
+    for spec in VGG16_LAYERS:
+        if spec == "M":
+            index += 1
+            continue
+        conv = nn.Conv2d(channels, spec, 3, padding=1)
+        trunk[f"features.{index}.weight"], trunk[f"features.{index}.bias"] = conv.weight.data, conv.bias.data
+        channels, index = spec, index + 2
+    save_file(trunk, tmp_path / "vgg16.safetensors")
+    heads = {f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) for i, c in enumerate((64, 128, 256, 512, 512))}
+    torch.save(heads, tmp_path / "vgg.pth")
+    assert len(LPIPS_VGG16_TAPS) == len(heads)
+
+    params = parse_params(smoke_params(train_vae={"lpips_weights": str(tmp_path / "vgg.pth"),
+                                                  "lpips_backbone_weights": str(tmp_path / "vgg16.safetensors")}))
+    loss = train_vae.build_loss(params.train_vae)
+    x = torch.rand(2, 1, 32, 32) * 2 - 1
+    y = (x + 0.3 * torch.randn_like(x)).requires_grad_()
+    assert float(loss.perceptual.distance(x, x).abs().max()) < 1e-6
+    distance = loss.perceptual.distance(x, y).sum()
+    assert distance > 0
+    distance.backward()
+    assert y.grad is not None and y.grad.abs().sum() > 0
+
+    with pytest.raises(Exception, match="go together"):
+        parse_params(smoke_params(train_vae={"lpips_weights": str(tmp_path / "vgg.pth")}))
+    torch.save({"features.0.weight": torch.zeros(3)}, tmp_path / "bad.pth")
+    bad = parse_params(smoke_params(train_vae={"lpips_weights": str(tmp_path / "vgg.pth"),
+                                               "lpips_backbone_weights": str(tmp_path / "bad.pth")}))
+    with pytest.raises(GmpipeError, match="not a VGG-16 state dict"):
+        train_vae.build_loss(bad.train_vae)
