@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+import yaml
+
 from gmpipe.config.params import ParamsError, load_params
 from gmpipe.stages import STAGES
 
@@ -52,11 +54,15 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     from flows import environment
 
     environment.configure(args.root)
-    from flows.pipeline import dvc_stage_order
-
-    unknown = sorted(set(args.stages) - set(dvc_stage_order(args.root)))
+    # dvc.yaml is read here without importing Prefect: Prefect fixes its API URL when first imported, and the
+    # local server below must be set first, or the pipeline flow itself would run on a temporary server.
+    dvc_file = Path(args.root) / "dvc.yaml"
+    if not dvc_file.is_file():
+        return _fail(f"{dvc_file}: not found; run gmpipe pipeline from the project root (or pass --root)", 2)
+    order = list(yaml.safe_load(dvc_file.read_text())["stages"])
+    unknown = sorted(set(args.stages) - set(order))
     if unknown:
-        return _fail(f"unknown stage(s) {', '.join(unknown)}; dvc.yaml has {', '.join(dvc_stage_order(args.root))}", 2)
+        return _fail(f"unknown stage(s) {', '.join(unknown)}; dvc.yaml has {', '.join(order)}", 2)
 
     def run() -> int:
         from flows.pipeline import pipeline
