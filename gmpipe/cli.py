@@ -75,7 +75,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
             print(f"| {stage} | {outcome} |")
         from prefect.logging.handlers import APILogHandler
 
-        APILogHandler.flush()  # ship the last log lines before the local server stops
+        APILogHandler().flush()  # ship the last log lines before the local server stops
         return 0
 
     if os.environ.get("PREFECT_API_URL") or args.no_server:
