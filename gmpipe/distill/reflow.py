@@ -86,14 +86,15 @@ def take_rows(cond: Any, index: Tensor | slice) -> Any:
     raise TypeError(f"conditions must be tensors or tuples/lists/dicts of tensors, got {type(cond)}")
 
 
-def _to_device(cond: Any, device: torch.device | str | None) -> Any:
+def conditions_to_device(cond: Any, device: torch.device | str | None) -> Any:
+    """A condition (None, a tensor, or a tuple/list/dict of tensors) moved to ``device``."""
     if cond is None or device is None:
         return cond
     if isinstance(cond, Tensor):
         return cond.to(device)
     if isinstance(cond, dict):
-        return {key: _to_device(value, device) for key, value in cond.items()}
-    return type(cond)(_to_device(value, device) for value in cond)
+        return {key: conditions_to_device(value, device) for key, value in cond.items()}
+    return type(cond)(conditions_to_device(value, device) for value in cond)
 
 
 @torch.no_grad()
@@ -119,7 +120,7 @@ def make_couplings(
     for start in range(0, num_pairs, batch_size):
         rows = slice(start, min(start + batch_size, num_pairs))
         z = noise[rows].to(device) if device is not None else noise[rows]
-        samples.append(sample_fn(z, _to_device(take_rows(cond, rows), device)).to("cpu", dtype))
+        samples.append(sample_fn(z, conditions_to_device(take_rows(cond, rows), device)).to("cpu", dtype))
     return Couplings(noise=noise, data=torch.cat(samples), cond=cond, seed=seed)
 
 

@@ -15,6 +15,7 @@ from gmpipe.config.distill import DistillConfig
 from gmpipe.data.latents import STATS, LatentStats, load_split, load_texts
 from gmpipe.distill import halving_schedule, make_couplings, reflow_objective, teacher_sample_fn
 from gmpipe.distill.loop_losses import consistency_loss_fn, guidance_loss_fn, progressive_loss_fn, reflow_loss_fn
+from gmpipe.distill.reflow import conditions_to_device
 from gmpipe.errors import GmpipeError
 from gmpipe.generate import CONDITIONING, LatentGenerator, save_model_bundle
 from gmpipe.paths import Paths
@@ -92,7 +93,7 @@ def run(config: DistillConfig, compute: ComputeConfig, paths: Paths) -> dict:
 
             def coupling_batch(index, device, couplings=couplings):
                 z, x, cond = couplings.batch(index)
-                return z.to(device), x.to(device), _to_device(cond, device)
+                return z.to(device), x.to(device), conditions_to_device(cond, device)
 
             student = _fresh_student(paths.ldm / "denoiser")
             model, trained, final = _train_student(config, reflow_loss_fn(), len(couplings), coupling_batch,
@@ -120,14 +121,6 @@ def run(config: DistillConfig, compute: ComputeConfig, paths: Paths) -> dict:
     if not accelerator.is_main_process:
         return {}
     return _write_students(paths, config, teacher_bundle, students, w)
-
-
-def _to_device(cond, device):
-    if cond is None:
-        return None
-    if isinstance(cond, tuple):
-        return tuple(c.to(device) for c in cond)
-    return cond.to(device)
 
 
 def _couplings(config, paths, root, denoise, null, objective, split, stats, texts, mode, w):
