@@ -31,6 +31,7 @@ from gmpipe.config.loop import LoopConfig
 from gmpipe.errors import GmpipeError
 from gmpipe.train.checkpoint import latest_checkpoint, read_checkpoint, save_checkpoint
 from gmpipe.train.ema import EMA
+from gmpipe.train.progress import ProgressEvent, report
 
 # loss(batch, step, context, modules) -> (loss or None to skip this step, {term: detached scalar tensor})
 LossFn = Callable[[object, int, dict, dict[str, nn.Module]], tuple[torch.Tensor | None, dict[str, torch.Tensor]]]
@@ -351,6 +352,7 @@ def train(
                     live.log_metric(key, value)
                 live.step = done
                 live.make_summary()
+            report(ProgressEvent(description, done, config.steps, record))
             short = {k.split("/")[-1]: f"{v:.4g}" for k, v in list(record.items())[:3]}
             progress.set_postfix(short, refresh=False)
             sums, count = {}, 0
