@@ -5,7 +5,7 @@
     denoiser/            the EMA weights, diffusers format (what sampling uses)
     denoiser_raw/        the last training weights, same format
     objective.json       the generalized objective it was trained with (schedule, target, time density, weighting)
-    sampling.json        default sampler, steps and guidance weight
+    sampling.json        default sampler, steps, guidance weight and the time grid's resolution shift
     conditioning.json    mode, class names, text encoder source and max length
     latent_stats.json    the latent shift and scale measured by cache_latents (copied from data/latents/stats.json)
 """
@@ -101,10 +101,15 @@ class LatentGenerator:
     @torch.no_grad()
     def sample_latents(self, cond, n: int, sampler: str | None = None, steps: int | None = None,
                        guidance: float | None = None, seed: int = 0, batch_size: int = 256,
-                       shift: float = 1.0) -> tuple[torch.Tensor, int]:
-        """Normalized latents (n, c, h, w) and the NFE per sample. ``cond`` has batch n (or is None)."""
+                       shift: float | None = None) -> tuple[torch.Tensor, int]:
+        """Normalized latents (n, c, h, w) and the NFE per sample. ``cond`` has batch n (or is None).
+
+        Unset arguments take the model's stored defaults (``sampling.json``); ``shift`` is the resolution shift of
+        the time grid the model was trained (or distilled) on, 1 for models saved before it was stored.
+        """
         sampler = resolve_sampler(sampler or self.sampling["sampler"])
         steps = steps or self.sampling["steps"]
+        shift = self.sampling.get("shift", 1.0) if shift is None else shift
         w = self.sampling["guidance"] if guidance is None else guidance
         if self.conditioning["mode"] == "none":
             w = 0.0

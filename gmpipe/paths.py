@@ -13,6 +13,13 @@ class Paths:
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
 
+    def name(self, path: Path) -> str:
+        """``path`` as the user sees it from the project root (``data/prepared``), for messages and fingerprints."""
+        try:
+            return Path(path).relative_to(self.root).as_posix()
+        except ValueError:
+            return str(path)
+
     @property
     def prepared(self) -> Path:
         return self.root / "data" / "prepared"

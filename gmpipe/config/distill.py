@@ -10,6 +10,14 @@ from gmpipe.config.loop import LoopConfig
 
 Method = Literal["progressive", "reflow", "consistency", "guidance"]
 
+# The keys that define one method's student (beyond the loop, guidance and time shift keys every student shares).
+METHOD_KEYS = {
+    "progressive": ("progressive_start_steps", "progressive_final_steps"),
+    "reflow": ("reflow_pairs", "reflow_sampler", "reflow_teacher_steps"),
+    "consistency": ("consistency_intervals",),
+    "guidance": (),
+}
+
 
 class DistillConfig(LoopConfig):
     """``steps`` is the number of optimizer steps per student (per round for progressive distillation).

@@ -10,6 +10,11 @@ from gmpipe.config.base import Section
 
 PositiveInt = Annotated[int, Field(ge=1)]
 
+# Keys that say how long, how often or how a run is computed, not what it computes: a checkpoint written under
+# other values of these is still this run's, so raising ``steps`` continues it (gmpipe.fingerprint).
+RESUMABLE_KEYS = ("steps", "checkpoint_every", "keep_checkpoints", "log_every", "grad_accum", "compile",
+                  "gradient_checkpointing", "nonfinite")
+
 
 class LoopConfig(Section):
     """Optimisation, precision, EMA, checkpointing and logging; a training section adds its model and loss keys.

@@ -7,17 +7,20 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save
 
-from gmpipe.artifacts import atomic_dir, write_json
+from gmpipe.artifacts import atomic_dir, atomic_file, write_json
 from gmpipe.config.compute import ComputeConfig
-from gmpipe.config.distill import DistillConfig
+from gmpipe.config.distill import METHOD_KEYS, DistillConfig
+from gmpipe.config.loop import RESUMABLE_KEYS
 from gmpipe.data.latents import STATS, LatentStats, load_split, load_texts
 from gmpipe.distill import halving_schedule, make_couplings, reflow_objective, teacher_sample_fn
 from gmpipe.distill.loop_losses import consistency_loss_fn, guidance_loss_fn, progressive_loss_fn, reflow_loss_fn
 from gmpipe.distill.reflow import conditions_to_device
 from gmpipe.errors import GmpipeError
-from gmpipe.generate import CONDITIONING, LatentGenerator, save_model_bundle
+from gmpipe.fingerprint import Fingerprint, code_hashes, hash_tensors, hash_tree, section_settings
+from gmpipe.generate import CONDITIONING, OBJECTIVE, LatentGenerator, save_model_bundle
 from gmpipe.paths import Paths
 from gmpipe.stages.train_ldm import make_batch_fn
 from gmpipe.train.loop import LossStep, make_accelerator, seed_everything, train
@@ -38,20 +41,29 @@ def _fresh_student(weights_dir: Path):
     return Denoiser.from_pretrained(weights_dir).train()
 
 
+def teacher_fingerprint(config: DistillConfig, paths: Paths) -> Fingerprint:
+    """What every student depends on: the teacher's weights and objective, the latents, and the distill keys shared
+    by all methods (loop, guidance weight, time shift; not how long or how often), and the code of this stage."""
+    method_specific = [key for keys in METHOD_KEYS.values() for key in keys]
+    settings = section_settings("distill", config,
+                                exclude=(*RESUMABLE_KEYS, "methods", "consistency_steps", *method_specific))
+    denoiser, objective = paths.ldm / "denoiser", paths.ldm / OBJECTIVE
+    inputs = {**{paths.name(p): hash_tree(p) for p in (denoiser, objective, paths.latents)}, **code_hashes(__name__)}
+    return Fingerprint(settings, inputs)
+
+
+def method_fingerprint(base: Fingerprint, config: DistillConfig, method: str, **extra) -> Fingerprint:
+    """``base`` plus the keys of one distillation method (and e.g. the round of progressive distillation)."""
+    return base.with_settings(**{f"distill.{key}": getattr(config, key) for key in METHOD_KEYS[method]}, **extra)
+
+
 def _train_student(config: DistillConfig, loss, n_items: int, make_batch, checkpoint_dir: Path, student,
-                   accelerator, description: str):
+                   accelerator, description: str, fingerprint: Fingerprint):
     result = train(config, [LossStep("student", student, loss)], n_items, make_batch, checkpoint_dir,
                    live_dir=checkpoint_dir / "live", ema_of="student", accelerator=accelerator,
-                   description=description)
-    final_loss = result.history[-1]["student/loss"] if result.history else _last_logged_loss(checkpoint_dir)
+                   description=description, fingerprint=fingerprint)
+    final_loss = result.history[-1].get("student/loss") if result.history else None
     return result.ema.module.to("cpu").eval(), result.step, final_loss
-
-
-def _last_logged_loss(checkpoint_dir: Path) -> float | None:
-    summary = checkpoint_dir / "live" / "metrics.json"
-    if summary.is_file():
-        return json.loads(summary.read_text()).get("student", {}).get("loss")
-    return None
 
 
 def run(config: DistillConfig, compute: ComputeConfig, paths: Paths) -> dict:
@@ -68,6 +80,7 @@ def run(config: DistillConfig, compute: ComputeConfig, paths: Paths) -> dict:
     w = config.guidance if mode != "none" else 0.0
     make_batch = make_batch_fn(split, stats, texts, mode)
     root = paths.checkpoints / "distill"
+    base = teacher_fingerprint(config, paths)
     students: dict[str, dict] = {}
 
     for method in config.methods:
@@ -80,16 +93,21 @@ def run(config: DistillConfig, compute: ComputeConfig, paths: Paths) -> dict:
                 round_teacher = denoise if previous is None else _teacher_callables(previous.to(accelerator.device))[0]
                 loss = progressive_loss_fn(round_teacher, objective, n_steps, w=previous_w, null_condition=null,
                                            shift=config.time_shift)
+                # Each round is defined by its own step count and by the exact weights of the round before it.
+                fingerprint = method_fingerprint(
+                    base, config, "progressive", **{"distill.progressive_round_steps": n_steps},
+                ).with_inputs(previous_round=hash_tensors(previous.state_dict()) if previous is not None else "teacher")
                 model, trained, final = _train_student(config, loss, len(split), make_batch,
                                                        root / f"progressive-{n_steps}", student, accelerator,
-                                                       f"distill progressive {n_steps}-step")
+                                                       f"distill progressive {n_steps}-step", fingerprint)
                 model.requires_grad_(False)
                 students[f"progressive-{n_steps}step"] = {
                     "model": model, "method": "progressive", "steps": [n_steps], "sampler": "ddim",
                     "objective": objective, "train_steps": trained, "final_loss": final}
                 previous, previous_w = model, 0.0  # later rounds distill the previous student, already guided
         elif method == "reflow":
-            couplings = _couplings(config, paths, root, denoise, null, objective, split, stats, texts, mode, w)
+            couplings = _couplings(config, paths, root, denoise, null, objective, split, stats, texts, mode, w,
+                                   method_fingerprint(base, config, "reflow"), accelerator)
 
             def coupling_batch(index, device, couplings=couplings):
                 z, x, cond = couplings.batch(index)
@@ -97,7 +115,8 @@ def run(config: DistillConfig, compute: ComputeConfig, paths: Paths) -> dict:
 
             student = _fresh_student(paths.ldm / "denoiser")
             model, trained, final = _train_student(config, reflow_loss_fn(), len(couplings), coupling_batch,
-                                                   root / "reflow", student, accelerator, "distill reflow")
+                                                   root / "reflow", student, accelerator, "distill reflow",
+                                                   method_fingerprint(base, config, "reflow"))
             students["reflow"] = {"model": model, "method": "reflow", "steps": [1, 2, 4], "sampler": "euler",
                                   "objective": reflow_objective(), "train_steps": trained, "final_loss": final}
         elif method == "consistency":
@@ -105,7 +124,8 @@ def run(config: DistillConfig, compute: ComputeConfig, paths: Paths) -> dict:
             loss = consistency_loss_fn(denoise, objective, config.consistency_intervals, w=w, null_condition=null,
                                        shift=config.time_shift)
             model, trained, final = _train_student(config, loss, len(split), make_batch, root / "consistency",
-                                                   student, accelerator, "distill consistency")
+                                                   student, accelerator, "distill consistency",
+                                                   method_fingerprint(base, config, "consistency"))
             students["consistency"] = {"model": model, "method": "consistency", "steps": config.consistency_steps,
                                        "sampler": "consistency", "objective": objective, "train_steps": trained,
                                        "final_loss": final}
@@ -113,7 +133,8 @@ def run(config: DistillConfig, compute: ComputeConfig, paths: Paths) -> dict:
             student = _fresh_student(paths.ldm / "denoiser")
             loss = guidance_loss_fn(denoise, objective, w=w, null_condition=null)
             model, trained, final = _train_student(config, loss, len(split), make_batch, root / "guidance",
-                                                   student, accelerator, "distill guidance")
+                                                   student, accelerator, "distill guidance",
+                                                   method_fingerprint(base, config, "guidance"))
             steps = teacher_bundle.sampling["steps"]
             students["guidance"] = {"model": model, "method": "guidance", "steps": [steps],
                                     "sampler": teacher_bundle.sampling["sampler"], "objective": objective,
@@ -123,26 +144,54 @@ def run(config: DistillConfig, compute: ComputeConfig, paths: Paths) -> dict:
     return _write_students(paths, config, teacher_bundle, students, w)
 
 
-def _couplings(config, paths, root, denoise, null, objective, split, stats, texts, mode, w):
-    """Teacher ODE couplings (noise, sample) for reflow, made once per seed and cached beside the checkpoints."""
+COUPLINGS_PREFIX = "reflow-couplings-"
+
+
+def _couplings(config, paths, root, denoise, null, objective, split, stats, texts, mode, w, fingerprint: Fingerprint,
+               accelerator):
+    """Teacher ODE couplings (noise, sample) for reflow, cached beside the checkpoints under the fingerprint of
+    everything that made them (teacher, latents, guidance, sampler, steps, shift, seed, count).
+
+    The main process makes and writes them (other caches are removed); the other ranks wait, then read the file.
+    """
     from gmpipe.distill.reflow import Couplings
 
-    cache = root / f"reflow-couplings-seed{config.seed}-n{config.reflow_pairs}.safetensors"
+    cache = root / f"{COUPLINGS_PREFIX}{fingerprint.digest[:16]}.safetensors"
     n = min(config.reflow_pairs, len(split))
     index = torch.randperm(len(split), generator=torch.Generator().manual_seed(config.seed))[:n]
     _, cond = make_batch_fn(split, stats, texts, mode)(index, "cpu")
-    if cache.is_file():
-        saved = load_file(cache)
-        return Couplings(noise=saved["noise"], data=saved["data"], cond=cond, seed=config.seed)
-    sample = teacher_sample_fn(denoise, objective, config.reflow_teacher_steps, sampler=config.reflow_sampler,
-                               w=w, null_condition=null, shift=config.time_shift)
-    shape = tuple(split.mean.shape[1:])
-    couplings = make_couplings(sample, n, shape, seed=config.seed, cond=cond, batch_size=512)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp")
-    save_file({"noise": couplings.noise.contiguous(), "data": couplings.data.contiguous()}, tmp)
-    tmp.replace(cache)
-    return couplings
+    if accelerator.is_main_process and not _read_couplings(cache, fingerprint):
+        for old in root.glob(f"{COUPLINGS_PREFIX}*"):
+            old.unlink()
+        sample = teacher_sample_fn(denoise, objective, config.reflow_teacher_steps, sampler=config.reflow_sampler,
+                                   w=w, null_condition=null, shift=config.time_shift)
+        shape = tuple(split.mean.shape[1:])
+        made = make_couplings(sample, n, shape, seed=config.seed, cond=cond, batch_size=512,
+                              device=accelerator.device)
+        with atomic_file(cache, "wb") as handle:
+            handle.write(save(
+                {"noise": made.noise.contiguous(), "data": made.data.contiguous()},
+                metadata={"fingerprint": json.dumps(fingerprint.to_dict())},
+            ))
+    accelerator.wait_for_everyone()
+    saved = _read_couplings(cache, fingerprint)
+    if saved is None:
+        raise GmpipeError(f"{cache}: the reflow couplings were not written (or do not match this run)")
+    return Couplings(noise=saved["noise"], data=saved["data"], cond=cond, seed=config.seed)
+
+
+def _read_couplings(cache: Path, fingerprint: Fingerprint) -> dict | None:
+    """The cached couplings when the file is intact and was made under ``fingerprint``; None otherwise."""
+    if not cache.is_file():
+        return None
+    try:
+        with safe_open(cache, "pt") as handle:
+            stored = Fingerprint.from_dict(json.loads((handle.metadata() or {}).get("fingerprint", "null")))
+            if stored is None or stored.digest != fingerprint.digest:
+                return None
+            return {key: handle.get_tensor(key) for key in ("noise", "data")}
+    except Exception:  # a truncated or foreign file is remade, never trusted
+        return None
 
 
 def _write_students(paths: Paths, config: DistillConfig, teacher_bundle, students: dict, w: float) -> dict:
@@ -155,9 +204,12 @@ def _write_students(paths: Paths, config: DistillConfig, teacher_bundle, student
             folder = out / name
             folder.mkdir()
             student["model"].save_pretrained(folder / "denoiser")
-            sampling = {"sampler": student["sampler"], "steps": student["steps"][0], "guidance": 0.0}
+            # Students are sampled on the shifted grid they were distilled on.
+            sampling = {"sampler": student["sampler"], "steps": student["steps"][0], "guidance": 0.0,
+                        "shift": config.time_shift}
             save_model_bundle(folder, student["objective"], paths.latents / STATS, conditioning, sampling)
             info = {"method": student["method"], "steps": student["steps"], "guidance_folded": w,
+                    "time_shift": config.time_shift,
                     "nfe_per_step": 1, "train_steps": student["train_steps"], "final_loss": student["final_loss"],
                     "teacher": str(paths.ldm)}
             (folder / STUDENT_INFO).write_text(json.dumps(info, indent=2))

@@ -7,12 +7,14 @@ import json
 
 from gmpipe.artifacts import atomic_dir, write_json
 from gmpipe.config.compute import ComputeConfig
+from gmpipe.config.loop import RESUMABLE_KEYS
 from gmpipe.config.train_ldm import TrainLDMConfig
 from gmpipe.data.latents import STATS, LatentStats, load_split, load_texts
-from gmpipe.data.prepared import load_manifest
+from gmpipe.data.prepared import MANIFEST, load_manifest
 from gmpipe.diffusion import Objective
 from gmpipe.errors import GmpipeError
 from gmpipe.eval.grids import save_grid, to_uint8
+from gmpipe.fingerprint import Fingerprint, code_hashes, hash_tree, section_settings
 from gmpipe.generate import LatentGenerator, save_model_bundle
 from gmpipe.paths import Paths
 from gmpipe.train.loop import LossStep, make_accelerator, seed_everything, to_device, train
@@ -67,6 +69,19 @@ def build_denoiser(config: TrainLDMConfig, latent_shape, num_classes: int, text_
     return Denoiser(config.conditioning, channels, height, config.preset, num_classes=num_classes, text_dim=text_dim)
 
 
+# Keys that only choose how the finished model samples by default (stored in sampling.json, used for its grid).
+SAMPLING_KEYS = ("sampler", "sample_steps", "guidance", "grid_per_class")
+
+
+def training_fingerprint(config: TrainLDMConfig, paths: Paths) -> Fingerprint:
+    """What defines the trained denoiser: model, objective and loop keys, the cached latents, the class list, and
+    the code of this stage."""
+    settings = section_settings("train_ldm", config, exclude=(*RESUMABLE_KEYS, *SAMPLING_KEYS))
+    manifest = paths.prepared / MANIFEST
+    return Fingerprint(settings, {paths.name(paths.latents): hash_tree(paths.latents),
+                                  paths.name(manifest): hash_tree(manifest), **code_hashes(__name__)})
+
+
 def run(config: TrainLDMConfig, compute: ComputeConfig, paths: Paths) -> dict:
     split, stats, texts = load_training_latents(config, paths)
     manifest = load_manifest(paths.prepared)
@@ -82,6 +97,7 @@ def run(config: TrainLDMConfig, compute: ComputeConfig, paths: Paths) -> dict:
         config, [denoising_step(denoiser, objective, config)], len(split),
         make_batch_fn(split, stats, texts, config.conditioning), paths.checkpoints / "train_ldm",
         live_dir=reports / "live", ema_of="denoiser", accelerator=accelerator, description="train_ldm",
+        fingerprint=training_fingerprint(config, paths),
     )
     if not accelerator.is_main_process:
         return {}
@@ -90,7 +106,9 @@ def run(config: TrainLDMConfig, compute: ComputeConfig, paths: Paths) -> dict:
     if config.conditioning == "text":
         cache_config = json.loads((paths.latents / "text_encoder.json").read_text())
         conditioning.update(cache_config)
-    sampling = {"sampler": config.sampler, "steps": config.sample_steps, "guidance": config.guidance}
+    # The sampling grid uses the same resolution shift as the training time density.
+    sampling = {"sampler": config.sampler, "steps": config.sample_steps, "guidance": config.guidance,
+                "shift": config.time_shift}
     with atomic_dir(paths.ldm) as out:
         result.ema.module.to("cpu").save_pretrained(out / "denoiser")
         result.modules["denoiser"].to("cpu").save_pretrained(out / "denoiser_raw")

@@ -12,11 +12,13 @@ import torch
 from gmpipe.artifacts import atomic_dir, write_json
 from gmpipe.config.compute import ComputeConfig
 from gmpipe.config.data import DataConfig
+from gmpipe.config.loop import RESUMABLE_KEYS
 from gmpipe.config.train_vae import TrainVAEConfig
 from gmpipe.data.prepared import load_split
 from gmpipe.errors import GmpipeError
 from gmpipe.eval.autoencoder import autoencoder_metrics, reconstruct, to_unit_range
 from gmpipe.eval.grids import save_grid, to_uint8
+from gmpipe.fingerprint import Fingerprint, code_hashes, hash_file, hash_tree, section_settings
 from gmpipe.nn.autoencoder import build_autoencoder, check_image_size, decoder_last_layer
 from gmpipe.nn.discriminator import PatchDiscriminator
 from gmpipe.paths import Paths
@@ -92,6 +94,18 @@ def loss_steps(vae, discriminator, loss: AutoencoderLoss, config: TrainVAEConfig
     ]
 
 
+def training_fingerprint(data: DataConfig, config: TrainVAEConfig, paths: Paths) -> Fingerprint:
+    """What defines the trained autoencoder: the data and model/loss keys (not how long or how often, not the
+    evaluation size), the prepared images, any LPIPS weight files, and the code of this stage."""
+    settings = {**section_settings("data", data),
+                **section_settings("train_vae", config, exclude=(*RESUMABLE_KEYS, "eval_images"))}
+    inputs = {paths.name(paths.prepared): hash_tree(paths.prepared), **code_hashes(__name__)}
+    for key in ("lpips_weights", "lpips_backbone_weights"):
+        if getattr(config, key) and Path(getattr(config, key)).is_file():
+            inputs[f"train_vae.{key}"] = hash_file(Path(getattr(config, key)))
+    return Fingerprint(settings, inputs)
+
+
 def run(data: DataConfig, config: TrainVAEConfig, compute: ComputeConfig, paths: Paths) -> dict:
     train_split = load_split(paths.prepared, "train")
     test_split = load_split(paths.prepared, "test")
@@ -113,7 +127,7 @@ def run(data: DataConfig, config: TrainVAEConfig, compute: ComputeConfig, paths:
     result = train(
         config, loss_steps(vae, discriminator, loss, config), len(images), make_batch,
         paths.checkpoints / "train_vae", live_dir=reports / "live", ema_of="vae",
-        accelerator=accelerator, description="train_vae",
+        accelerator=accelerator, description="train_vae", fingerprint=training_fingerprint(data, config, paths),
     )
     if not accelerator.is_main_process:
         return {}

@@ -29,7 +29,8 @@ from torch import nn
 from gmpipe.config.compute import ComputeConfig
 from gmpipe.config.loop import LoopConfig
 from gmpipe.errors import GmpipeError
-from gmpipe.train.checkpoint import latest_checkpoint, read_checkpoint, save_checkpoint
+from gmpipe.fingerprint import Fingerprint
+from gmpipe.train.checkpoint import latest_checkpoint, read_checkpoint, save_checkpoint, select_checkpoint
 from gmpipe.train.ema import EMA
 from gmpipe.train.progress import ProgressEvent, report
 
@@ -186,6 +187,190 @@ def make_accelerator(compute: ComputeConfig | None = None):
     return accelerator
 
 
+def build_optimizers(config: LoopConfig, steps: list[LossStep], device: torch.device):
+    """One AdamW (fused where supported) and one LR schedule per LossStep, keyed by the step's name."""
+    optimizers = {
+        s.name: torch.optim.AdamW(
+            [p for p in s.module.parameters() if p.requires_grad] + s.extra_parameters,
+            lr=s.lr or config.lr, betas=(config.beta1, config.beta2), weight_decay=config.weight_decay,
+            fused=_fused_adam_supported(s.module, device),
+        )
+        for s in steps
+    }
+    schedulers = {n: torch.optim.lr_scheduler.LambdaLR(o, _lr_lambda(config)) for n, o in optimizers.items()}
+    return optimizers, schedulers
+
+
+def resume(checkpoint_dir: Path, steps: list[LossStep], optimizers: dict, schedulers: dict, ema: EMA | None,
+           fingerprint: Fingerprint | None, accelerator, config: LoopConfig,
+           description: str) -> tuple[int, list[dict[str, float]]]:
+    """Restore the newest intact checkpoint of this run (same fingerprint); return (its step, its log history).
+
+    The main process picks the checkpoint (setting aside corrupt and foreign ones); then every rank loads it.
+    """
+    names = [s.name for s in steps]
+    if accelerator.is_main_process:
+        select_checkpoint(checkpoint_dir, names, fingerprint, log=lambda line: print(f"{description}: {line}",
+                                                                                      flush=True))
+    accelerator.wait_for_everyone()
+    checkpoint = latest_checkpoint(checkpoint_dir)
+    if checkpoint is None:
+        return 0, []
+    state = read_checkpoint(checkpoint, names)
+    try:
+        for s in steps:
+            s.module.load_state_dict(state["modules"][s.name])
+            optimizers[s.name].load_state_dict(state["optimizers"][s.name]["optimizer"])
+            schedulers[s.name].load_state_dict(state["optimizers"][s.name]["scheduler"])
+        if ema is not None and state["ema"] is not None:
+            ema.load_state_dict(state["ema"])
+    except (RuntimeError, KeyError, ValueError) as exc:
+        raise GmpipeError(
+            f"{checkpoint}: does not match the current model or optimizer ({str(exc).splitlines()[0]}); "
+            f"delete {checkpoint_dir} to start over"
+        ) from None
+    torch.set_rng_state(state["rng"]["torch_rng"])
+    if accelerator.process_index:  # only the main process's RNG is saved; other ranks need streams of their own
+        torch.manual_seed(config.seed + 1_000_003 * accelerator.process_index + state["trainer"]["step"])
+    step = state["trainer"]["step"]
+    if accelerator.is_main_process:
+        print(f"{description}: resuming from {checkpoint} (step {step})", flush=True)
+    history = [r for r in state["trainer"].get("history", []) if isinstance(r, dict)]
+    return step, history
+
+
+class NonFiniteGuard:
+    """The one place non-finite losses are handled.
+
+    On CPU (or with ``nonfinite: skip``) each loss is checked as it is computed: ``stop`` raises, ``skip`` drops
+    that loss for the step. On accelerators a per-step check would sync the host every step, so a device-side flag
+    is accumulated and :meth:`check` raises at each log or checkpoint boundary, before anything is written.
+    """
+
+    def __init__(self, config: LoopConfig, device: torch.device, description: str, checkpoint_dir: Path):
+        self.each_step = checks_each_step(device, config)
+        self.policy = config.nonfinite
+        self.description = description
+        self.checkpoint_dir = checkpoint_dir
+        self.pending: torch.Tensor | None = None
+        self.last_checked = 0
+
+    def admit(self, name: str, loss: torch.Tensor, step: int) -> bool:
+        """Whether ``loss`` may be back-propagated."""
+        if not self.each_step:
+            flag = ~torch.isfinite(loss.detach())
+            self.pending = flag if self.pending is None else self.pending | flag
+            return True
+        if torch.isfinite(loss.detach()):
+            return True
+        if self.policy == "stop":
+            raise NonFiniteLossError(
+                f"{self.description}: non-finite {name} loss at step {step} ({float(loss.detach()):g}); stopped, "
+                f"the last good checkpoint in {self.checkpoint_dir} is kept (set nonfinite: skip to skip such steps)"
+            )
+        return False
+
+    def check(self, done: int) -> None:
+        if self.pending is not None and bool(self.pending):
+            raise NonFiniteLossError(
+                f"{self.description}: non-finite loss between steps {self.last_checked} and {done}; stopped, the "
+                f"last good checkpoint in {self.checkpoint_dir} is kept"
+            )
+        self.pending, self.last_checked = None, done
+
+
+class MetricLog:
+    """Loss terms averaged over each log interval: kept as ``history`` (stored in every checkpoint), shown on the
+    progress bar, reported to progress listeners, and written by dvclive (main process only).
+
+    The dvclive folder is rewritten from the whole history at the start of every run, so its curves are complete
+    after a resume, even when ``dvc repro`` removed them or the run resumed at its last step.
+    """
+
+    def __init__(self, live_dir: Path | None, history: list[dict[str, float]], main: bool, description: str):
+        self.history = list(history)
+        self.description = description
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+        self.live = _metrics_logger(live_dir, resume=False) if main and live_dir is not None else None
+        for record in self.history:
+            self._write(record)
+
+    def _write(self, record: dict[str, float]) -> None:
+        if self.live is None:
+            return
+        self.live.step = int(record["step"])
+        for key, value in record.items():
+            if key != "step":
+                self.live.log_metric(key, value)
+        self.live.make_summary()
+
+    def add(self, name: str, terms: dict[str, torch.Tensor], grad_accum: int) -> None:
+        for key, value in terms.items():
+            key = f"{name}/{key}"
+            self.sums[key] = self.sums.get(key, 0.0) + value.detach().float() / grad_accum
+
+    def flush(self, done: int, total: int, lr: float, accelerator) -> dict[str, float]:
+        """Close the interval ending at step ``done``; return its record."""
+        means = {k: v / max(self.count, 1) for k, v in self.sums.items()}
+        if accelerator.num_processes > 1:
+            means = {k: accelerator.reduce(v.to(accelerator.device), reduction="mean") for k, v in means.items()}
+        record = {"step": done, **{k: float(v) for k, v in means.items()}, "lr": lr}
+        self.history.append(record)
+        self._write(record)
+        report(ProgressEvent(self.description, done, total, {k: v for k, v in record.items() if k != "step"}))
+        self.sums, self.count = {}, 0
+        return record
+
+    def close(self) -> None:
+        if self.live is not None:
+            self.live.end()
+
+
+def accumulate_step(step: int, config: LoopConfig, steps: list[LossStep], wrapped: dict, unwrapped: dict,
+                    make_batch, n_items: int, accelerator, guard: NonFiniteGuard, log: MetricLog) -> dict[str, bool]:
+    """Forward and backward every LossStep over ``grad_accum`` micro-batches; return which ones produced
+    gradients (a LossStep that returned None, or whose loss the guard dropped, did not)."""
+    names = [s.name for s in steps]
+    world, rank = accelerator.num_processes, accelerator.process_index
+    stepped = {n: False for n in names}
+    dropped: set[str] = set()
+    for micro in range(config.grad_accum):
+        index = batch_indices(n_items, config.batch_size, step, micro, config.grad_accum, config.seed, rank, world)
+        batch = make_batch(index, accelerator.device)
+        context: dict = {}
+        last_micro = micro == config.grad_accum - 1
+        for s in steps:
+            others = [unwrapped[n] for n in names if n != s.name]
+            modules = {n: (wrapped[n] if n == s.name else unwrapped[n]) for n in names}
+            sync = contextlib.nullcontext() if last_micro or world == 1 else accelerator.no_sync(wrapped[s.name])
+            with _frozen(others), sync, accelerator.autocast():
+                loss, terms = s.loss(batch, step, context, modules)
+            if loss is None:
+                continue
+            if not guard.admit(s.name, loss, step):
+                dropped.add(s.name)
+                continue
+            with sync:
+                accelerator.backward(loss / config.grad_accum)
+            stepped[s.name] = True
+            log.add(s.name, terms, config.grad_accum)
+    return {n: stepped[n] and n not in dropped for n in names}
+
+
+def apply_updates(stepped: dict[str, bool], config: LoopConfig, steps: list[LossStep], optimizers: dict,
+                  schedulers: dict, accelerator) -> None:
+    """Clip, step the optimizers and LR schedules of the LossSteps that produced gradients; clear gradients."""
+    for s in steps:
+        if stepped[s.name]:
+            if config.clip_grad_norm:
+                trained = [p for p in s.module.parameters() if p.requires_grad] + s.extra_parameters
+                accelerator.clip_grad_norm_(trained, config.clip_grad_norm)
+            optimizers[s.name].step()
+            schedulers[s.name].step()
+        optimizers[s.name].zero_grad(set_to_none=True)
+
+
 def train(
     config: LoopConfig,
     steps: list[LossStep],
@@ -196,172 +381,68 @@ def train(
     ema_of: str | None = None,
     accelerator=None,
     description: str = "train",
+    fingerprint: Fingerprint | None = None,
 ) -> TrainResult:
-    """Run (or resume) training to ``config.steps`` optimizer steps; return the unwrapped modules and EMA."""
+    """Run (or resume) training to ``config.steps`` optimizer steps; return the unwrapped modules and EMA.
+
+    ``fingerprint`` (the settings and input hashes that define the result) is stored in every checkpoint; a run
+    resumes only from a checkpoint with the same fingerprint and starts over otherwise (see
+    :func:`gmpipe.train.checkpoint.select_checkpoint`).
+    """
     from tqdm.auto import tqdm
 
     accelerator = accelerator or make_accelerator()
     # Each rank draws its own noise: identical streams on every rank would shrink the effective batch.
     seed_everything(config.seed + accelerator.process_index)
-    device = accelerator.device
-    main = accelerator.is_main_process
-    names = [s.name for s in steps]
-
+    device, main = accelerator.device, accelerator.is_main_process
     for s in steps:
         s.module.to(device)
         if config.gradient_checkpointing and hasattr(s.module, "enable_gradient_checkpointing"):
             s.module.enable_gradient_checkpointing()
-    optimizers = {
-        s.name: torch.optim.AdamW(
-            [p for p in s.module.parameters() if p.requires_grad] + s.extra_parameters,
-            lr=s.lr or config.lr, betas=(config.beta1, config.beta2), weight_decay=config.weight_decay,
-            fused=_fused_adam_supported(s.module, device),
-        )
-        for s in steps
-    }
-    schedulers = {n: torch.optim.lr_scheduler.LambdaLR(o, _lr_lambda(config)) for n, o in optimizers.items()}
+    optimizers, schedulers = build_optimizers(config, steps, device)
     ema = EMA(dict((s.name, s.module) for s in steps)[ema_of], config.ema_decay, config.ema_warmup) if ema_of else None
-
-    start_step = 0
-    checkpoint = latest_checkpoint(checkpoint_dir)
-    if checkpoint is not None:
-        state = read_checkpoint(checkpoint, names)
-        try:
-            for s in steps:
-                s.module.load_state_dict(state["modules"][s.name])
-                optimizers[s.name].load_state_dict(state["optimizers"][s.name]["optimizer"])
-                schedulers[s.name].load_state_dict(state["optimizers"][s.name]["scheduler"])
-            if ema is not None and state["ema"] is not None:
-                ema.load_state_dict(state["ema"])
-        except (RuntimeError, KeyError, ValueError) as exc:
-            raise GmpipeError(
-                f"{checkpoint}: does not match the current model or optimizer ({str(exc).splitlines()[0]}); "
-                f"delete {checkpoint_dir} to start over"
-            ) from None
-        torch.set_rng_state(state["rng"]["torch_rng"])
-        start_step = int(state["trainer"]["step"])
-        if main:
-            print(f"{description}: resuming from {checkpoint} (step {start_step})", flush=True)
+    start_step, history = resume(checkpoint_dir, steps, optimizers, schedulers, ema, fingerprint, accelerator, config,
+                                 description)
     if ema is not None:
         ema.module.to(device)
-
     wrapped = {}
     for s in steps:
         module = torch.compile(s.module) if config.compile else s.module
         wrapped[s.name], optimizers[s.name] = accelerator.prepare(module, optimizers[s.name])
     unwrapped = {s.name: s.module for s in steps}
 
-    live = None
-    if main and live_dir is not None:
-        live = _metrics_logger(live_dir, resume=start_step > 0)
-        live.step = start_step
-
-    world, rank = accelerator.num_processes, accelerator.process_index
-    sums: dict[str, torch.Tensor] = {}
-    count = 0
-    history: list[dict[str, float]] = []
+    log = MetricLog(live_dir, history, main, description)
+    guard = NonFiniteGuard(config, device, description, checkpoint_dir)
+    guard.last_checked = start_step
+    trainer_state = {"world_size": accelerator.num_processes, "config": json.loads(config.model_dump_json()),
+                     "fingerprint": fingerprint.to_dict() if fingerprint is not None else None}
     progress = tqdm(total=config.steps, initial=start_step, desc=description, disable=not main, unit="step",
                     dynamic_ncols=True, mininterval=1.0)
-
-    def write_checkpoint(step: int) -> None:
-        if main:
-            save_checkpoint(
-                checkpoint_dir, step, unwrapped,
-                {n: {"optimizer": optimizers[n].state_dict(), "scheduler": schedulers[n].state_dict()} for n in names},
-                ema.state_dict() if ema else None,
-                {"world_size": world, "config": json.loads(config.model_dump_json())}, keep=config.keep_checkpoints,
-            )
-        accelerator.wait_for_everyone()
-
-    check_each_step = checks_each_step(device, config)
-    unchecked_nonfinite: torch.Tensor | None = None
-    last_checked = start_step
-
-    def raise_if_nonfinite(done: int) -> None:
-        nonlocal unchecked_nonfinite, last_checked
-        if unchecked_nonfinite is not None and bool(unchecked_nonfinite):
-            raise NonFiniteLossError(
-                f"{description}: non-finite loss between steps {last_checked} and {done}; stopped, the last good "
-                f"checkpoint in {checkpoint_dir} is kept"
-            )
-        unchecked_nonfinite, last_checked = None, done
-
-    step = start_step
     for step in range(start_step, config.steps):
-        stepped = {n: False for n in names}
-        for micro in range(config.grad_accum):
-            index = batch_indices(n_items, config.batch_size, step, micro, config.grad_accum, config.seed, rank, world)
-            batch = make_batch(index, device)
-            context: dict = {}
-            for s in steps:
-                others = [unwrapped[n] for n in names if n != s.name]
-                modules = {n: (wrapped[n] if n == s.name else unwrapped[n]) for n in names}
-                last_micro = micro == config.grad_accum - 1
-                sync = contextlib.nullcontext() if last_micro or world == 1 else accelerator.no_sync(wrapped[s.name])
-                with _frozen(others), sync, accelerator.autocast():
-                    loss, terms = s.loss(batch, step, context, modules)
-                if loss is None:
-                    continue
-                if not check_each_step:
-                    # On an accelerator a per-step check would sync the host every step: accumulate a device-side
-                    # flag and check it before every log and checkpoint instead (no bad checkpoint is ever written).
-                    flag = ~torch.isfinite(loss.detach())
-                    unchecked_nonfinite = flag if unchecked_nonfinite is None else unchecked_nonfinite | flag
-                elif not torch.isfinite(loss.detach()):
-                    if config.nonfinite == "stop":
-                        raise NonFiniteLossError(
-                            f"{description}: non-finite {s.name} loss at step {step} ({float(loss.detach()):g}); "
-                            f"stopped, the last good checkpoint in {checkpoint_dir} is kept "
-                            "(set nonfinite: skip to skip such steps)"
-                        )
-                    optimizers[s.name].zero_grad(set_to_none=True)
-                    stepped[s.name] = None
-                    continue
-                with sync:
-                    accelerator.backward(loss / config.grad_accum)
-                if stepped[s.name] is not None:
-                    stepped[s.name] = True
-                for key, value in terms.items():
-                    key = f"{s.name}/{key}"
-                    sums[key] = sums.get(key, 0.0) + value.detach().float() / config.grad_accum
-        for s in steps:
-            if stepped[s.name]:
-                if config.clip_grad_norm:
-                    trained = [p for p in s.module.parameters() if p.requires_grad] + s.extra_parameters
-                    accelerator.clip_grad_norm_(trained, config.clip_grad_norm)
-                optimizers[s.name].step()
-                schedulers[s.name].step()
-            optimizers[s.name].zero_grad(set_to_none=True)
+        stepped = accumulate_step(step, config, steps, wrapped, unwrapped, make_batch, n_items, accelerator, guard,
+                                  log)
+        apply_updates(stepped, config, steps, optimizers, schedulers, accelerator)
         if ema is not None:
             ema.update(unwrapped[ema_of])
-        count += 1
+        log.count += 1
         progress.update(1)
         done = step + 1
-        boundary = done % config.log_every == 0 or done % config.checkpoint_every == 0 or done == config.steps
-        if boundary and not check_each_step:
-            raise_if_nonfinite(done)
-        if done % config.log_every == 0 or done == config.steps:
-            means = {k: v / count for k, v in sums.items()}
-            if world > 1:
-                means = {k: accelerator.reduce(v.to(device), reduction="mean") for k, v in means.items()}
-            record = {k: float(v) for k, v in means.items()}
-            record["lr"] = schedulers[names[0]].get_last_lr()[0]
-            history.append({"step": done, **record})
-            if live is not None:
-                for key, value in record.items():
-                    live.log_metric(key, value)
-                live.step = done
-                live.make_summary()
-            report(ProgressEvent(description, done, config.steps, record))
-            short = {k.split("/")[-1]: f"{v:.4g}" for k, v in list(record.items())[:3]}
-            progress.set_postfix(short, refresh=False)
-            sums, count = {}, 0
-        if done % config.checkpoint_every == 0 or done == config.steps:
-            write_checkpoint(done)
+        logging, saving = done % config.log_every == 0 or done == config.steps, \
+            done % config.checkpoint_every == 0 or done == config.steps
+        if logging or saving:
+            guard.check(done)
+        if logging:
+            record = log.flush(done, config.steps, schedulers[steps[0].name].get_last_lr()[0], accelerator)
+            progress.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in list(record.items())[1:4]}, refresh=False)
+        if saving:
+            if main:
+                save_checkpoint(checkpoint_dir, done, unwrapped,
+                                {n: {"optimizer": optimizers[n].state_dict(), "scheduler": schedulers[n].state_dict()}
+                                 for n in unwrapped},
+                                ema.state_dict() if ema else None, {**trainer_state, "history": log.history},
+                                keep=config.keep_checkpoints)
+            accelerator.wait_for_everyone()
     progress.close()
-    if live is not None:
-        live.end()
-    return TrainResult(
-        step=max(step + 1, start_step) if config.steps > start_step else start_step,
-        resumed_from=start_step, modules=unwrapped, ema=ema, history=history,
-    )
+    log.close()
+    return TrainResult(step=max(config.steps, start_step), resumed_from=start_step, modules=unwrapped, ema=ema,
+                       history=log.history)

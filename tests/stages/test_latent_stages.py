@@ -234,3 +234,58 @@ def tiny_fid_network():
     from torch import nn
 
     return nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+def _copy_project(paths: Paths, tmp_path) -> Paths:
+    import shutil
+
+    shutil.copytree(paths.root, tmp_path / "copy", ignore=shutil.ignore_patterns("reports"))
+    return Paths(tmp_path / "copy")
+
+
+def test_distill_reruns_only_what_changed(distilled, tmp_path, capsys):
+    params, shared, _ = distilled
+    paths = _copy_project(shared, tmp_path)
+    root = paths.checkpoints / "distill"
+    couplings = sorted(root.glob("reflow-couplings-*"))
+    assert len(couplings) == 1
+    capsys.readouterr()
+    # A key of one method restarts that method only; the others resume and the couplings are reused.
+    changed = params.distill.model_copy(update={"consistency_intervals": 4})
+    distill.run(changed, params.compute, paths)
+    out = capsys.readouterr().out
+    assert "distill consistency: starting over: distill.consistency_intervals changed (8 -> 4)" in out
+    assert "distill reflow: resuming from" in out and "distill progressive 1-step: resuming from" in out
+    assert sorted(root.glob("reflow-couplings-*")) == couplings
+    assert (root / "consistency.stale").is_dir()
+    # A new guidance weight changes every student and the teacher couplings reflow trains on.
+    guided = changed.model_copy(update={"guidance": 2.0})
+    distill.run(guided, params.compute, paths)
+    out = capsys.readouterr().out
+    assert out.count("starting over: distill.guidance changed (1.0 -> 2.0)") == 5, out
+    remade = sorted(root.glob("reflow-couplings-*"))
+    assert len(remade) == 1 and remade != couplings
+    assert json.loads((paths.student / "reflow" / "student.json").read_text())["guidance_folded"] == 2.0
+
+
+def test_time_shift_is_stored_and_sampled_on_its_grid(trained_ldm, tmp_path):
+    """A teacher and a student trained with time shift 3 are sampled on the shifted grid they were trained on."""
+    from gmpipe.diffusion.samplers import time_grid
+
+    params, shared, _ = trained_ldm
+    paths = _copy_project(shared, tmp_path)
+    teacher_config = params.train_ldm.model_copy(update={"steps": 2, "time_shift": 3.0, "grid_per_class": 1})
+    train_ldm.run(teacher_config, params.compute, paths)
+    student_config = params.distill.model_copy(update={
+        "methods": ["progressive"], "progressive_start_steps": 2, "steps": 2, "time_shift": 3.0})
+    distill.run(student_config, params.compute, paths)
+    for folder, steps in ((paths.ldm, 4), (paths.student / "progressive-2step", 2)):
+        generator = LatentGenerator.load(folder)
+        assert generator.sampling["shift"] == 3.0
+        seen = []
+        generator.denoiser.register_forward_pre_hook(lambda module, args, seen=seen: seen.append(args[1].clone()))
+        generator.sample_latents(generator.condition(labels=[0]), 1, steps=steps)
+        times = torch.stack([t[0] for t in seen])
+        torch.testing.assert_close(times, time_grid(steps, shift=3.0)[:-1])
+        assert not torch.allclose(times, time_grid(steps)[:-1])
+    assert json.loads((paths.student / "progressive-2step" / "student.json").read_text())["time_shift"] == 3.0

@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from gmpipe.config.loop import LoopConfig
-from gmpipe.errors import GmpipeError
 from gmpipe.train.checkpoint import latest_checkpoint, read_checkpoint
 from gmpipe.train.ema import EMA
 from gmpipe.train.loop import LossStep, NonFiniteLossError, batch_indices, train
@@ -65,10 +64,14 @@ def test_resume_continues_and_matches_an_uninterrupted_run(tmp_path):
     torch.testing.assert_close(straight.ema.module.weight, resumed.ema.module.weight, rtol=0, atol=0)
 
 
-def test_finished_run_is_a_no_op(tmp_path):
-    _run(tmp_path, _config(steps=4))
+def test_finished_run_is_a_no_op_that_keeps_its_history(tmp_path):
+    first = _run(tmp_path, _config(steps=4))
     again = _run(tmp_path, _config(steps=4))
-    assert again.resumed_from == 4 and again.history == []
+    assert again.resumed_from == 4 and again.step == 4
+    assert again.history == first.history and [r["step"] for r in again.history] == [2, 4]
+    # The dvclive curves are rewritten from the checkpoint's history, complete, even when no step ran.
+    rows = (tmp_path / "live/plots/metrics/model/mse.tsv").read_text().splitlines()
+    assert [row.split("\t")[0] for row in rows[1:]] == ["2", "4"]
 
 
 def test_ema_round_trip_and_warmup():
@@ -99,8 +102,8 @@ def test_only_newest_checkpoints_are_kept(tmp_path):
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step-00000006", "step-00000008"]
 
 
-def test_pickled_checkpoint_is_refused(tmp_path):
-    _run(tmp_path, _config(steps=2))
+def test_pickled_checkpoint_is_refused_and_the_previous_one_used(tmp_path, capsys):
+    _run(tmp_path, _config(steps=4))
     optim_file = latest_checkpoint(tmp_path / "ckpt") / "model.optim.pt"
 
     class Evil:
@@ -108,16 +111,36 @@ def test_pickled_checkpoint_is_refused(tmp_path):
             return (print, ("code ran",))
 
     optim_file.write_bytes(pickle.dumps({"optimizer": Evil()}))
-    with pytest.raises(GmpipeError, match="refused to load"):
-        _run(tmp_path, _config(steps=4))
+    resumed = _run(tmp_path, _config(steps=6))
+    out = capsys.readouterr().out
+    assert "refused to load" in out and "trying the previous checkpoint" in out and "code ran" not in out
+    assert resumed.resumed_from == 2 and resumed.step == 6
+    assert (tmp_path / "ckpt/.corrupt-step-00000004").is_dir()
 
 
-def test_tampered_weights_are_refused(tmp_path):
-    _run(tmp_path, _config(steps=2))
-    weights = latest_checkpoint(tmp_path / "ckpt") / "model.safetensors"
-    weights.write_bytes(b"\x00" * 16 + weights.read_bytes()[16:])
-    with pytest.raises(GmpipeError, match="not a valid safetensors file"):
-        _run(tmp_path, _config(steps=4))
+@pytest.mark.parametrize("damage", ["truncate", "header", "trainer", "nan"])
+def test_damaged_newest_checkpoint_is_skipped_for_the_newest_intact_one(tmp_path, capsys, damage):
+    straight = _run(tmp_path / "a", _config(steps=6))
+    _run(tmp_path / "b", _config(steps=4))
+    newest = latest_checkpoint(tmp_path / "b/ckpt")
+    weights = newest / "model.safetensors"
+    if damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif damage == "header":
+        weights.write_bytes(b"\x00" * 16 + weights.read_bytes()[16:])
+    elif damage == "trainer":
+        (newest / "trainer.json").write_text('{"history": []}')
+    else:
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(weights)
+        tensors["weight"][0, 0] = float("nan")
+        save_file(tensors, weights)
+    resumed = _run(tmp_path / "b", _config(steps=6))
+    assert "skipped" in capsys.readouterr().out
+    assert resumed.resumed_from == 2 and resumed.step == 6
+    # Resuming from step 2 replays the same batches: the result equals an uninterrupted run.
+    torch.testing.assert_close(straight.modules["model"].weight, resumed.modules["model"].weight, rtol=0, atol=0)
 
 
 def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path):
