@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from gmpipe.artifacts import atomic_dir, write_json
+from gmpipe.artifacts import atomic_dir, read_json, write_json
 from gmpipe.config.compute import ComputeConfig
 from gmpipe.config.distill import DistillConfig
 from gmpipe.data.latents import STATS, LatentStats, load_split, load_texts
@@ -148,7 +148,7 @@ def _couplings(config, paths, root, denoise, null, objective, split, stats, text
 def _write_students(paths: Paths, config: DistillConfig, teacher_bundle, students: dict, w: float) -> dict:
     if not students:
         raise GmpipeError("distill.methods: nothing was distilled")
-    conditioning = json.loads((paths.ldm / CONDITIONING).read_text())
+    conditioning = read_json(paths.ldm / CONDITIONING, "train_ldm")
     table = {}
     with atomic_dir(paths.student) as out:
         for name, student in students.items():
