@@ -31,6 +31,14 @@ SPLIT_KEYS = ("images", "labels", "caption_bytes", "caption_offsets", "caption_i
 
 
 @dataclass(frozen=True)
+class Rejected:
+    """One line of ``rejected.json``: an input that was skipped (or changed), and why."""
+
+    file: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class Split:
     images: np.ndarray  # (N, C, H, W) uint8
     labels: np.ndarray  # (N,) int64
