@@ -74,8 +74,9 @@ def _from_fashion_mnist(data: DataConfig, config: PrepareConfig):
     for name in ("train", "test"):
         try:
             images, labels = fashion_mnist.load_split(directory, name)
-        except (OSError, ValueError, EOFError) as exc:
-            raise GmpipeError(f"{directory}: cannot read the Fashion-MNIST {name} split ({exc})") from None
+        except (fashion_mnist.IdxFormatError, OSError) as exc:
+            raise GmpipeError(f"{exc}; replace it with the original file (apt-get install --reinstall "
+                              "dataset-fashion-mnist) or set data.path") from None
         splits[name] = Split(_fit_fashion_mnist(images, data), labels, _captions(labels, class_names))
     train_index, val_index = stratified_split(splits["train"].labels, config.val_fraction, config.seed)
     splits["val"] = splits["train"].take(val_index)
