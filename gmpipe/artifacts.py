@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import shutil
+import socket
 import tempfile
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
@@ -37,41 +39,105 @@ def _write_failed(target: Path, exc: OSError) -> GmpipeError:
     )
 
 
-def recover_interrupted(target: Path) -> None:
-    """A run killed between the two renames of ``atomic_dir`` leaves only the backup: put it back."""
-    if target.exists():
+def _owner_tag() -> str:
+    """Host and process id, in the names of temporary and backup folders: a folder whose writer died on this host
+    can be recognised and removed, and one of a live writer (or of another host sharing the volume) is left."""
+    return f"{socket.gethostname().replace('-', '_')}-{os.getpid()}"
+
+
+def _writer_died(folder: Path) -> bool:
+    """True when ``folder`` (``.NAME.tmp-HOST-PID-...`` or ``.NAME.old-HOST-PID-...``) was left by a dead process
+    of this host."""
+    parts = folder.name.rsplit("-", 3)
+    if len(parts) != 4 or parts[1] != socket.gethostname().replace("-", "_") or not parts[2].isdigit():
+        return False
+    try:
+        os.kill(int(parts[2]), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+@contextlib.contextmanager
+def _swap_lock(parent: Path) -> Iterator[None]:
+    """An exclusive lock on ``parent`` while a folder in it is swapped, so two runs writing the same artifact
+    replace it one after the other instead of interleaving their renames. Best effort: where the file system has
+    no ``flock`` (some network mounts), the swap below still copes with a concurrent writer."""
+    try:
+        fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        yield
         return
-    backups = sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime)
-    if backups:
-        os.replace(backups[-1], target)
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def recover_interrupted(target: Path) -> None:
+    """Repair what a killed ``atomic_dir`` left: put the backup back if a run died between its two renames, and
+    remove temporary and backup folders of writers that died on this host. Call with the swap lock held."""
+    leftovers = list(target.parent.glob(f".{target.name}.old-*"))
+    if not target.exists() and leftovers:
+        newest = max(leftovers, key=lambda p: p.stat().st_mtime)
+        os.replace(newest, target)
+        leftovers.remove(newest)
+    for folder in leftovers + list(target.parent.glob(f".{target.name}.tmp-*")):
+        if _writer_died(folder):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _swap_in(tmp: Path, target: Path) -> None:
+    """Rename ``tmp`` to ``target``, moving the current ``target`` aside first and deleting it afterwards."""
+    backup = target.parent / f".{target.name}.old-{_owner_tag()}-{os.urandom(4).hex()}"
+    with _swap_lock(target.parent):
+        recover_interrupted(target)
+        for _ in range(100):  # with the lock held, once; without it, until no concurrent writer gets in between
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(target, backup)
+            try:
+                os.replace(tmp, target)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                shutil.rmtree(backup, ignore_errors=True)
+        else:
+            raise OSError(errno.EBUSY, "another run keeps replacing it")
+    shutil.rmtree(backup, ignore_errors=True)
 
 
 @contextlib.contextmanager
 def atomic_dir(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces ``target``, on failure ``target`` is untouched."""
+    """Yield a temporary sibling folder; on success it replaces ``target``, on failure ``target`` is untouched.
+
+    Runs writing the same target at the same time both succeed, one after the other: the folder is always one
+    complete version (the last to finish), and no temporary or backup folder is left behind.
+    """
     target = Path(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        recover_interrupted(target)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        with _swap_lock(target.parent):
+            recover_interrupted(target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{_owner_tag()}-", dir=target.parent))
         tmp.chmod(0o755)  # mkdtemp makes it private; artifacts are ordinary folders
     except OSError as exc:
         raise _write_failed(target, exc) from None
     try:
         yield tmp
+        _swap_in(tmp, target)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if exc.errno in WRITE_ERRORS:
+        if exc.errno in WRITE_ERRORS or exc.errno == errno.EBUSY:
             raise _write_failed(target, exc) from None
         raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    backup = target.parent / f".{target.name}.old-{os.getpid()}"
-    if target.exists():
-        os.replace(target, backup)
-    os.replace(tmp, target)
-    shutil.rmtree(backup, ignore_errors=True)
 
 
 @contextlib.contextmanager
