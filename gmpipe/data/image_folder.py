@@ -29,7 +29,7 @@ from gmpipe.data.captions import CAPTIONS_FILE, Caption, read_captions, unused_c
 from gmpipe.data.prepared import Rejected
 
 MAX_PIXELS = 64_000_000  # decoded pixels (after JPEG draft decoding at a reduced scale)
-MAX_DECODED_BYTES = 256 * 2**20  # decoded pixels x bytes per pixel, as Pillow stores them
+MAX_DECODED_BYTES = 192 * 2**20  # decoded pixels x bytes per pixel, as Pillow stores them
 MAX_ASPECT = 16  # longer side / shorter side
 MACOS_METADATA = "__MACOSX"
 
@@ -85,7 +85,7 @@ def _skip_reason(entry: os.DirEntry) -> str | None:
     if entry.is_dir(follow_symlinks=False):
         return None
     if not entry.is_file():
-        return "broken link: skipped" if entry.is_symlink() else "not a regular file: skipped"
+        return "broken link: skipped" if not os.path.exists(entry.path) else "not a regular file: skipped"
     return None
 
 
@@ -170,12 +170,17 @@ def convert_image(image: Image.Image, channels: int, size: int, background: int 
     return array[None].copy() if channels == 1 else array.transpose(2, 0, 1).copy()
 
 
-def _size_problem(image: Image.Image) -> str | None:
+def _shape_problem(image: Image.Image) -> str | None:
     width, height = image.size
     if min(width, height) < 1:
         return f"no pixels ({width}x{height})"
     if max(width, height) > MAX_ASPECT * min(width, height):
         return f"too elongated ({width}x{height}; sides may differ at most {MAX_ASPECT}x)"
+    return None
+
+
+def _size_problem(image: Image.Image) -> str | None:
+    width, height = image.size
     if width * height > MAX_PIXELS:
         return f"too large ({width}x{height} > {MAX_PIXELS} pixels)"
     decoded = width * height * _STORED_BYTES.get(image.mode, 4)
@@ -203,7 +208,7 @@ def load_image(file: Path, channels: int, size: int, background: int = 255) -> n
             return Rejected(str(file), "empty file (0 bytes)")
         with warnings.catch_warnings(), Image.open(file) as image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limits below are tighter
-            problem = _size_problem(image)
+            problem = _shape_problem(image)
             if problem is None:
                 image.draft(image.mode, (size, size))  # JPEG only: decode at 1/2..1/8 scale when that still covers
                 problem = _size_problem(image)

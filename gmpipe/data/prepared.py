@@ -62,7 +62,8 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
             n_carved = min(max(n_carved, 1), len(members) - 1)
         carved.append(members[:n_carved])
         kept.append(members[n_carved:])
-    return np.sort(np.concatenate(kept)), np.sort(np.concatenate(carved))
+    none = [np.zeros(0, dtype=np.int64)]  # an empty split has no class: concatenate needs one array
+    return np.sort(np.concatenate(kept + none)), np.sort(np.concatenate(carved + none))
 
 
 def cap_per_class(labels: np.ndarray, limit: int | None, seed: int) -> np.ndarray:
@@ -71,7 +72,7 @@ def cap_per_class(labels: np.ndarray, limit: int | None, seed: int) -> np.ndarra
         return np.arange(len(labels))
     rng = np.random.default_rng(seed)
     keep = [rng.permutation(np.flatnonzero(labels == label))[:limit] for label in np.unique(labels)]
-    return np.sort(np.concatenate(keep))
+    return np.sort(np.concatenate([*keep, np.zeros(0, dtype=np.int64)]))
 
 
 def captions_array(captions) -> np.ndarray:
