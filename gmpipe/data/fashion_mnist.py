@@ -86,11 +86,11 @@ def load_split(directory: str | Path, split: str) -> tuple[np.ndarray, np.ndarra
     images = read_idx(image_file, expected_ndim=3)
     if images.shape[1:] != IMAGE_SHAPE:
         raise IdxFormatError(f"{image_file}: images are {images.shape[1]}x{images.shape[2]}, expected 28x28")
+    if len(images) == 0:
+        raise IdxFormatError(f"{image_file}: holds no images")
     labels = read_idx(label_file, expected_ndim=1, max_values=MAX_ITEMS)
     if len(images) != len(labels):
         raise IdxFormatError(f"{label_file}: {len(labels)} labels for {len(images)} images in {image_file.name}")
-    if len(labels) == 0:
-        raise IdxFormatError(f"{image_file}: holds no images")
     if labels.max() >= len(CLASS_NAMES):
         bad = int(np.flatnonzero(labels >= len(CLASS_NAMES))[0])
         raise IdxFormatError(f"{label_file}: label {labels[bad]} at index {bad} is out of range 0..9")
