@@ -204,7 +204,8 @@ def describe(exc: BaseException) -> str:
         try:
             first = errors()[0]
             where = ".".join(str(part) for part in first["loc"])
-            return f"{where}: {first['msg']}" if where else first["msg"]
+            message = first["msg"].removeprefix("Value error, ")
+            return f"{where}: {message}" if where else message
         except (TypeError, IndexError, KeyError):
             pass
     if isinstance(exc, KeyError):

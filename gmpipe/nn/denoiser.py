@@ -276,7 +276,7 @@ class Denoiser(nn.Module):
         ``from_pretrained`` does); call ``.train()`` to train it further. A missing or damaged file is one
         :class:`~gmpipe.artifacts.ArtifactError` naming it and ``stage``, the stage that writes the folder."""
         directory = Path(directory)
-        required = (CONFIG_FILE, f"{MODEL_FOLDER}/config.json")
+        required = (CONFIG_FILE, f"{MODEL_FOLDER}/config.json", f"{MODEL_FOLDER}/diffusion_pytorch_model.safetensors")
         return load_model_folder(lambda folder: cls._load(folder, stage), directory, stage, "denoiser", required)
 
     @classmethod

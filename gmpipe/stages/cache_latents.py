@@ -21,7 +21,8 @@ def load_vae(directory):
     from diffusers import AutoencoderKL
 
     load = lambda folder: AutoencoderKL.from_pretrained(folder, use_safetensors=True).eval()  # noqa: E731
-    return load_model_folder(load, directory, "train_vae", "trained autoencoder")
+    return load_model_folder(load, directory, "train_vae", "trained autoencoder",
+                             ("config.json", "diffusion_pytorch_model.safetensors"))
 
 
 @torch.no_grad()
