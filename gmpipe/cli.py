@@ -274,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(exc), exc.exit_code)
     except MemoryError:
         return _fail("out of memory; ask for fewer or smaller outputs")
+    except OSError as exc:  # a file the user named or gave: the message names it
+        return _fail(str(exc) if exc.strerror is None else f"{exc.filename or 'a file'}: {exc.strerror}")
     except Exception as exc:
         if os.environ.get("GMPIPE_DEBUG"):
             raise
