@@ -196,6 +196,24 @@ def _orientation(image: Image.Image) -> int:
         return 1
 
 
+def _decode(file: Path, channels: int, size: int, background: int) -> np.ndarray | Rejected:
+    """The steps of :func:`load_image`: header checks, reduced-scale JPEG decoding, decoding, the centred square
+    turned upright, conversion."""
+    with Image.open(file) as image:
+        problem = _shape_problem(image)
+        if problem is None:
+            image.draft(image.mode, (size, size))  # JPEG only: decode at 1/2..1/8 scale when that still covers
+            problem = _size_problem(image)
+        if problem:
+            return Rejected(str(file), problem)
+        image.load()
+        upright = _UPRIGHT.get(_orientation(image))
+        square = _centre_square(image)
+        if upright is not None:
+            square = square.transpose(upright)
+        return convert_image(square, channels, size, background)
+
+
 def load_image(file: Path, channels: int, size: int, background: int = 255) -> np.ndarray | Rejected:
     """Decode one file into a (channels, size, size) uint8 array, or a :class:`Rejected` with the reason.
 
@@ -206,20 +224,11 @@ def load_image(file: Path, channels: int, size: int, background: int = 255) -> n
     try:
         if os.stat(file).st_size == 0:
             return Rejected(str(file), "empty file (0 bytes)")
-        with warnings.catch_warnings(), Image.open(file) as image:
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limits below are tighter
-            problem = _shape_problem(image)
-            if problem is None:
-                image.draft(image.mode, (size, size))  # JPEG only: decode at 1/2..1/8 scale when that still covers
-                problem = _size_problem(image)
-            if problem:
-                return Rejected(str(file), problem)
-            image.load()
-            upright = _UPRIGHT.get(_orientation(image))
-            square = _centre_square(image)
-            if upright is not None:
-                square = square.transpose(upright)
-            return convert_image(square, channels, size, background)
+        with warnings.catch_warnings():
+            # Pillow warns about odd files (corrupt EXIF, bombs) without naming them; the decisions below are reported
+            # against the file instead, and the size limits below are tighter than Pillow's own.
+            warnings.simplefilter("ignore")
+            return _decode(file, channels, size, background)
     except UnidentifiedImageError:
         return Rejected(str(file), "not an image PIL can read")
     except Image.DecompressionBombError as exc:
