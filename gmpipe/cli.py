@@ -1,21 +1,95 @@
-"""The ``gmpipe`` command: run stages and the pipeline as Prefect flows, validate params, sample."""
+"""The ``gmpipe`` command: run stages and the pipeline as Prefect flows, validate params, sample.
+
+Every argument is checked where it is parsed (the types below), so a bad one is one line naming it and a non-zero
+exit before any model is loaded; an error the user can fix anywhere later is one ``gmpipe: error:`` line too.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import yaml
 
+from gmpipe import __version__
 from gmpipe.config.params import ParamsError, load_params
+from gmpipe.errors import GmpipeError
 from gmpipe.stages import STAGES
+
+# Bounds of the sampling arguments (steps and guidance as in the train_ldm section's sample_* keys).
+MAX_IMAGES_PER_ROW = 1000
+MAX_IMAGES = 10_000
+MAX_STEPS = 1000
+MAX_GUIDANCE = 50.0
+SAMPLE_SUFFIXES = (".png", ".npz")
 
 
 def _fail(message: str, code: int = 1) -> int:
-    print(f"gmpipe: error: {message}", file=sys.stderr)
+    print(f"gmpipe: error: {' '.join(str(message).split())}", file=sys.stderr)
     return code
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with one line per error (no usage block), naming the argument and where to find help."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def int_between(low: int, high: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be between {low} and {high} (got {value})")
+        return value
+
+    return parse
+
+
+def finite_between(low: float, high: float):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be a finite number between {low:g} and {high:g} (got {text})")
+        return value
+
+    return parse
+
+
+def prompt(text: str) -> str:
+    from gmpipe.data.captions import CaptionError, check_caption
+
+    try:
+        return check_caption(text)
+    except CaptionError as exc:
+        raise argparse.ArgumentTypeError(f"unusable prompt ({exc})") from None
+
+
+def check_output(path: str) -> Path:
+    """The --out file: a known suffix, not a folder, in a folder that exists (or can be made) and is writable.
+    Checked before sampling, so a bad path costs nothing."""
+    out = Path(path)
+    if out.suffix.lower() not in SAMPLE_SUFFIXES:
+        raise GmpipeError(f"--out {path}: give a .png (a grid) or .npz (uint8 arrays) file name")
+    if out.is_dir():
+        raise GmpipeError(f"--out {path}: is a folder; give a file name")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out.parent):
+            pass
+    except OSError as exc:
+        raise GmpipeError(f"--out {path}: cannot write in {out.parent} ({exc.strerror or exc})") from None
+    return out
 
 
 def cmd_check_params(args: argparse.Namespace) -> int:
@@ -59,7 +133,10 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     dvc_file = Path(args.root) / "dvc.yaml"
     if not dvc_file.is_file():
         return _fail(f"{dvc_file}: not found; run gmpipe pipeline from the project root (or pass --root)", 2)
-    order = list(yaml.safe_load(dvc_file.read_text())["stages"])
+    try:
+        order = list(yaml.safe_load(dvc_file.read_text())["stages"])
+    except (yaml.YAMLError, KeyError, TypeError, UnicodeDecodeError, RecursionError):
+        return _fail(f"{dvc_file}: not a dvc.yaml with a 'stages' mapping; restore it from git", 2)
     unknown = sorted(set(args.stages) - set(order))
     if unknown:
         return _fail(f"unknown stage(s) {', '.join(unknown)}; dvc.yaml has {', '.join(order)}", 2)
@@ -92,42 +169,42 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from gmpipe.errors import GmpipeError
-
-    try:
-        return _sample(args)
-    except (GmpipeError, FileNotFoundError) as exc:
-        return _fail(str(exc))
-
-
-def _sample(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from gmpipe.artifacts import atomic_file
     from gmpipe.eval.grids import save_grid, to_uint8
     from gmpipe.generate import LatentGenerator
 
+    out = check_output(args.out)
+    if not Path(args.model).is_dir():
+        return _fail(f"--model {args.model}: no such folder (a trained model: models/ldm or models/student/NAME; "
+                     "run the 'train_ldm' stage first)")
     generator = LatentGenerator.load(args.model, args.vae)
     mode = generator.conditioning["mode"]
     labels = prompts = None
     if mode == "class":
         names = generator.conditioning["class_names"]
+        bad = [c for c in args.classes or [] if c >= len(names)]
+        if bad:
+            return _fail(f"--classes {bad[0]}: this model has classes 0..{len(names) - 1}")
         chosen = args.classes if args.classes else list(range(len(names)))
         labels = [c for c in chosen for _ in range(args.n)]
         rows = len(chosen)
     elif mode == "text":
         if not args.prompts:
-            return _fail("this model is text-conditional: give --prompts")
+            return _fail("--prompts: this model is text-conditional: give prompts")
         prompts = [p for p in args.prompts for _ in range(args.n)]
         rows = len(args.prompts)
     else:
         rows = 1
+    if rows * args.n > MAX_IMAGES:
+        return _fail(f"-n {args.n}: {rows} rows x {args.n} images is more than {MAX_IMAGES}; lower -n")
     cond = generator.condition(labels=labels, prompts=prompts)
     latents, nfe = generator.sample_latents(cond, rows * args.n, args.sampler, args.steps, args.guidance, args.seed)
     images = to_uint8(generator.decode(latents))
-    out = Path(args.out)
-    if out.suffix == ".npz":
-        out.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(out, images=images, labels=np.array(labels if labels else [-1] * len(images)))
+    if out.suffix.lower() == ".npz":
+        with atomic_file(out, "wb") as handle:
+            np.savez(handle, images=images, labels=np.array(labels if labels else [-1] * len(images)))
     else:
         save_grid(images, out, columns=args.n)
     used = generator.sampling | {k: v for k, v in (("sampler", args.sampler), ("steps", args.steps),
@@ -138,10 +215,11 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="gmpipe",
         description="Train a latent generative model from images, as a DVC + Prefect pipeline.",
     )
+    parser.add_argument("--version", action="version", version=f"gmpipe {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     check = sub.add_parser("check-params", help="validate a params file and exit (2 on problems)")
@@ -168,14 +246,19 @@ def build_parser() -> argparse.ArgumentParser:
     sample = sub.add_parser("sample", help="write images from a trained model (a grid PNG or an .npz of uint8)")
     sample.add_argument("--model", default="models/ldm", help="trained denoiser folder (default: models/ldm)")
     sample.add_argument("--vae", default="models/vae", help="autoencoder folder (default: models/vae)")
-    sample.add_argument("--classes", type=int, nargs="*", help="class indices, one row each (default: all)")
-    sample.add_argument("--prompts", nargs="*", help="text prompts, one row each (text-conditional models)")
-    sample.add_argument("-n", type=int, default=8, help="images per class or prompt (default: 8)")
+    sample.add_argument("--classes", type=int_between(0, 2**31 - 1), nargs="*",
+                        help="class indices, one row each (default: all)")
+    sample.add_argument("--prompts", type=prompt, nargs="*",
+                        help="text prompts, one row each (text-conditional models)")
+    sample.add_argument("-n", type=int_between(1, MAX_IMAGES_PER_ROW), default=8,
+                        help=f"images per class or prompt, 1..{MAX_IMAGES_PER_ROW} (default: 8)")
     sample.add_argument("--sampler", choices=("euler", "heun", "ddim", "ddpm", "consistency"),
                         help="default: the model's own")
-    sample.add_argument("--steps", type=int, help="sampler steps (default: the model's own)")
-    sample.add_argument("--guidance", type=float, help="guidance weight w (default: the model's own)")
-    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--steps", type=int_between(1, MAX_STEPS),
+                        help=f"sampler steps, 1..{MAX_STEPS} (default: the model's own)")
+    sample.add_argument("--guidance", type=finite_between(0.0, MAX_GUIDANCE),
+                        help=f"guidance weight w, 0..{MAX_GUIDANCE:g} (default: the model's own)")
+    sample.add_argument("--seed", type=int_between(0, 2**63 - 1), default=0)
     sample.add_argument("--out", default="samples.png", help="output .png grid or .npz (default: samples.png)")
     sample.set_defaults(func=cmd_sample)
     return parser
@@ -187,6 +270,17 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
+    except GmpipeError as exc:
+        return _fail(str(exc), exc.exit_code)
+    except MemoryError:
+        return _fail("out of memory; ask for fewer or smaller outputs")
+    except OSError as exc:  # a file the user named or gave: the message names it
+        return _fail(str(exc) if exc.strerror is None else f"{exc.filename or 'a file'}: {exc.strerror}")
+    except Exception as exc:
+        if os.environ.get("GMPIPE_DEBUG"):
+            raise
+        # Never a traceback for the user; the type and message still say what broke, and where to look.
+        return _fail(f"unexpected {type(exc).__name__}: {exc} (rerun with GMPIPE_DEBUG=1 for the traceback)")
 
 
 if __name__ == "__main__":

@@ -16,9 +16,12 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from gmpipe.artifacts import read_json
 from gmpipe.data.latents import LatentStats
 from gmpipe.diffusion import Objective, get_sampler, make_guided_model_fn
 from gmpipe.errors import GmpipeError
@@ -27,6 +30,38 @@ OBJECTIVE = "objective.json"
 SAMPLING = "sampling.json"
 CONDITIONING = "conditioning.json"
 LATENT_STATS = "latent_stats.json"
+STUDENT_INFO = "student.json"
+
+
+class SamplingFile(BaseModel):
+    """``sampling.json``: the model's default sampler, steps and guidance weight."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    sampler: str
+    steps: Annotated[int, Field(ge=1)]
+    guidance: Annotated[float, Field(allow_inf_nan=False)]
+
+    @field_validator("sampler")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        resolve_sampler(name)
+        return name
+
+
+class ConditioningFile(BaseModel):
+    """``conditioning.json``: what the denoiser is conditioned on (text models also name their encoder)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    mode: Literal["class", "text", "none"]
+    class_names: list[str]
+    text_encoder: str | None = None
+    max_length: Annotated[int, Field(ge=1)] | None = None
+
+    @model_validator(mode="after")
+    def _text_needs_encoder(self) -> ConditioningFile:
+        if self.mode == "text" and (self.text_encoder is None or self.max_length is None):
+            raise ValueError("a text-conditional model needs text_encoder and max_length")
+        return self
 
 
 def resolve_sampler(name: str):
@@ -61,20 +96,24 @@ class LatentGenerator:
         model_dir = Path(model_dir)
         if not (model_dir / OBJECTIVE).is_file():
             raise GmpipeError(f"{model_dir}: no trained denoiser here; run the 'train_ldm' stage first")
-        denoiser = Denoiser.from_pretrained(model_dir / weights).eval()
+        stage = "distill" if (model_dir / STUDENT_INFO).is_file() else "train_ldm"  # the stage that rewrites it
+        objective = read_json(model_dir / OBJECTIVE, stage, Objective.from_config)
+        conditioning = read_json(model_dir / CONDITIONING, stage, ConditioningFile.model_validate)
+        sampling = read_json(model_dir / SAMPLING, stage, SamplingFile.model_validate)
+        stats = LatentStats.load(model_dir / LATENT_STATS, stage)
+        denoiser = Denoiser.from_pretrained(model_dir / weights, stage).eval()
         vae = None
         if vae_dir is not None:
             from gmpipe.stages.cache_latents import load_vae
 
             vae = load_vae(Path(vae_dir))
-        read = lambda name: json.loads((model_dir / name).read_text())  # noqa: E731
         return cls(
             denoiser=denoiser,
-            objective=Objective.from_config(read(OBJECTIVE)),
-            stats=LatentStats.load(model_dir / LATENT_STATS),
+            objective=objective,
+            stats=stats,
             vae=vae,
-            conditioning=read(CONDITIONING),
-            sampling=read(SAMPLING),
+            conditioning=conditioning.model_dump(exclude_none=True),
+            sampling=sampling.model_dump(),
             latent_shape=(denoiser.in_channels, denoiser.sample_size, denoiser.sample_size),
         )
 

@@ -145,7 +145,7 @@ def test_missing_upstream_names_the_stage_to_run(tmp_path):
     paths = Paths(tmp_path)
     from gmpipe.stages import distill
 
-    with pytest.raises(FileNotFoundError, match="run the 'prepare' stage first"):
+    with pytest.raises(GmpipeError, match="run the 'prepare' stage first"):
         train_vae.run(params.data, params.train_vae, params.compute, paths)
     with pytest.raises(GmpipeError, match="run the 'train_ldm' stage first"):
         distill.run(params.distill, params.compute, paths)

@@ -18,13 +18,41 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import torch
-from safetensors.torch import load_file, save_file
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from safetensors.torch import save_file
+
+from gmpipe.artifacts import ArtifactError, read_json, read_safetensors
 
 STATS = "stats.json"
 TEXTS = "texts.safetensors"
 CAPTIONS = "captions.json"
+TEXT_ENCODER = "text_encoder.json"
+STAGE = "cache_latents"
+
+
+class StatsFile(BaseModel):
+    """``stats.json`` (and the ``latent_stats.json`` copy in every model folder): finite shifts, positive scales."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    shift: Annotated[list[Annotated[float, Field(allow_inf_nan=False)]], Field(min_length=1)]
+    scale: Annotated[list[Annotated[float, Field(gt=0, allow_inf_nan=False)]], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _same_channels(self) -> StatsFile:
+        if len(self.shift) != len(self.scale):
+            raise ValueError(f"{len(self.shift)} shifts but {len(self.scale)} scales")
+        return self
+
+
+class TextEncoderFile(BaseModel):
+    """``text_encoder.json``: which encoder embedded the captions, and at what length."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    text_encoder: str
+    max_length: Annotated[int, Field(ge=1)]
 
 
 @dataclass(frozen=True)
@@ -55,11 +83,10 @@ class LatentStats:
         path.write_text(json.dumps({"shift": list(self.shift), "scale": list(self.scale), **extra}, indent=2))
 
     @classmethod
-    def load(cls, path: Path) -> LatentStats:
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing; run the 'cache_latents' stage first")
-        raw = json.loads(path.read_text())
-        return cls(tuple(raw["shift"]), tuple(raw["scale"]))
+    def load(cls, path: Path, stage: str = STAGE) -> LatentStats:
+        """Read and check a stats file; ``stage`` is the one that writes it (a model folder's copy: its stage)."""
+        raw = read_json(path, stage, StatsFile.model_validate)
+        return cls(tuple(raw.shift), tuple(raw.scale))
 
 
 @dataclass(frozen=True)
@@ -85,10 +112,12 @@ def save_split(directory: Path, name: str, split: LatentSplit) -> None:
 
 def load_split(directory: str | Path, name: str) -> LatentSplit:
     file = Path(directory) / f"{name}.safetensors"
-    if not file.is_file():
-        raise FileNotFoundError(f"{file}: missing; run the 'cache_latents' stage first (gmpipe stage cache_latents)")
-    tensors = load_file(file)
-    return LatentSplit(tensors["mean"], tensors["std"], tensors["labels"], tensors["caption_index"])
+    tensors = read_safetensors(file, STAGE, ("mean", "std", "labels", "caption_index"))
+    mean, std, labels, index = (tensors[k] for k in ("mean", "std", "labels", "caption_index"))
+    if mean.ndim != 4 or std.shape != mean.shape or labels.shape != (len(mean),) or index.shape != labels.shape:
+        raise ArtifactError(file, f"inconsistent shapes (mean {tuple(mean.shape)}, std {tuple(std.shape)}, "
+                                  f"labels {tuple(labels.shape)}, caption_index {tuple(index.shape)})", STAGE)
+    return LatentSplit(mean, std, labels, index)
 
 
 def save_texts(directory: Path, captions: list[str], states: torch.Tensor, mask: torch.Tensor) -> None:
@@ -100,8 +129,18 @@ def load_texts(directory: str | Path) -> tuple[list[str], torch.Tensor, torch.Te
     """(captions, states (U, L, D) float32, mask (U, L) bool)."""
     directory = Path(directory)
     if not (directory / TEXTS).is_file():
-        raise FileNotFoundError(
-            f"{directory / TEXTS}: missing; set cache_latents.text_encoder and rerun the 'cache_latents' stage"
-        )
-    tensors = load_file(directory / TEXTS)
-    return json.loads((directory / CAPTIONS).read_text()), tensors["states"].float(), tensors["mask"].bool()
+        raise ArtifactError(directory / TEXTS, "missing; set cache_latents.text_encoder", STAGE, missing=True)
+    tensors = read_safetensors(directory / TEXTS, STAGE, ("states", "mask"))
+    states, mask = tensors["states"], tensors["mask"]
+    captions = read_json(directory / CAPTIONS, STAGE, expect=list)
+    if not all(isinstance(caption, str) for caption in captions):
+        raise ArtifactError(directory / CAPTIONS, "expected a JSON list of strings", STAGE)
+    if states.ndim != 3 or mask.shape != states.shape[:2] or len(captions) != len(states):
+        raise ArtifactError(directory / TEXTS, f"{len(captions)} captions but states {tuple(states.shape)} and "
+                                               f"mask {tuple(mask.shape)}", STAGE)
+    return captions, states.float(), mask.bool()
+
+
+def load_text_encoder_info(directory: str | Path) -> dict:
+    """``text_encoder.json``: {"text_encoder": source, "max_length": L}."""
+    return read_json(Path(directory) / TEXT_ENCODER, STAGE, TextEncoderFile.model_validate).model_dump()

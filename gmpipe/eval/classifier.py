@@ -15,9 +15,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
+
+from gmpipe.artifacts import load_model_folder, read_json, read_safetensors
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -141,15 +143,13 @@ def save_classifier(model: SmallCNN, directory: str | Path) -> None:
 
 
 def load_classifier(directory: str | Path) -> SmallCNN:
-    """Rebuild a ``SmallCNN`` saved by ``save_classifier``; returned in eval mode."""
-    directory = Path(directory)
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
-        if not (directory / name).is_file():
-            raise FileNotFoundError(f"classifier file not found: {directory / name}")
-    try:
-        config = ClassifierConfig(**json.loads((directory / CONFIG_FILE).read_text()))
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"{directory / CONFIG_FILE} is not a classifier config: {error}") from error
-    model = SmallCNN(config)
-    model.load_state_dict(load_file(str(directory / WEIGHTS_FILE), device="cpu"))
-    return model.eval()
+    """Rebuild a ``SmallCNN`` saved by ``save_classifier`` (the ``evaluate`` stage); returned in eval mode. A missing
+    or damaged file is one :class:`~gmpipe.artifacts.ArtifactError` naming it."""
+
+    def load(folder: Path) -> SmallCNN:
+        config = read_json(folder / CONFIG_FILE, "evaluate", lambda raw: ClassifierConfig(**raw))
+        model = SmallCNN(config)
+        model.load_state_dict(read_safetensors(folder / WEIGHTS_FILE, "evaluate"))
+        return model.eval()
+
+    return load_model_folder(load, directory, "evaluate", "classifier", (CONFIG_FILE, WEIGHTS_FILE))

@@ -39,9 +39,10 @@ from typing import Any
 import torch
 from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel
 from diffusers.models.embeddings import LabelEmbedding
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from gmpipe.artifacts import load_model_folder, read_json, read_safetensors
 from gmpipe.diffusion.guidance import drop_conditions, drop_text_conditions
 from gmpipe.diffusion.times import as_time
 
@@ -270,14 +271,17 @@ class Denoiser(nn.Module):
         (directory / CONFIG_FILE).write_text(json.dumps(self.to_config(), indent=2) + "\n")
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> Denoiser:
+    def from_pretrained(cls, directory: str | Path, stage: str = "train_ldm") -> Denoiser:
         """Load what ``save_pretrained`` wrote (safetensors only), on the CPU and in eval mode (as diffusers'
-        ``from_pretrained`` does); call ``.train()`` to train it further."""
+        ``from_pretrained`` does); call ``.train()`` to train it further. A missing or damaged file is one
+        :class:`~gmpipe.artifacts.ArtifactError` naming it and ``stage``, the stage that writes the folder."""
         directory = Path(directory)
-        config_file = directory / CONFIG_FILE
-        if not config_file.is_file():
-            raise FileNotFoundError(f"{config_file}: not a saved gmpipe denoiser")
-        config = json.loads(config_file.read_text())
+        required = (CONFIG_FILE, f"{MODEL_FOLDER}/config.json", f"{MODEL_FOLDER}/diffusion_pytorch_model.safetensors")
+        return load_model_folder(lambda folder: cls._load(folder, stage), directory, stage, "denoiser", required)
+
+    @classmethod
+    def _load(cls, directory: Path, stage: str) -> Denoiser:
+        config = read_json(directory / CONFIG_FILE, stage)
         # the shell is built on the meta device (no memory, no random init): its weights are all replaced below
         with torch.device("meta"):
             denoiser = cls(
@@ -293,6 +297,6 @@ class Denoiser(nn.Module):
         disable_label_dropout(transformer)
         denoiser.transformer = transformer
         if denoiser.mode == "text":
-            null_text = load_file(directory / NULL_TEXT_FILE)[NULL_TEXT_KEY]
+            null_text = read_safetensors(directory / NULL_TEXT_FILE, stage, (NULL_TEXT_KEY,))[NULL_TEXT_KEY]
             denoiser.null_text_embedding = nn.Parameter(null_text)
         return denoiser.eval()

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from gmpipe.artifacts import atomic_dir, write_json
+from gmpipe.artifacts import atomic_dir, load_model_folder, write_json
 from gmpipe.config.cache_latents import CacheLatentsConfig
 from gmpipe.data.latents import STATS, LatentSplit, LatentStats, save_split, save_texts
 from gmpipe.data.prepared import SPLITS, load_split
@@ -20,9 +20,9 @@ SECTIONS = ("cache_latents",)
 def load_vae(directory):
     from diffusers import AutoencoderKL
 
-    if not (directory / "config.json").is_file():
-        raise GmpipeError(f"{directory}: no trained autoencoder; run the 'train_vae' stage first")
-    return AutoencoderKL.from_pretrained(directory, use_safetensors=True).eval()
+    load = lambda folder: AutoencoderKL.from_pretrained(folder, use_safetensors=True).eval()  # noqa: E731
+    return load_model_folder(load, directory, "train_vae", "trained autoencoder",
+                             ("config.json", "diffusion_pytorch_model.safetensors"))
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
-from gmpipe.artifacts import atomic_dir, atomic_file, write_json
+from gmpipe.artifacts import atomic_dir, atomic_file, read_json, write_json
 from gmpipe.config.compute import ComputeConfig
 from gmpipe.config.distill import METHOD_KEYS, DistillConfig
 from gmpipe.config.loop import RESUMABLE_KEYS
@@ -197,7 +197,7 @@ def _read_couplings(cache: Path, fingerprint: Fingerprint) -> dict | None:
 def _write_students(paths: Paths, config: DistillConfig, teacher_bundle, students: dict, w: float) -> dict:
     if not students:
         raise GmpipeError("distill.methods: nothing was distilled")
-    conditioning = json.loads((paths.ldm / CONDITIONING).read_text())
+    conditioning = read_json(paths.ldm / CONDITIONING, "train_ldm")
     table = {}
     with atomic_dir(paths.student) as out:
         for name, student in students.items():

@@ -8,15 +8,16 @@ with its n; models are compared only at equal n against the same real images.
 from __future__ import annotations
 
 import csv
-import json
 import subprocess
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
-from gmpipe.artifacts import atomic_file, write_json
+from gmpipe.artifacts import atomic_file, read_json, write_json
 from gmpipe.config.evaluate import EvaluateConfig
 from gmpipe.data.prepared import load_manifest, load_split
 from gmpipe.errors import GmpipeError
@@ -182,6 +183,19 @@ def _grid(images: torch.Tensor, labels, num_classes: int, path: Path, per_class:
     save_grid(to_uint8(images[order]), path, columns=columns)
 
 
+class StudentInfo(BaseModel):
+    """What ``evaluate`` reads from a student's ``student.json`` (written by ``distill``)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    method: str
+    steps: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1)]
+    guidance_folded: Annotated[float, Field(allow_inf_nan=False)]
+
+
+def read_student_info(folder: Path) -> dict:
+    return read_json(folder / STUDENT_INFO, "distill", StudentInfo.model_validate).model_dump()
+
+
 def student_folders(paths: Paths) -> list[Path]:
     if not paths.student.is_dir():
         return []
@@ -192,7 +206,7 @@ def evaluate_students(config: EvaluateConfig, paths: Paths, reference: Reference
     rows = []
     n = min(config.n_samples, len(reference.features))
     for folder in tqdm(student_folders(paths), desc="evaluate: students", unit="student"):
-        info = json.loads((folder / STUDENT_INFO).read_text())
+        info = read_student_info(folder)
         generator = LatentGenerator.load(folder, paths.vae)
         conditional = generator.conditioning["mode"] != "none"
         labels = balanced_labels(n, len(class_names)) if conditional else None
@@ -250,8 +264,7 @@ def run(config: EvaluateConfig, paths: Paths) -> dict:
                                              n=min(config.n_samples, len(test)), seed=config.seed)
     guidance_rows, nfe_rows, student_rows = [], [], []
     if paths.vae.is_dir() and paths.ldm.is_dir():
-        student_ws = {float(json.loads((f / STUDENT_INFO).read_text())["guidance_folded"])
-                      for f in student_folders(paths)}
+        student_ws = {read_student_info(f)["guidance_folded"] for f in student_folders(paths)}
         headline, teacher_by_w, guidance_rows, nfe_rows = evaluate_teacher(
             config, paths, reference, class_names, real["classifier_test_accuracy"], student_ws)
         floor = real["floor"][str(headline["n"])]["fd_effnet"]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +14,15 @@ from gmpipe.artifacts import atomic_dir, write_json
 from gmpipe.config.data import DataConfig
 from gmpipe.config.prepare import PrepareConfig
 from gmpipe.data import fashion_mnist, image_folder
-from gmpipe.data.image_folder import Rejected
-from gmpipe.data.prepared import MANIFEST, REJECTED, Split, cap_per_class, stratified_split, write_split
+from gmpipe.data.prepared import (
+    MANIFEST,
+    REJECTED,
+    Split,
+    cap_per_class,
+    captions_array,
+    stratified_split,
+    write_split,
+)
 from gmpipe.errors import GmpipeError
 from gmpipe.paths import Paths
 
@@ -25,7 +34,7 @@ SECTIONS = ("data", "prepare")
 def _hash_files(files: list[Path]) -> str:
     digest = hashlib.sha256()
     for file in files:
-        digest.update(file.name.encode())
+        digest.update(os.fsencode(file.name))  # names need not be UTF-8
         with open(file, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
@@ -49,7 +58,7 @@ def _fit_fashion_mnist(images: np.ndarray, data: DataConfig) -> np.ndarray:
 
 
 def _captions(labels: np.ndarray, class_names: list[str]) -> np.ndarray:
-    return np.array([DEFAULT_CAPTION.format(class_names[i].lower()) for i in labels], dtype=str)
+    return captions_array([DEFAULT_CAPTION.format(class_names[i].lower()) for i in labels])
 
 
 def _from_fashion_mnist(data: DataConfig, config: PrepareConfig):
@@ -65,8 +74,9 @@ def _from_fashion_mnist(data: DataConfig, config: PrepareConfig):
     for name in ("train", "test"):
         try:
             images, labels = fashion_mnist.load_split(directory, name)
-        except (OSError, ValueError, EOFError) as exc:
-            raise GmpipeError(f"{directory}: cannot read the Fashion-MNIST {name} split ({exc})") from None
+        except (fashion_mnist.IdxFormatError, OSError) as exc:
+            raise GmpipeError(f"{exc}; replace it with the original file (apt-get install --reinstall "
+                              "dataset-fashion-mnist) or set data.path") from None
         splits[name] = Split(_fit_fashion_mnist(images, data), labels, _captions(labels, class_names))
     train_index, val_index = stratified_split(splits["train"].labels, config.val_fraction, config.seed)
     splits["val"] = splits["train"].take(val_index)
@@ -78,24 +88,20 @@ def _from_image_folder(data: DataConfig, config: PrepareConfig):
     root = Path(data.path)
     if not root.is_dir():
         raise GmpipeError(f"{root}: image folder not found (set data.path)")
-    class_names = image_folder.list_classes(root)
-    if not class_names:
-        raise GmpipeError(f"{root}: no class sub-folders (expected one sub-folder of images per class)")
-    captions, rejected = image_folder.read_captions(root)
-    entries = image_folder.list_entries(root, class_names)
-    images, labels, texts, used = [], [], [], []
-    for entry in tqdm(entries, desc="prepare: reading images", unit="img", mininterval=1.0):
-        result = image_folder.load_image(entry.file, data.channels, data.image_size, config.alpha_background)
-        if isinstance(result, Rejected):
-            rejected.append(Rejected(entry.relative, result.reason))
-            continue
-        images.append(result)
-        labels.append(entry.label)
-        texts.append(captions.get(entry.relative, DEFAULT_CAPTION.format(class_names[entry.label].lower())))
-        used.append(entry.file)
-    if not images:
-        raise GmpipeError(f"{root}: no usable images ({len(rejected)} files rejected; see the reasons above)")
-    everything = Split(np.stack(images), np.array(labels, dtype=np.int64), np.array(texts, dtype=str))
+    progress = partial(tqdm, desc="prepare: reading images", unit="img", mininterval=1.0)
+    try:
+        folder = image_folder.read_image_folder(root, data.channels, data.image_size, config.alpha_background,
+                                                progress)
+    except OSError as exc:
+        raise GmpipeError(f"{exc.filename or root}: cannot be read ({exc.strerror or exc})") from None
+    if not folder.class_names:
+        example = f", e.g. {folder.rejected[0].file}: {folder.rejected[0].reason}" if folder.rejected else ""
+        raise GmpipeError(f"{root}: no usable images in class sub-folders ({len(folder.rejected)} entries "
+                          f"rejected{example})")
+    class_names = folder.class_names
+    texts = [caption or DEFAULT_CAPTION.format(class_names[label].lower())
+             for caption, label in zip(folder.captions, folder.labels, strict=True)]
+    everything = Split(folder.images, folder.labels, captions_array(texts))
     rest, test_index = stratified_split(everything.labels, config.test_fraction, config.seed)
     rest_split = everything.take(rest)
     val_fraction = config.val_fraction / max(1.0 - config.test_fraction, 1e-9)
@@ -105,7 +111,7 @@ def _from_image_folder(data: DataConfig, config: PrepareConfig):
         "val": rest_split.take(val_index),
         "test": everything.take(test_index),
     }
-    return splits, class_names, rejected, _hash_files(used)
+    return splits, class_names, folder.rejected, _hash_files(folder.files)
 
 
 SOURCES = {"fashion_mnist": _from_fashion_mnist, "image_folder": _from_image_folder}

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 
-from gmpipe.artifacts import atomic_dir, write_json
+from gmpipe.artifacts import atomic_dir, read_json, write_json
 from gmpipe.config.compute import ComputeConfig
 from gmpipe.config.loop import RESUMABLE_KEYS
 from gmpipe.config.train_ldm import TrainLDMConfig
-from gmpipe.data.latents import STATS, LatentStats, load_split, load_texts
+from gmpipe.data.latents import STATS, LatentStats, load_split, load_text_encoder_info, load_texts
 from gmpipe.data.prepared import MANIFEST, load_manifest
 from gmpipe.diffusion import Objective
 from gmpipe.errors import GmpipeError
@@ -101,10 +101,10 @@ def run(config: TrainLDMConfig, compute: ComputeConfig, paths: Paths) -> dict:
     )
     if not accelerator.is_main_process:
         return {}
-    stats_source = json.loads((paths.latents / STATS).read_text())
+    stats_source = read_json(paths.latents / STATS, "cache_latents")
     conditioning = {"mode": config.conditioning, "class_names": class_names}
     if config.conditioning == "text":
-        cache_config = json.loads((paths.latents / "text_encoder.json").read_text())
+        cache_config = load_text_encoder_info(paths.latents)
         conditioning.update(cache_config)
     # The sampling grid uses the same resolution shift as the training time density.
     sampling = {"sampler": config.sampler, "steps": config.sample_steps, "guidance": config.guidance,

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from gmpipe.errors import GmpipeError
 from gmpipe.eval.classifier import (
     ClassifierConfig,
     SmallCNN,
@@ -62,5 +63,5 @@ def test_save_and_load_round_trip(trained, tmp_path):
 
 
 def test_loading_a_missing_directory_names_the_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(GmpipeError, match="config.json: missing from the classifier folder; rerun the 'evaluate'"):
         load_classifier(tmp_path)

@@ -102,7 +102,7 @@ def test_missing_upstream_names_the_stage(tmp_path):
     params = parse_params(smoke_params())
     with pytest.raises(GmpipeError, match="train_vae"):
         cache_latents.run(params.cache_latents, Paths(tmp_path))
-    with pytest.raises(FileNotFoundError, match="cache_latents"):
+    with pytest.raises(GmpipeError, match="run the .cache_latents. stage first"):
         train_ldm.run(params.train_ldm, params.compute, Paths(tmp_path))
 
 

@@ -1,0 +1,7 @@
+"""``python -m gmpipe``: the ``gmpipe`` command."""
+
+import sys
+
+from gmpipe.cli import main
+
+sys.exit(main())

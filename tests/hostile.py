@@ -1,0 +1,100 @@
+"""Helpers for the bad-input tests: run a command under a memory limit and a timeout, measure it, and check that
+what it said is one clear line; build a small, real (untrained) model folder to damage."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.conftest import BIN
+
+MEMORY_LIMIT = 1536 * 2**20  # address space of the child, bytes
+
+
+@dataclass
+class Limited:
+    returncode: int
+    stdout: str
+    stderr: str
+    max_rss: int  # bytes, of the child process alone
+    timed_out: bool
+
+    def error_lines(self) -> list[str]:
+        return [line for line in (self.stdout + self.stderr).splitlines() if "gmpipe: error:" in line]
+
+
+def run_limited(command: list[str], cwd: Path, memory: int = MEMORY_LIMIT, timeout: float = 120) -> Limited:
+    """Run ``command`` with RLIMIT_AS = ``memory`` and kill its process group after ``timeout`` seconds."""
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", DVC_NO_ANALYTICS="1",
+               MALLOC_ARENA_MAX="2", OMP_NUM_THREADS="1")
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=err, preexec_fn=limit,
+                                   start_new_session=True)
+        timed_out = []
+        timer = threading.Timer(timeout, lambda: (timed_out.append(True), os.killpg(process.pid, signal.SIGKILL)))
+        timer.start()
+        _, status, usage = os.wait4(process.pid, 0)  # the rusage of this child alone
+        timer.cancel()
+        process.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return Limited(process.returncode, out.read(), err.read(), usage.ru_maxrss * 1024, bool(timed_out))
+
+
+def assert_one_clear_line(result: Limited, *names: str) -> str:
+    """Exit 1, exactly one ``gmpipe: error:`` line naming every one of ``names``, and no traceback."""
+    assert result.returncode == 1, (result.returncode, result.stdout[-2000:], result.stderr[-2000:])
+    assert "Traceback" not in result.stdout + result.stderr, result.stderr[-3000:]
+    lines = result.error_lines()
+    assert len(lines) == 1, lines
+    for name in names:
+        assert name in lines[0], (name, lines[0])
+    return lines[0]
+
+
+def tree_snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def write_model_folders(root: Path, mode: str = "class", class_names=("a", "b")) -> tuple[Path, Path]:
+    """A real (untrained) ``models/vae`` and ``models/ldm`` in the layout the stages write: 1-channel 8x8 images,
+    4x4x4 latents, a tiny DiT. Returns (ldm, vae)."""
+    import torch
+
+    from gmpipe.data.latents import LatentStats
+    from gmpipe.diffusion import Objective
+    from gmpipe.generate import save_model_bundle
+    from gmpipe.nn.autoencoder import build_autoencoder_preset
+    from gmpipe.nn.denoiser import Denoiser
+
+    torch.manual_seed(0)
+    vae_dir, ldm_dir = root / "models" / "vae", root / "models" / "ldm"
+    build_autoencoder_preset("tiny", 1).save_pretrained(vae_dir, safe_serialization=True)
+    Denoiser(mode, 4, 4, "tiny", num_classes=len(class_names)).save_pretrained(ldm_dir / "denoiser")
+    stats_file = root / "stats.json"
+    LatentStats((0.0,) * 4, (1.0,) * 4).save(stats_file)
+    save_model_bundle(ldm_dir, Objective.from_config({"schedule": "rectified_flow", "target": "velocity"}),
+                      stats_file, {"mode": mode, "class_names": list(class_names)},
+                      {"sampler": "euler", "steps": 3, "guidance": 1.0})
+    return ldm_dir, vae_dir
+
+
+def write_student_folder(ldm_dir: Path, student_dir: Path) -> Path:
+    """A copy of ``ldm_dir`` laid out as a distilled student (``student.json`` beside the bundle)."""
+    import shutil
+
+    shutil.copytree(ldm_dir, student_dir)
+    (student_dir / "student.json").write_text(json.dumps(
+        {"method": "reflow", "steps": [1, 2], "guidance_folded": 1.0, "nfe_per_step": 1}))
+    return student_dir
