@@ -103,10 +103,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def _sample(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from gmpipe.device import resolve_device
     from gmpipe.eval.grids import save_grid, to_uint8
     from gmpipe.generate import LatentGenerator
 
-    generator = LatentGenerator.load(args.model, args.vae)
+    generator = LatentGenerator.load(args.model, args.vae, device=resolve_device(args.device, key="--device"))
     mode = generator.conditioning["mode"]
     labels = prompts = None
     if mode == "class":
@@ -176,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--steps", type=int, help="sampler steps (default: the model's own)")
     sample.add_argument("--guidance", type=float, help="guidance weight w (default: the model's own)")
     sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where the networks run: auto (default: CUDA when present), cpu or cuda")
     sample.add_argument("--out", default="samples.png", help="output .png grid or .npz (default: samples.png)")
     sample.set_defaults(func=cmd_sample)
     return parser

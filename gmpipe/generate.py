@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from gmpipe.data.latents import LatentStats
+from gmpipe.device import conditions_to_device
 from gmpipe.diffusion import Objective, get_sampler, make_guided_model_fn
 from gmpipe.errors import GmpipeError
 
@@ -52,21 +53,25 @@ class LatentGenerator:
     conditioning: dict
     sampling: dict
     latent_shape: tuple[int, int, int]
+    device: torch.device = torch.device("cpu")
 
     @classmethod
-    def load(cls, model_dir: str | Path, vae_dir: str | Path | None = None, weights: str = "denoiser"):
-        """Load ``models/ldm`` (or a student folder with the same layout) and, if given, the autoencoder."""
+    def load(cls, model_dir: str | Path, vae_dir: str | Path | None = None, weights: str = "denoiser",
+             device: torch.device | str = "cpu"):
+        """Load ``models/ldm`` (or a student folder with the same layout) and, if given, the autoencoder, onto
+        ``device`` (where the networks run; inputs and outputs stay on the CPU)."""
         from gmpipe.nn.denoiser import Denoiser
 
         model_dir = Path(model_dir)
+        device = torch.device(device)
         if not (model_dir / OBJECTIVE).is_file():
             raise GmpipeError(f"{model_dir}: no trained denoiser here; run the 'train_ldm' stage first")
-        denoiser = Denoiser.from_pretrained(model_dir / weights).eval()
+        denoiser = Denoiser.from_pretrained(model_dir / weights).eval().to(device)
         vae = None
         if vae_dir is not None:
             from gmpipe.stages.cache_latents import load_vae
 
-            vae = load_vae(Path(vae_dir))
+            vae = load_vae(Path(vae_dir)).to(device)
         read = lambda name: json.loads((model_dir / name).read_text())  # noqa: E731
         return cls(
             denoiser=denoiser,
@@ -76,6 +81,7 @@ class LatentGenerator:
             conditioning=read(CONDITIONING),
             sampling=read(SAMPLING),
             latent_shape=(denoiser.in_channels, denoiser.sample_size, denoiser.sample_size),
+            device=device,
         )
 
     def condition(self, labels: Sequence[int] | None = None, prompts: Sequence[str] | None = None):
@@ -94,7 +100,8 @@ class LatentGenerator:
                 raise GmpipeError("this model is text-conditional: give prompts")
             from gmpipe.nn.text_encoder import TextEncoder
 
-            encoder = TextEncoder(self.conditioning["text_encoder"], max_length=self.conditioning["max_length"])
+            encoder = TextEncoder(self.conditioning["text_encoder"], max_length=self.conditioning["max_length"],
+                                  device=self.device)
             return encoder.encode(list(prompts))
         return None
 
@@ -102,7 +109,8 @@ class LatentGenerator:
     def sample_latents(self, cond, n: int, sampler: str | None = None, steps: int | None = None,
                        guidance: float | None = None, seed: int = 0, batch_size: int = 256,
                        shift: float = 1.0) -> tuple[torch.Tensor, int]:
-        """Normalized latents (n, c, h, w) and the NFE per sample. ``cond`` has batch n (or is None)."""
+        """Normalized latents (n, c, h, w) on the CPU and the NFE per sample. ``cond`` has batch n (or is None).
+        Noise comes from a CPU generator seeded with ``seed``, so the samples do not depend on the device."""
         sampler = resolve_sampler(sampler or self.sampling["sampler"])
         steps = steps or self.sampling["steps"]
         w = self.sampling["guidance"] if guidance is None else guidance
@@ -112,23 +120,23 @@ class LatentGenerator:
         chunks, nfe = [], 0
         for start in range(0, n, batch_size):
             size = min(batch_size, n - start)
-            chunk_cond = _slice(cond, start, start + size)
-            noise = torch.randn((size, *self.latent_shape), generator=generator)
+            chunk_cond = conditions_to_device(_slice(cond, start, start + size), self.device)
+            noise = torch.randn((size, *self.latent_shape), generator=generator).to(self.device)
             null = self.denoiser.null_condition(size, like=chunk_cond)
             model_fn = make_guided_model_fn(denoiser_fn(self.denoiser), chunk_cond, null, w)
             latents, nfe = sampler(model_fn, self.objective, noise, steps, shift=shift, generator=generator)
-            chunks.append(latents)
+            chunks.append(latents.cpu())
         return torch.cat(chunks), nfe
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-        """Normalized latents -> images (n, C, H, W) in [-1, 1]."""
+        """Normalized latents -> images (n, C, H, W) in [-1, 1], on the CPU."""
         if self.vae is None:
             raise GmpipeError("no autoencoder loaded: pass vae_dir to LatentGenerator.load")
-        images = [
-            self.vae.decode(self.stats.denormalize(latents[i : i + batch_size])).sample.clamp(-1, 1)
-            for i in range(0, len(latents), batch_size)
-        ]
+        images = []
+        for start in range(0, len(latents), batch_size):
+            z = self.stats.denormalize(latents[start : start + batch_size]).to(self.device)
+            images.append(self.vae.decode(z).sample.clamp(-1, 1).cpu())
         return torch.cat(images)
 
 

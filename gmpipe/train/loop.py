@@ -186,6 +186,22 @@ def make_accelerator(compute: ComputeConfig | None = None):
     return accelerator
 
 
+def agree_on_resume_step(accelerator, start_step: int, checkpoint_dir: Path) -> None:
+    """Stop every process unless all resume from the same step. Processes on other machines read the checkpoints
+    from their own disks; one that cannot see the checkpoint the main process resumes from would otherwise run
+    other steps with other optimizer state (DDP copies process 0's weights when it wraps a module, nothing else)
+    and the run would diverge or hang in a collective."""
+    if accelerator.num_processes == 1:
+        return
+    steps = accelerator.gather(torch.tensor([start_step], device=accelerator.device)).tolist()
+    if len(set(steps)) > 1:
+        raise GmpipeError(
+            f"{checkpoint_dir}: the processes would resume from different steps (process 0 from step {steps[0]}, "
+            f"the others from {sorted(set(steps[1:]))}); every machine must see the same checkpoints: put "
+            f"{checkpoint_dir} on storage all machines share, or copy it to each"
+        )
+
+
 def train(
     config: LoopConfig,
     steps: list[LossStep],
@@ -242,6 +258,7 @@ def train(
         start_step = int(state["trainer"]["step"])
         if main:
             print(f"{description}: resuming from {checkpoint} (step {start_step})", flush=True)
+    agree_on_resume_step(accelerator, start_step, checkpoint_dir)
     if ema is not None:
         ema.module.to(device)
 

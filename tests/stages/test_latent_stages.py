@@ -28,7 +28,7 @@ def trained_vae(tmp_path_factory):
     paths = Paths(root)
     prepare.run(params.data, params.prepare, paths)
     train_vae.run(params.data, params.train_vae, params.compute, paths)
-    cache_latents.run(params.cache_latents, paths)
+    cache_latents.run(params.cache_latents, params.compute.device, paths)
     return params, paths
 
 
@@ -101,7 +101,7 @@ def test_train_ldm_smoke_and_sample(trained_ldm, tmp_path):
 def test_missing_upstream_names_the_stage(tmp_path):
     params = parse_params(smoke_params())
     with pytest.raises(GmpipeError, match="train_vae"):
-        cache_latents.run(params.cache_latents, Paths(tmp_path))
+        cache_latents.run(params.cache_latents, params.compute.device, Paths(tmp_path))
     with pytest.raises(FileNotFoundError, match="cache_latents"):
         train_ldm.run(params.train_ldm, params.compute, Paths(tmp_path))
 
@@ -135,7 +135,7 @@ def test_distill_writes_students_that_sample(distilled):
 
 def test_evaluate_writes_metrics_plots_samples_and_report(distilled):
     params, paths, _ = distilled
-    summary = evaluate.run(params.evaluate, paths)
+    summary = evaluate.run(params.evaluate, params.compute.device, paths)
     metrics = json.loads((paths.reports / "metrics.json").read_text())
     n = params.evaluate.n_samples
     assert metrics["teacher"]["n"] == n and str(n) in metrics["floor"]
@@ -171,7 +171,7 @@ def test_evaluate_names_missing_models(tmp_path):
     config = params.evaluate.model_copy(update={
         "n_samples": 20, "sweep_samples": 20, "classifier_steps": 5,
         "fid_module": "tests.stages.test_latent_stages:tiny_fid_network", "fid_weights": str(weights)})
-    summary = evaluate.run(config, paths)
+    summary = evaluate.run(config, params.compute.device, paths)
     metrics = json.loads((paths.reports / "metrics.json").read_text())
     assert [note.split(":")[1].strip() for note in metrics["notes"]] == [
         "run the 'train_vae' stage to evaluate it", "run the 'train_ldm' stage to evaluate it",
