@@ -186,11 +186,15 @@ def make_accelerator(compute: ComputeConfig | None = None):
     return accelerator
 
 
-def agree_on_resume_step(accelerator, start_step: int, checkpoint_dir: Path) -> None:
-    """Stop every process unless all resume from the same step. Processes on other machines read the checkpoints
-    from their own disks; one that cannot see the checkpoint the main process resumes from would otherwise run
-    other steps with other optimizer state (DDP copies process 0's weights when it wraps a module, nothing else)
-    and the run would diverge or hang in a collective."""
+def resume_every_process(accelerator, start_step: int, checkpoint_dir: Path, seed: int) -> None:
+    """Multi-process resume: every process must resume from the same step, and each must draw its own noise.
+
+    Processes on other machines read the checkpoints from their own disks; one that cannot see the checkpoint the
+    main process resumes from would run other steps with other optimizer state (DDP copies process 0's weights
+    when it wraps a module, nothing else), and the run would diverge or hang in a collective: stop all instead.
+    A checkpoint holds process 0's RNG state, which every process has just restored; the others are re-seeded
+    from (seed, rank, step) so that they do not repeat process 0's noise.
+    """
     if accelerator.num_processes == 1:
         return
     steps = accelerator.gather(torch.tensor([start_step], device=accelerator.device)).tolist()
@@ -200,6 +204,8 @@ def agree_on_resume_step(accelerator, start_step: int, checkpoint_dir: Path) -> 
             f"the others from {sorted(set(steps[1:]))}); every machine must see the same checkpoints: put "
             f"{checkpoint_dir} on storage all machines share, or copy it to each"
         )
+    if start_step > 0 and accelerator.process_index > 0:
+        torch.manual_seed((seed + accelerator.process_index) * 1_000_003 + start_step)
 
 
 def train(
@@ -258,7 +264,7 @@ def train(
         start_step = int(state["trainer"]["step"])
         if main:
             print(f"{description}: resuming from {checkpoint} (step {start_step})", flush=True)
-    agree_on_resume_step(accelerator, start_step, checkpoint_dir)
+    resume_every_process(accelerator, start_step, checkpoint_dir, config.seed)
     if ema is not None:
         ema.module.to(device)
 
