@@ -33,12 +33,14 @@ def launch_stage(stage: str, params: Params, params_file: str, root: str) -> dic
               flush=True)
         process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         tail: list[str] = []
+        error = None  # the last `gmpipe: error:` line of any rank, however much output followed it
         for line in process.stdout:
             print(line, end="", flush=True)
             tail = (tail + [line])[-20:]
+            if "gmpipe: error:" in line:
+                error = line.split("gmpipe: error:", 1)[1].strip()
         if process.wait() != 0:
-            errors = [line.strip() for line in tail if "gmpipe: error:" in line]
-            raise GmpipeError(errors[-1].split("gmpipe: error:", 1)[1].strip() if errors else
+            raise GmpipeError(error or
                               f"accelerate launch exited with code {process.returncode}: {''.join(tail[-3:]).strip()}")
         if rank != 0:
             return {"machine_rank": rank, "wrote": "nothing: machine 0 writes the outputs"}

@@ -105,6 +105,7 @@ def _loopback_store(tcp_store):
 def main(argv: list[str] | None = None) -> int:
     """``accelerate launch`` with the loopback store (see the module docstring); the arguments are accelerate's."""
     from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous import static_tcp_rendezvous
 
     args = launch_command_parser().parse_args(argv)
@@ -121,7 +122,14 @@ def main(argv: list[str] | None = None) -> int:
         if interface:
             for variable in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
                 os.environ.setdefault(variable, interface)
-    launch_command(args)
+    try:
+        launch_command(args)
+    except ChildFailedError as exc:
+        # The failing rank has printed its own error (one `gmpipe: error:` line, or its traceback for a bug);
+        # torch's report of it would only bury that line.
+        codes = ", ".join(f"local rank {rank}: exit code {failure.exitcode}" for rank, failure in exc.failures.items())
+        print(f"gmpipe: a process on this machine failed ({codes})", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -234,3 +234,62 @@ def tiny_fid_network():
     from torch import nn
 
     return nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+def _two_machines(roots, timeout: float = 400) -> list:
+    """`gmpipe stage train_ldm` as machine 0 in roots[0] and machine 1 in roots[1], at the same time, ranks from
+    GMPIPE_MACHINE_RANK; returns both finished processes (returncode, stdout, stderr)."""
+    import os
+    import subprocess
+
+    from tests.conftest import BIN
+
+    processes = []
+    for rank, root in enumerate(roots):
+        env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", DVC_NO_ANALYTICS="1",
+                   GMPIPE_MACHINE_RANK=str(rank), OMP_NUM_THREADS="1")
+        processes.append(subprocess.Popen(["gmpipe", "stage", "train_ldm", "--root", str(root)], env=env,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = []
+    for process in processes:
+        out, err = process.communicate(timeout=timeout)
+        results.append((process.returncode, out, err))
+    return results
+
+
+def test_two_machines_on_loopback(trained_vae, tmp_path, prefect_api):
+    """num_machines: 2 with one process each on 127.0.0.1: two `gmpipe stage train_ldm` in one workspace, their
+    ranks from the environment, resume a one-process checkpoint together and complete; machine 0 writes the
+    outputs. (A machine that cannot see that checkpoint: tests/train/test_multi_process_resume.py.)"""
+    import shutil
+
+    import yaml
+
+    from gmpipe.config.compute import ComputeConfig
+    from gmpipe.rendezvous import free_port
+    from tests.listening import ListeningWatch
+
+    _, paths = trained_vae
+    root = tmp_path / "shared"
+    shutil.copytree(paths.root / "data", root / "data")
+    shutil.copytree(paths.vae, root / "models" / "vae")
+    port = free_port()
+    raw = smoke_params(compute={"num_processes": 1, "num_machines": 2, "main_process_ip": "127.0.0.1",
+                                "main_process_port": port, "threads": 1},
+                       train_ldm={"steps": 10, "warmup_steps": 0, "checkpoint_every": 5, "log_every": 5,
+                                  "grid_per_class": 1})
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    five = parse_params(raw).train_ldm.model_copy(update={"steps": 5})
+    train_ldm.run(five, ComputeConfig(threads=1), Paths(root))  # a one-process checkpoint at step 5
+    shutil.rmtree(root / "models" / "ldm")
+
+    with ListeningWatch(str(root)) as watch:
+        (code_0, out_0, err_0), (code_1, out_1, err_1) = _two_machines([root, root])
+    assert code_0 == 0, (out_0[-2000:], err_0[-2000:])
+    assert code_1 == 0, (out_1[-2000:], err_1[-2000:])
+    checkpoints = root / "checkpoints/train_ldm"
+    assert json.loads((checkpoints / "step-00000010/trainer.json").read_text())["world_size"] == 2
+    assert json.loads((checkpoints / "step-00000005/trainer.json").read_text())["world_size"] == 1  # resumed
+    assert json.loads((root / "models/ldm/training.json").read_text())["steps"] == 10
+    assert "launching 1 of 2 processes on machine 1 of 2" in out_1 + err_1
+    assert ("127.0.0.1", port) in watch.addresses and {a for a, _ in watch.addresses} == {"127.0.0.1"}

@@ -43,7 +43,8 @@ def test_train_vae_and_every_distill_method_on_two_processes_then_resume_on_one(
     raw = smoke_params(
         prepare={"max_per_class": 10},
         compute={"num_processes": 2, "threads": 1, "main_process_port": port},
-        train_vae={"steps": 4, "warmup_steps": 1, "disc_start": 2, "checkpoint_every": 2, "log_every": 2, "eval_images": 20},
+        train_vae={"steps": 4, "warmup_steps": 1, "disc_start": 2, "checkpoint_every": 2, "log_every": 2,
+                   "eval_images": 20},
         train_ldm={"steps": 4, "warmup_steps": 1, "checkpoint_every": 4, "log_every": 2, "grid_per_class": 1},
         distill={"methods": ["progressive", "reflow", "consistency", "guidance"], "progressive_start_steps": 2,
                  "reflow_pairs": 16, "steps": 2, "checkpoint_every": 2, "log_every": 2},
