@@ -92,7 +92,7 @@ def test_train_ldm_smoke_and_sample(trained_ldm, tmp_path):
 
     out = tmp_path / "grid.npz"
     code = main(["sample", "--model", str(paths.ldm), "--vae", str(paths.vae), "--classes", "3", "7", "-n", "2",
-                 "--steps", "2", "--out", str(out)])
+                 "--steps", "2", "--device", "cpu", "--out", str(out)])
     assert code == 0
     with np.load(out) as saved:
         assert saved["images"].shape == (4, 1, 32, 32) and saved["labels"].tolist() == [3, 3, 7, 7]
