@@ -15,26 +15,35 @@ from gmpipe.config.params import Params, ParamsError, load_params
 from gmpipe.errors import GmpipeError
 from gmpipe.launch import accelerate_command
 from gmpipe.paths import Paths
+from gmpipe.rendezvous import machine_rank
 from gmpipe.stages import STAGES
 from gmpipe.stages.runner import needs_launcher, run_stage_function
 
 
 def launch_stage(stage: str, params: Params, params_file: str, root: str) -> dict:
-    """Run a training stage on ``compute.world_size`` processes through ``accelerate launch``, streaming its
-    output; returns rank 0's summary."""
+    """Run this machine's share of a training stage on ``compute.world_size`` processes through ``accelerate
+    launch``, streaming its output; returns rank 0's summary (on the other machines: which machine this was)."""
+    rank = machine_rank(params.compute.num_machines)
     with tempfile.TemporaryDirectory() as scratch:
         summary_file = str(Path(scratch) / "summary.json")
-        command, env = accelerate_command(params.compute, stage, params_file, root, summary_file)
-        print(f"launching {params.compute.world_size} processes: {' '.join(command)}", flush=True)
+        command, env = accelerate_command(params.compute, stage, params_file, root, summary_file, rank)
+        compute = params.compute
+        where = f" on machine {rank} of {compute.num_machines}" if compute.num_machines > 1 else ""
+        print(f"launching {compute.num_processes} of {compute.world_size} processes{where}: {' '.join(command)}",
+              flush=True)
         process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         tail: list[str] = []
+        error = None  # the last `gmpipe: error:` line of any rank, however much output followed it
         for line in process.stdout:
             print(line, end="", flush=True)
             tail = (tail + [line])[-20:]
+            if "gmpipe: error:" in line:
+                error = line.split("gmpipe: error:", 1)[1].strip()
         if process.wait() != 0:
-            errors = [line.strip() for line in tail if "gmpipe: error:" in line]
-            raise GmpipeError(errors[-1].split("gmpipe: error:", 1)[1].strip() if errors else
+            raise GmpipeError(error or
                               f"accelerate launch exited with code {process.returncode}: {''.join(tail[-3:]).strip()}")
+        if rank != 0:
+            return {"machine_rank": rank, "wrote": "nothing: machine 0 writes the outputs"}
         return json.loads(Path(summary_file).read_text())
 
 

@@ -172,6 +172,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
 
     from gmpipe.artifacts import atomic_file
+    from gmpipe.device import resolve_device
     from gmpipe.eval.grids import save_grid, to_uint8
     from gmpipe.generate import LatentGenerator
 
@@ -179,7 +180,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if not Path(args.model).is_dir():
         return _fail(f"--model {args.model}: no such folder (a trained model: models/ldm or models/student/NAME; "
                      "run the 'train_ldm' stage first)")
-    generator = LatentGenerator.load(args.model, args.vae)
+    generator = LatentGenerator.load(args.model, args.vae, device=resolve_device(args.device, key="--device"))
     mode = generator.conditioning["mode"]
     labels = prompts = None
     if mode == "class":
@@ -259,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--guidance", type=finite_between(0.0, MAX_GUIDANCE),
                         help=f"guidance weight w, 0..{MAX_GUIDANCE:g} (default: the model's own)")
     sample.add_argument("--seed", type=int_between(0, 2**63 - 1), default=0)
+    sample.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where the networks run: auto (default: CUDA when present), cpu or cuda")
     sample.add_argument("--out", default="samples.png", help="output .png grid or .npz (default: samples.png)")
     sample.set_defaults(func=cmd_sample)
     return parser

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from gmpipe.artifacts import read_json
 from gmpipe.data.latents import LatentStats
+from gmpipe.device import conditions_to_device
 from gmpipe.diffusion import Objective, get_sampler, make_guided_model_fn
 from gmpipe.errors import GmpipeError
 
@@ -34,12 +35,14 @@ STUDENT_INFO = "student.json"
 
 
 class SamplingFile(BaseModel):
-    """``sampling.json``: the model's default sampler, steps and guidance weight."""
+    """``sampling.json``: the model's default sampler, steps, guidance weight, and the resolution shift of the time
+    grid it was trained on (1 for models saved before it was stored)."""
 
     model_config = ConfigDict(extra="allow", strict=True)
     sampler: str
     steps: Annotated[int, Field(ge=1)]
     guidance: Annotated[float, Field(allow_inf_nan=False)]
+    shift: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1.0
 
     @field_validator("sampler")
     @classmethod
@@ -87,13 +90,17 @@ class LatentGenerator:
     conditioning: dict
     sampling: dict
     latent_shape: tuple[int, int, int]
+    device: torch.device = torch.device("cpu")
 
     @classmethod
-    def load(cls, model_dir: str | Path, vae_dir: str | Path | None = None, weights: str = "denoiser"):
-        """Load ``models/ldm`` (or a student folder with the same layout) and, if given, the autoencoder."""
+    def load(cls, model_dir: str | Path, vae_dir: str | Path | None = None, weights: str = "denoiser",
+             device: torch.device | str = "cpu"):
+        """Load ``models/ldm`` (or a student folder with the same layout) and, if given, the autoencoder, onto
+        ``device`` (where the networks run; inputs and outputs stay on the CPU)."""
         from gmpipe.nn.denoiser import Denoiser
 
         model_dir = Path(model_dir)
+        device = torch.device(device)
         if not (model_dir / OBJECTIVE).is_file():
             raise GmpipeError(f"{model_dir}: no trained denoiser here; run the 'train_ldm' stage first")
         stage = "distill" if (model_dir / STUDENT_INFO).is_file() else "train_ldm"  # the stage that rewrites it
@@ -101,12 +108,12 @@ class LatentGenerator:
         conditioning = read_json(model_dir / CONDITIONING, stage, ConditioningFile.model_validate)
         sampling = read_json(model_dir / SAMPLING, stage, SamplingFile.model_validate)
         stats = LatentStats.load(model_dir / LATENT_STATS, stage)
-        denoiser = Denoiser.from_pretrained(model_dir / weights, stage).eval()
+        denoiser = Denoiser.from_pretrained(model_dir / weights, stage).eval().to(device)
         vae = None
         if vae_dir is not None:
             from gmpipe.stages.cache_latents import load_vae
 
-            vae = load_vae(Path(vae_dir))
+            vae = load_vae(Path(vae_dir)).to(device)
         return cls(
             denoiser=denoiser,
             objective=objective,
@@ -115,6 +122,7 @@ class LatentGenerator:
             conditioning=conditioning.model_dump(exclude_none=True),
             sampling=sampling.model_dump(),
             latent_shape=(denoiser.in_channels, denoiser.sample_size, denoiser.sample_size),
+            device=device,
         )
 
     def condition(self, labels: Sequence[int] | None = None, prompts: Sequence[str] | None = None):
@@ -133,7 +141,8 @@ class LatentGenerator:
                 raise GmpipeError("this model is text-conditional: give prompts")
             from gmpipe.nn.text_encoder import TextEncoder
 
-            encoder = TextEncoder(self.conditioning["text_encoder"], max_length=self.conditioning["max_length"])
+            encoder = TextEncoder(self.conditioning["text_encoder"], max_length=self.conditioning["max_length"],
+                                  device=self.device)
             return encoder.encode(list(prompts))
         return None
 
@@ -141,10 +150,11 @@ class LatentGenerator:
     def sample_latents(self, cond, n: int, sampler: str | None = None, steps: int | None = None,
                        guidance: float | None = None, seed: int = 0, batch_size: int = 256,
                        shift: float | None = None) -> tuple[torch.Tensor, int]:
-        """Normalized latents (n, c, h, w) and the NFE per sample. ``cond`` has batch n (or is None).
+        """Normalized latents (n, c, h, w) on the CPU and the NFE per sample. ``cond`` has batch n (or is None).
 
         Unset arguments take the model's stored defaults (``sampling.json``); ``shift`` is the resolution shift of
-        the time grid the model was trained (or distilled) on, 1 for models saved before it was stored.
+        the time grid the model was trained (or distilled) on, 1 for models saved before it was stored. Noise comes
+        from a CPU generator seeded with ``seed``, so the samples do not depend on the device.
         """
         sampler = resolve_sampler(sampler or self.sampling["sampler"])
         steps = steps or self.sampling["steps"]
@@ -156,23 +166,23 @@ class LatentGenerator:
         chunks, nfe = [], 0
         for start in range(0, n, batch_size):
             size = min(batch_size, n - start)
-            chunk_cond = _slice(cond, start, start + size)
-            noise = torch.randn((size, *self.latent_shape), generator=generator)
+            chunk_cond = conditions_to_device(_slice(cond, start, start + size), self.device)
+            noise = torch.randn((size, *self.latent_shape), generator=generator).to(self.device)
             null = self.denoiser.null_condition(size, like=chunk_cond)
             model_fn = make_guided_model_fn(denoiser_fn(self.denoiser), chunk_cond, null, w)
             latents, nfe = sampler(model_fn, self.objective, noise, steps, shift=shift, generator=generator)
-            chunks.append(latents)
+            chunks.append(latents.cpu())
         return torch.cat(chunks), nfe
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-        """Normalized latents -> images (n, C, H, W) in [-1, 1]."""
+        """Normalized latents -> images (n, C, H, W) in [-1, 1], on the CPU."""
         if self.vae is None:
             raise GmpipeError("no autoencoder loaded: pass vae_dir to LatentGenerator.load")
-        images = [
-            self.vae.decode(self.stats.denormalize(latents[i : i + batch_size])).sample.clamp(-1, 1)
-            for i in range(0, len(latents), batch_size)
-        ]
+        images = []
+        for start in range(0, len(latents), batch_size):
+            z = self.stats.denormalize(latents[start : start + batch_size]).to(self.device)
+            images.append(self.vae.decode(z).sample.clamp(-1, 1).cpu())
         return torch.cat(images)
 
 

@@ -1,8 +1,11 @@
 """Multi-process training through ``accelerate launch``.
 
-The orchestrating process (a Prefect flow) builds the command with :func:`accelerate_command` and streams its
-output; every rank runs ``python -m gmpipe.launch STAGE ...``, which calls the plain stage function. Rank 0 writes
-the stage's summary to ``--summary`` for the flow to publish.
+The orchestrating process (a Prefect flow, one per machine) builds the command with :func:`accelerate_command` and
+streams its output; ``python -m gmpipe.rendezvous`` runs ``accelerate launch`` (binding the rendezvous store to
+loopback when the main address is loopback), and every rank runs ``python -m gmpipe.launch STAGE ...``, which calls
+the plain stage function. The global rank 0 (on machine 0) writes the stage's summary to ``--summary`` for the flow
+to publish; the other machines write nothing. Which machine this is comes from the environment
+(:func:`gmpipe.rendezvous.machine_rank`), never from the params file every machine shares.
 
 On CPU, ``accelerate launch --cpu --num_processes N`` silently starts ONE process; the flags that really start N are
 ``--multi_gpu`` with ``ACCELERATE_USE_CPU=true``. The stage double-checks: ``make_accelerator`` refuses a world
@@ -18,20 +21,37 @@ import sys
 from pathlib import Path
 
 from gmpipe.config.compute import ComputeConfig
+from gmpipe.errors import GmpipeError
+from gmpipe.rendezvous import LOOPBACK_DEFAULT, free_port, port_in_use
 
 
-def accelerate_command(compute: ComputeConfig, stage: str, params_file: str, root: str,
-                       summary_file: str) -> tuple[list[str], dict[str, str]]:
-    """The ``accelerate launch`` command line and environment for one stage."""
+def rendezvous_port(compute: ComputeConfig, rank: int) -> int:
+    """``compute.main_process_port``; on one machine a free port instead when that one is taken (as accelerate
+    would, but choosing it here keeps the launch on the rendezvous that :mod:`gmpipe.rendezvous` binds)."""
+    port = compute.main_process_port
+    if rank != 0 or not port_in_use(LOOPBACK_DEFAULT, port):
+        return port
+    if compute.num_machines > 1:
+        raise GmpipeError(f"compute.main_process_port: port {port} is already in use on the main machine; "
+                          "choose a free one (the same on every machine)")
+    chosen = free_port()
+    print(f"compute.main_process_port {port} is in use on this machine; the processes meet on port {chosen}",
+          flush=True)
+    return chosen
+
+
+def accelerate_command(compute: ComputeConfig, stage: str, params_file: str, root: str, summary_file: str,
+                       rank: int = 0) -> tuple[list[str], dict[str, str]]:
+    """The ``accelerate launch`` command line and environment for one stage on the machine of rank ``rank``."""
     import torch  # here, not at module level: the orchestrating process should not pay for importing torch
 
     cpu = compute.device == "cpu" or (compute.device == "auto" and not torch.cuda.is_available())
     command = [
-        sys.executable, "-m", "accelerate.commands.launch",
+        sys.executable, "-m", "gmpipe.rendezvous",
         "--num_processes", str(compute.world_size),
         "--num_machines", str(compute.num_machines),
-        "--machine_rank", str(compute.machine_rank),
-        "--main_process_port", str(compute.main_process_port),
+        "--machine_rank", str(rank),
+        "--main_process_port", str(rendezvous_port(compute, rank)),
         "--mixed_precision", compute.mixed_precision,
         "--dynamo_backend", "no",
     ]
@@ -50,7 +70,6 @@ def accelerate_command(compute: ComputeConfig, stage: str, params_file: str, roo
 
 def main(argv: list[str] | None = None) -> int:
     from gmpipe.config.params import load_params
-    from gmpipe.errors import GmpipeError
     from gmpipe.paths import Paths
     from gmpipe.stages.runner import run_stage_function
 

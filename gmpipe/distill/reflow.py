@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gmpipe.device import conditions_to_device
 from gmpipe.diffusion.guidance import DenoiserFn
 from gmpipe.diffusion.objective import Objective
 from gmpipe.diffusion.samplers import get_sampler
@@ -84,17 +85,6 @@ def take_rows(cond: Any, index: Tensor | slice) -> Any:
     if isinstance(cond, (tuple, list)):
         return type(cond)(take_rows(value, index) for value in cond)
     raise TypeError(f"conditions must be tensors or tuples/lists/dicts of tensors, got {type(cond)}")
-
-
-def conditions_to_device(cond: Any, device: torch.device | str | None) -> Any:
-    """A condition (None, a tensor, or a tuple/list/dict of tensors) moved to ``device``."""
-    if cond is None or device is None:
-        return cond
-    if isinstance(cond, Tensor):
-        return cond.to(device)
-    if isinstance(cond, dict):
-        return {key: conditions_to_device(value, device) for key, value in cond.items()}
-    return type(cond)(conditions_to_device(value, device) for value in cond)
 
 
 @torch.no_grad()

@@ -71,11 +71,13 @@ def train_classifier(
     seed: int = 0,
     progress: bool = False,
     width: int = 32,
+    device: torch.device | str = "cpu",
 ) -> SmallCNN:
     """Train a ``SmallCNN`` with AdamW and cross-entropy on images (N, C, H, W) in [-1, 1], labels (N,).
 
     Batches are drawn uniformly with replacement. Initialisation and batches depend only on ``seed`` (the global
-    RNG is left untouched). Returns the model in eval mode.
+    RNG is left untouched). The model trains on ``device`` (the data stays on the CPU; each batch is moved).
+    Returns the model in eval mode, on ``device``.
     """
     if images.ndim != 4 or images.shape[1] not in (1, 3) or len(images) != len(labels):
         raise ValueError(
@@ -85,13 +87,14 @@ def train_classifier(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = SmallCNN(ClassifierConfig(in_channels=images.shape[1], num_classes=num_classes, width=width))
+    model.to(device)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
     bar = tqdm(range(steps), desc="classifier", disable=not progress)
     for _ in bar:
         index = torch.randint(len(images), (batch_size,), generator=generator)
-        loss = F.cross_entropy(model(images[index].float()), labels[index])
+        loss = F.cross_entropy(model(images[index].to(device).float()), labels[index].to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -101,13 +104,15 @@ def train_classifier(
 
 @torch.no_grad()
 def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """Predicted class (N,) for images (N, C, H, W), in eval mode (the model's mode is restored after)."""
+    """Predicted class (N,) on the CPU for images (N, C, H, W), run on the model's device in eval mode (the model's
+    mode is restored after)."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     try:
         return torch.cat(
             [
-                model(images[start : start + batch_size].float()).argmax(dim=1)
+                model(images[start : start + batch_size].to(device).float()).argmax(dim=1).cpu()
                 for start in range(0, len(images), batch_size)
             ]
         )

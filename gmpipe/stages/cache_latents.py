@@ -11,10 +11,11 @@ from gmpipe.artifacts import atomic_dir, load_model_folder, write_json
 from gmpipe.config.cache_latents import CacheLatentsConfig
 from gmpipe.data.latents import STATS, LatentSplit, LatentStats, save_split, save_texts
 from gmpipe.data.prepared import SPLITS, load_split
+from gmpipe.device import resolve_device
 from gmpipe.errors import GmpipeError
 from gmpipe.paths import Paths
 
-SECTIONS = ("cache_latents",)
+SECTIONS = ("cache_latents", "compute.device")
 
 
 def load_vae(directory):
@@ -26,26 +27,30 @@ def load_vae(directory):
 
 
 @torch.no_grad()
-def encode_to_latents(vae, images: np.ndarray, batch_size: int, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 images (N, C, H, W) -> posterior mean and std, (N, c, h, w) float32 each."""
+def encode_to_latents(vae, images: np.ndarray, batch_size: int, desc: str,
+                      device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images (N, C, H, W) -> posterior mean and std, (N, c, h, w) float32 each on the CPU; the VAE runs
+    on ``device`` (where it already is)."""
     means, stds = [], []
     for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", mininterval=1.0):
-        x = torch.from_numpy(images[start : start + batch_size]).float().div(127.5).sub(1.0)
+        x = torch.from_numpy(images[start : start + batch_size]).to(device).float().div(127.5).sub(1.0)
         posterior = vae.encode(x).latent_dist
-        means.append(posterior.mean.float())
-        stds.append(posterior.std.float())
+        means.append(posterior.mean.float().cpu())
+        stds.append(posterior.std.float().cpu())
     return torch.cat(means), torch.cat(stds)
 
 
-def run(config: CacheLatentsConfig, paths: Paths) -> dict:
-    vae = load_vae(paths.vae)
+def run(config: CacheLatentsConfig, device: str, paths: Paths) -> dict:
+    """``device`` is ``compute.device``: where the VAE and the text encoder run."""
+    device = resolve_device(device)  # before any work: a device that is not there fails at once
+    vae = load_vae(paths.vae).to(device)
     splits = {name: load_split(paths.prepared, name) for name in SPLITS}
     captions = sorted({str(c) for split in splits.values() for c in split.captions})
     caption_ids = {caption: i for i, caption in enumerate(captions)}
     counts = {}
     with atomic_dir(paths.latents) as out:
         for name, split in splits.items():
-            mean, std = encode_to_latents(vae, split.images, config.batch_size, f"cache_latents: {name}")
+            mean, std = encode_to_latents(vae, split.images, config.batch_size, f"cache_latents: {name}", device)
             index = torch.tensor([caption_ids[str(c)] for c in split.captions], dtype=torch.int64)
             latent = LatentSplit(mean, std, torch.from_numpy(split.labels).long(), index)
             save_split(out, name, latent)
@@ -60,7 +65,7 @@ def run(config: CacheLatentsConfig, paths: Paths) -> dict:
             from gmpipe.nn.text_encoder import TextEncoder
 
             try:
-                encoder = TextEncoder(config.text_encoder, max_length=config.max_length)
+                encoder = TextEncoder(config.text_encoder, max_length=config.max_length, device=device)
             except (FileNotFoundError, ValueError, OSError) as exc:
                 raise GmpipeError(f"cache_latents.text_encoder: {exc}") from None
             states, mask = encoder.encode(captions, progress=True)

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from gmpipe.artifacts import atomic_file, read_json, write_json
 from gmpipe.config.evaluate import EvaluateConfig
 from gmpipe.data.prepared import load_manifest, load_split
+from gmpipe.device import resolve_device
 from gmpipe.errors import GmpipeError
 from gmpipe.eval import report
 from gmpipe.eval.autoencoder import autoencoder_metrics, to_unit_range
@@ -28,7 +29,7 @@ from gmpipe.eval.grids import save_grid, to_uint8
 from gmpipe.generate import LatentGenerator
 from gmpipe.paths import Paths
 
-SECTIONS = ("evaluate",)
+SECTIONS = ("evaluate", "compute.device")
 STUDENT_INFO = "student.json"
 
 
@@ -64,7 +65,8 @@ def save_samples(directory: Path, name: str, images: torch.Tensor, labels, **met
     return file.name
 
 
-def build_reference(config: EvaluateConfig, paths: Paths, class_names: list[str]) -> tuple[Reference, dict]:
+def build_reference(config: EvaluateConfig, paths: Paths, class_names: list[str],
+                    device: torch.device) -> tuple[Reference, dict]:
     from gmpipe.eval.classifier import accuracy, save_classifier, train_classifier
     from gmpipe.eval.features import EffNetLite0Features
 
@@ -72,19 +74,20 @@ def build_reference(config: EvaluateConfig, paths: Paths, class_names: list[str]
     rng = np.random.default_rng(config.seed)
     n_ref = min(max(config.n_samples, config.sweep_samples), len(test))
     test_images = to_unit_range(test.images[rng.permutation(len(test))[:n_ref]])
-    extractor = EffNetLite0Features(image_size=config.feature_image_size)
+    extractor = EffNetLite0Features(image_size=config.feature_image_size).to(device)
     features = extractor.extract(test_images, batch_size=config.batch_size, progress=True)
 
     classifier = train_classifier(
         to_unit_range(train.images), torch.from_numpy(train.labels), len(class_names),
         steps=config.classifier_steps, batch_size=config.classifier_batch_size, seed=config.seed, progress=True,
+        device=device,
     )
     save_classifier(classifier, _out(paths) / "classifier")
     classifier_accuracy = accuracy(classifier, to_unit_range(test.images), torch.from_numpy(test.labels))
 
     extra = {}
     if config.fid_weights:
-        extra["fid"] = _fid_extractor(config, test_images)
+        extra["fid"] = _fid_extractor(config, test_images, device)
     reference = Reference(features, extractor, classifier, extra, config.kid_subsets, config.pr_k, config.batch_size)
 
     # The real-data floor: train vs test images, at each n used below.
@@ -96,7 +99,7 @@ def build_reference(config: EvaluateConfig, paths: Paths, class_names: list[str]
                        "floor": floor, "n_reference": n_ref}
 
 
-def _fid_extractor(config: EvaluateConfig, test_images: torch.Tensor):
+def _fid_extractor(config: EvaluateConfig, test_images: torch.Tensor, device: torch.device):
     import importlib
 
     from gmpipe.eval.features import load_state_dict_features
@@ -110,7 +113,7 @@ def _fid_extractor(config: EvaluateConfig, test_images: torch.Tensor):
         raise GmpipeError(f"evaluate.fid_module: cannot import {config.fid_module} ({exc})") from None
     if not Path(config.fid_weights).is_file():
         raise GmpipeError(f"evaluate.fid_weights: {config.fid_weights}: file not found")
-    extractor = load_state_dict_features(factory_fn, config.fid_weights)
+    extractor = load_state_dict_features(factory_fn, config.fid_weights).to(device)
     return extractor, extractor.extract(test_images, batch_size=config.batch_size)
 
 
@@ -127,10 +130,10 @@ def choose_guidance(guidance_rows: list[dict], real_accuracy: float) -> float:
 
 
 def evaluate_teacher(config: EvaluateConfig, paths: Paths, reference: Reference, class_names: list[str],
-                     real_accuracy: float, student_ws: set[float]):
+                     real_accuracy: float, student_ws: set[float], device: torch.device):
     """Guidance sweep, then the NFE sweep at the chosen w, then the teacher at n_samples with its default
     sampler and steps: at the chosen w (the headline) and at every w a student was distilled at."""
-    generator = LatentGenerator.load(paths.ldm, paths.vae)
+    generator = LatentGenerator.load(paths.ldm, paths.vae, device=device)
     conditional = generator.conditioning["mode"] != "none"
     default = generator.sampling
     n_sweep = min(config.sweep_samples, len(reference.features))
@@ -202,12 +205,13 @@ def student_folders(paths: Paths) -> list[Path]:
     return sorted(p for p in paths.student.iterdir() if (p / STUDENT_INFO).is_file())
 
 
-def evaluate_students(config: EvaluateConfig, paths: Paths, reference: Reference, class_names: list[str]) -> list:
+def evaluate_students(config: EvaluateConfig, paths: Paths, reference: Reference, class_names: list[str],
+                      device: torch.device) -> list:
     rows = []
     n = min(config.n_samples, len(reference.features))
     for folder in tqdm(student_folders(paths), desc="evaluate: students", unit="student"):
         info = read_student_info(folder)
-        generator = LatentGenerator.load(folder, paths.vae)
+        generator = LatentGenerator.load(folder, paths.vae, device=device)
         conditional = generator.conditioning["mode"] != "none"
         labels = balanced_labels(n, len(class_names)) if conditional else None
         designed = [s for s in config.student_steps if s in info["steps"]] or info["steps"][:1]
@@ -242,7 +246,9 @@ def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
         writer.writerows(rows)
 
 
-def run(config: EvaluateConfig, paths: Paths) -> dict:
+def run(config: EvaluateConfig, device: str, paths: Paths) -> dict:
+    """``device`` is ``compute.device``: where sampling, the feature networks and the classifier run."""
+    device = resolve_device(device)  # before any work: a device that is not there fails at once
     manifest = load_manifest(paths.prepared)
     class_names = manifest["class_names"]
     upstream = (("autoencoder", paths.vae, "train_vae"), ("teacher denoiser", paths.ldm, "train_ldm"),
@@ -250,7 +256,7 @@ def run(config: EvaluateConfig, paths: Paths) -> dict:
     notes = [f"no {name} in {folder}: run the '{stage}' stage to evaluate it"
              for name, folder, stage in upstream if not folder.is_dir()]
     torch.manual_seed(config.seed)
-    reference, real = build_reference(config, paths, class_names)
+    reference, real = build_reference(config, paths, class_names, device)
     metrics: dict = {"classifier": {"test_accuracy": real["classifier_test_accuracy"],
                                     "test_n": real["classifier_test_n"]},
                      "floor": real["floor"]}
@@ -259,20 +265,20 @@ def run(config: EvaluateConfig, paths: Paths) -> dict:
         from gmpipe.stages.cache_latents import load_vae
 
         train, test = load_split(paths.prepared, "train"), load_split(paths.prepared, "test")
-        metrics["vae"] = autoencoder_metrics(load_vae(paths.vae), test.images, train.images,
-                                             EffNetLite0Features(config.feature_image_size),
-                                             n=min(config.n_samples, len(test)), seed=config.seed)
+        metrics["vae"] = autoencoder_metrics(load_vae(paths.vae).to(device), test.images, train.images,
+                                             EffNetLite0Features(config.feature_image_size).to(device),
+                                             n=min(config.n_samples, len(test)), seed=config.seed, device=device)
     guidance_rows, nfe_rows, student_rows = [], [], []
     if paths.vae.is_dir() and paths.ldm.is_dir():
         student_ws = {read_student_info(f)["guidance_folded"] for f in student_folders(paths)}
         headline, teacher_by_w, guidance_rows, nfe_rows = evaluate_teacher(
-            config, paths, reference, class_names, real["classifier_test_accuracy"], student_ws)
+            config, paths, reference, class_names, real["classifier_test_accuracy"], student_ws, device)
         floor = real["floor"][str(headline["n"])]["fd_effnet"]
         for row in teacher_by_w.values():
             row["fd_ratio_to_floor"] = row["fd_effnet"] / max(floor, 1e-12)
         metrics["teacher"] = headline
         metrics["teacher_by_w"] = {f"w{w:g}": row for w, row in teacher_by_w.items()}
-        student_rows = evaluate_students(config, paths, reference, class_names)
+        student_rows = evaluate_students(config, paths, reference, class_names, device)
         for row in student_rows:
             teacher = teacher_by_w.get(float(row["w"]), headline)
             row["fd_ratio_to_teacher"] = row["fd_effnet"] / max(teacher["fd_effnet"], 1e-12)

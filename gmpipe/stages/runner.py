@@ -1,4 +1,8 @@
-"""Run a stage function with exactly the params sections it declares (``SECTIONS``), and nothing else."""
+"""Run a stage function with exactly the params it declares (``SECTIONS``), and nothing else.
+
+``SECTIONS`` names whole sections (``"train_ldm"``: the typed section is passed) or single keys of one
+(``"compute.device"``: only that value is passed), as the stage's ``params`` in dvc.yaml do, so that a change to
+another key of that section does not rerun the stage."""
 
 from __future__ import annotations
 
@@ -12,9 +16,17 @@ def stage_module(stage: str):
     return importlib.import_module(f"gmpipe.stages.{stage}")
 
 
+def declared_params(params: Params, name: str):
+    """The section (``"train_ldm"``) or the single key (``"compute.device"``) ``name`` of ``params``."""
+    value = params
+    for part in name.split("."):
+        value = getattr(value, part)
+    return value
+
+
 def run_stage_function(stage: str, params: Params, paths: Paths) -> dict:
     module = stage_module(stage)
-    return module.run(*(getattr(params, section) for section in module.SECTIONS), paths)
+    return module.run(*(declared_params(params, name) for name in module.SECTIONS), paths)
 
 
 def needs_launcher(stage: str, params: Params) -> bool:

@@ -117,7 +117,7 @@ def run(config: TrainLDMConfig, compute: ComputeConfig, paths: Paths) -> dict:
             {"steps": result.step, "config": json.loads(config.model_dump_json()), "latent_stats": stats_source},
             indent=2))
 
-    grid_summary = write_sample_grid(paths, config, class_names, reports)
+    grid_summary = write_sample_grid(paths, config, class_names, reports, device=accelerator.device)
     final_loss = result.history[-1]["denoiser/loss"] if result.history else None
     first_loss = result.history[0]["denoiser/loss"] if result.history else None
     write_json(reports / "metrics.json",
@@ -134,9 +134,9 @@ def run(config: TrainLDMConfig, compute: ComputeConfig, paths: Paths) -> dict:
     }
 
 
-def write_sample_grid(paths: Paths, config: TrainLDMConfig, class_names: list[str], reports) -> dict:
+def write_sample_grid(paths: Paths, config: TrainLDMConfig, class_names: list[str], reports, device="cpu") -> dict:
     """One row per class (or per distinct caption) of samples from the EMA weights with the stored defaults."""
-    generator = LatentGenerator.load(paths.ldm, paths.vae)
+    generator = LatentGenerator.load(paths.ldm, paths.vae, device=device)
     per_row = config.grid_per_class
     if config.conditioning == "class":
         rows = len(class_names)

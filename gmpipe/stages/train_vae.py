@@ -4,6 +4,7 @@ patch discriminator on the decoder, through the shared training loop. Writes ``m
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from gmpipe.nn.discriminator import PatchDiscriminator
 from gmpipe.paths import Paths
 from gmpipe.train.loop import LossStep, make_accelerator, seed_everything, to_device, train
 from gmpipe.vae.autoencoder_loss import AutoencoderLoss
+from gmpipe.vae.sampled_reconstruction import SampledReconstruction
 
 DISCRIMINATOR_FILE = "discriminator.safetensors"
 
@@ -70,18 +72,22 @@ def build_loss(config: TrainVAEConfig) -> AutoencoderLoss:
     )
 
 
-def loss_steps(vae, discriminator, loss: AutoencoderLoss, config: TrainVAEConfig) -> list[LossStep]:
-    """The generator (autoencoder) step, then the discriminator step once it is switched on."""
+def loss_steps(vae, discriminator, loss: AutoencoderLoss, config: TrainVAEConfig,
+               gradient_mean: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[LossStep]:
+    """The generator (autoencoder) step, then the discriminator step once it is switched on.
+
+    The autoencoder step trains ``SampledReconstruction(vae)``, whose forward is what data-parallel training wraps;
+    ``gradient_mean`` (an all-reduce mean, None with one process) makes the adaptive GAN weight the global batch's.
+    """
     loss.to(next(vae.parameters()).device)
+    autoencoder = SampledReconstruction(vae)
 
     def autoencoder_step(x, step, context, modules):
-        posterior = modules["vae"].encode(x).latent_dist
-        z = posterior.sample()
-        x_hat = modules["vae"].decode(z).sample
+        x_hat, mean, logvar = modules["vae"](x)
         context["x_hat"] = x_hat.detach()
         last_layer = decoder_last_layer(vae) if loss.discriminator_active(step) else None
-        return loss.generator_loss(x, posterior.mean, posterior.logvar, x_hat, modules["discriminator"], step,
-                                   last_layer)
+        return loss.generator_loss(x, mean, logvar, x_hat, modules["discriminator"], step, last_layer,
+                                   gradient_mean=gradient_mean)
 
     def discriminator_step(x, step, context, modules):
         if not loss.discriminator_active(step):
@@ -89,7 +95,7 @@ def loss_steps(vae, discriminator, loss: AutoencoderLoss, config: TrainVAEConfig
         return loss.discriminator_loss(x, context["x_hat"], modules["discriminator"], step)
 
     return [
-        LossStep("vae", vae, autoencoder_step),
+        LossStep("vae", autoencoder, autoencoder_step),
         LossStep("discriminator", discriminator, discriminator_step, lr=config.disc_lr),
     ]
 
@@ -104,6 +110,13 @@ def training_fingerprint(data: DataConfig, config: TrainVAEConfig, paths: Paths)
         if getattr(config, key) and Path(getattr(config, key)).is_file():
             inputs[f"train_vae.{key}"] = hash_file(Path(getattr(config, key)))
     return Fingerprint(settings, inputs)
+
+
+def mean_over_processes(accelerator) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """tensor -> its mean over the data-parallel processes (an all-reduce); None with one process."""
+    if accelerator.num_processes == 1:
+        return None
+    return lambda tensor: accelerator.reduce(tensor, reduction="mean")
 
 
 def run(data: DataConfig, config: TrainVAEConfig, compute: ComputeConfig, paths: Paths) -> dict:
@@ -125,29 +138,31 @@ def run(data: DataConfig, config: TrainVAEConfig, compute: ComputeConfig, paths:
 
     reports = paths.reports / "train_vae"
     result = train(
-        config, loss_steps(vae, discriminator, loss, config), len(images), make_batch,
+        config, loss_steps(vae, discriminator, loss, config, mean_over_processes(accelerator)), len(images), make_batch,
         paths.checkpoints / "train_vae", live_dir=reports / "live", ema_of="vae",
         accelerator=accelerator, description="train_vae", fingerprint=training_fingerprint(data, config, paths),
     )
     if not accelerator.is_main_process:
         return {}
-    final = result.ema.module if result.ema is not None and config.ema_decay > 0 else result.modules["vae"]
-    final = final.to("cpu").eval()
+    trained = result.ema.module if result.ema is not None and config.ema_decay > 0 else result.modules["vae"]
+    final = trained.vae.eval()  # the AutoencoderKL inside SampledReconstruction
 
     from gmpipe.eval.features import EffNetLite0Features
 
-    metrics = autoencoder_metrics(final, test_split.images, train_split.images, EffNetLite0Features(),
-                                  n=config.eval_images, seed=config.seed)
+    device = accelerator.device
+    metrics = autoencoder_metrics(final, test_split.images, train_split.images, EffNetLite0Features().to(device),
+                                  n=config.eval_images, seed=config.seed, device=device)
     metrics["step"] = result.step
     val = load_split(paths.prepared, "val")
     shown = to_unit_range(val.images[:16] if len(val) else test_split.images[:16])
-    reconstructions, _ = reconstruct(final, shown)
+    reconstructions, _ = reconstruct(final, shown, device=device)
+    final = final.to("cpu")
 
     from safetensors.torch import save_file
 
     with atomic_dir(paths.vae) as out:
         final.save_pretrained(out, safe_serialization=True)
-        save_file({k: v.contiguous() for k, v in result.modules["discriminator"].state_dict().items()},
+        save_file({k: v.detach().cpu().contiguous() for k, v in result.modules["discriminator"].state_dict().items()},
                   out / DISCRIMINATOR_FILE)
         (out / "discriminator.json").write_text(json.dumps(
             {"in_channels": data.channels, "width": config.disc_width, "n_layers": config.disc_layers}, indent=2))

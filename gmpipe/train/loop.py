@@ -202,8 +202,7 @@ def build_optimizers(config: LoopConfig, steps: list[LossStep], device: torch.de
 
 
 def resume(checkpoint_dir: Path, steps: list[LossStep], optimizers: dict, schedulers: dict, ema: EMA | None,
-           fingerprint: Fingerprint | None, accelerator, config: LoopConfig,
-           description: str) -> tuple[int, list[dict[str, float]]]:
+           fingerprint: Fingerprint | None, accelerator, description: str) -> tuple[int, list[dict[str, float]]]:
     """Restore the newest intact checkpoint of this run (same fingerprint); return (its step, its log history).
 
     The main process picks the checkpoint (setting aside corrupt and foreign ones); then every rank loads it.
@@ -230,13 +229,33 @@ def resume(checkpoint_dir: Path, steps: list[LossStep], optimizers: dict, schedu
             f"delete {checkpoint_dir} to start over"
         ) from None
     torch.set_rng_state(state["rng"]["torch_rng"])
-    if accelerator.process_index:  # only the main process's RNG is saved; other ranks need streams of their own
-        torch.manual_seed(config.seed + 1_000_003 * accelerator.process_index + state["trainer"]["step"])
     step = state["trainer"]["step"]
     if accelerator.is_main_process:
         print(f"{description}: resuming from {checkpoint} (step {step})", flush=True)
     history = [r for r in state["trainer"].get("history", []) if isinstance(r, dict)]
     return step, history
+
+
+def resume_every_process(accelerator, start_step: int, checkpoint_dir: Path, seed: int) -> None:
+    """Multi-process resume: every process must resume from the same step, and each must draw its own noise.
+
+    Processes on other machines read the checkpoints from their own disks; one that cannot see the checkpoint the
+    main process resumes from would run other steps with other optimizer state (DDP copies process 0's weights
+    when it wraps a module, nothing else), and the run would diverge or hang in a collective: stop all instead.
+    A checkpoint holds process 0's RNG state, which every process has just restored; the others are re-seeded
+    from (seed, rank, step) so that they do not repeat process 0's noise.
+    """
+    if accelerator.num_processes == 1:
+        return
+    steps = accelerator.gather(torch.tensor([start_step], device=accelerator.device)).tolist()
+    if len(set(steps)) > 1:
+        raise GmpipeError(
+            f"{checkpoint_dir}: the processes would resume from different steps (process 0 from step {steps[0]}, "
+            f"the others from {sorted(set(steps[1:]))}); every machine must see the same checkpoints: put "
+            f"{checkpoint_dir} on storage all machines share, or copy it to each"
+        )
+    if start_step > 0 and accelerator.process_index > 0:
+        torch.manual_seed((seed + accelerator.process_index) * 1_000_003 + start_step)
 
 
 class NonFiniteGuard:
@@ -401,8 +420,9 @@ def train(
             s.module.enable_gradient_checkpointing()
     optimizers, schedulers = build_optimizers(config, steps, device)
     ema = EMA(dict((s.name, s.module) for s in steps)[ema_of], config.ema_decay, config.ema_warmup) if ema_of else None
-    start_step, history = resume(checkpoint_dir, steps, optimizers, schedulers, ema, fingerprint, accelerator, config,
+    start_step, history = resume(checkpoint_dir, steps, optimizers, schedulers, ema, fingerprint, accelerator,
                                  description)
+    resume_every_process(accelerator, start_step, checkpoint_dir, config.seed)
     if ema is not None:
         ema.module.to(device)
     wrapped = {}

@@ -17,6 +17,8 @@ a loop may instead skip the discriminator step while ``not loss.discriminator_ac
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -77,13 +79,16 @@ class AutoencoderLoss(nn.Module):
         discriminator: nn.Module,
         step: int,
         last_layer: torch.Tensor | None = None,
+        gradient_mean: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """L_G for images x (B, C, H, W), posterior parameters (B, c, h, w) and reconstructions x_hat.
 
         ``last_layer`` is the decoder weight for the adaptive weight (``decoder_last_layer(vae)``); None uses
         lambda = 1 (a fixed ``gan_weight``). Without gradients (``torch.no_grad()`` evaluation) lambda cannot be
         measured and is 0, so the total is then the non-adversarial part. Back-propagating L_G also leaves
-        gradients on the discriminator's parameters: zero them before the discriminator step.
+        gradients on the discriminator's parameters: zero them before the discriminator step. With several
+        data-parallel processes, ``gradient_mean`` averages a tensor over them, so that lambda is the global
+        batch's (see ``adaptive_weight``).
 
         Returns:
             the scalar loss and detached terms "total", "nll", "kl", "reconstruction" (mean per-pixel error),
@@ -109,7 +114,7 @@ class AutoencoderLoss(nn.Module):
             elif last_layer is None:
                 weight = x.new_ones(())
             else:
-                weight = adaptive_weight(elbo.nll, gan, last_layer)
+                weight = adaptive_weight(elbo.nll, gan, last_layer, gradient_mean=gradient_mean)
             total = total + factor * weight * self.gan_weight * gan
 
         terms = {

@@ -9,6 +9,8 @@ non-saturating loss start on similar scales.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -52,6 +54,7 @@ def adaptive_weight(
     last_layer: torch.Tensor,
     eps: float = 1e-4,
     max_weight: float = 1e4,
+    gradient_mean: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Adaptive weight of the GAN term (Esser et al. 2021, "Taming Transformers", eq. 7):
 
@@ -62,14 +65,21 @@ def adaptive_weight(
     ``retain_graph=True`` (the caller still back-propagates through both losses) and lambda is detached:
     it is a weight, not something to optimise.
 
+    With data-parallel training each rank holds the losses of its share of the batch: ``gradient_mean`` (the mean
+    of a tensor over the ranks, an all-reduce) turns both gradients into those of the global batch's mean losses,
+    so every rank uses the same lambda, the one a single process would compute on the whole batch.
+
     Args:
         rec_loss, gan_loss: scalar losses whose graphs reach ``last_layer``.
         last_layer: a weight tensor of the decoder (e.g. ``decoder_last_layer(vae)``).
+        gradient_mean: None with one process.
     Returns:
         scalar tensor lambda, detached.
     """
     (rec_grad,) = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)
     (gan_grad,) = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)
+    if gradient_mean is not None:
+        rec_grad, gan_grad = gradient_mean(rec_grad), gradient_mean(gan_grad)
     weight = rec_grad.norm() / (gan_grad.norm() + eps)
     return weight.clamp(0.0, max_weight).detach()
 

@@ -28,7 +28,7 @@ def trained_vae(tmp_path_factory):
     paths = Paths(root)
     prepare.run(params.data, params.prepare, paths)
     train_vae.run(params.data, params.train_vae, params.compute, paths)
-    cache_latents.run(params.cache_latents, paths)
+    cache_latents.run(params.cache_latents, params.compute.device, paths)
     return params, paths
 
 
@@ -92,7 +92,7 @@ def test_train_ldm_smoke_and_sample(trained_ldm, tmp_path):
 
     out = tmp_path / "grid.npz"
     code = main(["sample", "--model", str(paths.ldm), "--vae", str(paths.vae), "--classes", "3", "7", "-n", "2",
-                 "--steps", "2", "--out", str(out)])
+                 "--steps", "2", "--device", "cpu", "--out", str(out)])
     assert code == 0
     with np.load(out) as saved:
         assert saved["images"].shape == (4, 1, 32, 32) and saved["labels"].tolist() == [3, 3, 7, 7]
@@ -101,7 +101,7 @@ def test_train_ldm_smoke_and_sample(trained_ldm, tmp_path):
 def test_missing_upstream_names_the_stage(tmp_path):
     params = parse_params(smoke_params())
     with pytest.raises(GmpipeError, match="train_vae"):
-        cache_latents.run(params.cache_latents, Paths(tmp_path))
+        cache_latents.run(params.cache_latents, params.compute.device, Paths(tmp_path))
     with pytest.raises(GmpipeError, match="run the .cache_latents. stage first"):
         train_ldm.run(params.train_ldm, params.compute, Paths(tmp_path))
 
@@ -135,7 +135,7 @@ def test_distill_writes_students_that_sample(distilled):
 
 def test_evaluate_writes_metrics_plots_samples_and_report(distilled):
     params, paths, _ = distilled
-    summary = evaluate.run(params.evaluate, paths)
+    summary = evaluate.run(params.evaluate, params.compute.device, paths)
     metrics = json.loads((paths.reports / "metrics.json").read_text())
     n = params.evaluate.n_samples
     assert metrics["teacher"]["n"] == n and str(n) in metrics["floor"]
@@ -171,7 +171,7 @@ def test_evaluate_names_missing_models(tmp_path):
     config = params.evaluate.model_copy(update={
         "n_samples": 20, "sweep_samples": 20, "classifier_steps": 5,
         "fid_module": "tests.stages.test_latent_stages:tiny_fid_network", "fid_weights": str(weights)})
-    summary = evaluate.run(config, paths)
+    summary = evaluate.run(config, params.compute.device, paths)
     metrics = json.loads((paths.reports / "metrics.json").read_text())
     assert [note.split(":")[1].strip() for note in metrics["notes"]] == [
         "run the 'train_vae' stage to evaluate it", "run the 'train_ldm' stage to evaluate it",
@@ -289,3 +289,60 @@ def test_time_shift_is_stored_and_sampled_on_its_grid(trained_ldm, tmp_path):
         torch.testing.assert_close(times, time_grid(steps, shift=3.0)[:-1])
         assert not torch.allclose(times, time_grid(steps)[:-1])
     assert json.loads((paths.student / "progressive-2step" / "student.json").read_text())["time_shift"] == 3.0
+def _two_machines(roots, timeout: float = 400) -> list:
+    """`gmpipe stage train_ldm` as machine 0 in roots[0] and machine 1 in roots[1], at the same time, ranks from
+    GMPIPE_MACHINE_RANK; returns both finished processes (returncode, stdout, stderr)."""
+    import os
+    import subprocess
+
+    from tests.conftest import BIN
+
+    processes = []
+    for rank, root in enumerate(roots):
+        env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", DVC_NO_ANALYTICS="1",
+                   GMPIPE_MACHINE_RANK=str(rank), OMP_NUM_THREADS="1")
+        processes.append(subprocess.Popen(["gmpipe", "stage", "train_ldm", "--root", str(root)], env=env,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = []
+    for process in processes:
+        out, err = process.communicate(timeout=timeout)
+        results.append((process.returncode, out, err))
+    return results
+
+
+def test_two_machines_on_loopback(trained_vae, tmp_path, prefect_api):
+    """num_machines: 2 with one process each on 127.0.0.1: two `gmpipe stage train_ldm` in one workspace, their
+    ranks from the environment, resume a one-process checkpoint together and complete; machine 0 writes the
+    outputs. (A machine that cannot see that checkpoint: tests/train/test_multi_process_resume.py.)"""
+    import shutil
+
+    import yaml
+
+    from gmpipe.config.compute import ComputeConfig
+    from gmpipe.rendezvous import free_port
+    from tests.listening import ListeningWatch
+
+    _, paths = trained_vae
+    root = tmp_path / "shared"
+    shutil.copytree(paths.root / "data", root / "data")
+    shutil.copytree(paths.vae, root / "models" / "vae")
+    port = free_port()
+    raw = smoke_params(compute={"num_processes": 1, "num_machines": 2, "main_process_ip": "127.0.0.1",
+                                "main_process_port": port, "threads": 1},
+                       train_ldm={"steps": 10, "warmup_steps": 0, "checkpoint_every": 5, "log_every": 5,
+                                  "grid_per_class": 1})
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    five = parse_params(raw).train_ldm.model_copy(update={"steps": 5})
+    train_ldm.run(five, ComputeConfig(threads=1), Paths(root))  # a one-process checkpoint at step 5
+    shutil.rmtree(root / "models" / "ldm")
+
+    with ListeningWatch(str(root)) as watch:
+        (code_0, out_0, err_0), (code_1, out_1, err_1) = _two_machines([root, root])
+    assert code_0 == 0, (out_0[-2000:], err_0[-2000:])
+    assert code_1 == 0, (out_1[-2000:], err_1[-2000:])
+    checkpoints = root / "checkpoints/train_ldm"
+    assert json.loads((checkpoints / "step-00000010/trainer.json").read_text())["world_size"] == 2
+    assert json.loads((checkpoints / "step-00000005/trainer.json").read_text())["world_size"] == 1  # resumed
+    assert json.loads((root / "models/ldm/training.json").read_text())["steps"] == 10
+    assert "launching 1 of 2 processes on machine 1 of 2" in out_1 + err_1
+    assert ("127.0.0.1", port) in watch.addresses and {a for a, _ in watch.addresses} == {"127.0.0.1"}

@@ -105,3 +105,72 @@ def test_true_lpips_from_local_vgg16_and_lpips_files(tmp_path):
                                                "lpips_backbone_weights": str(tmp_path / "bad.pth")}))
     with pytest.raises(GmpipeError, match="not a VGG-16 state dict"):
         train_vae.build_loss(bad.train_vae)
+
+
+def _two_process_vae_worker(directory: str):
+    """One rank of train_vae's two loss steps on 2 CPU processes (DistributedDataParallel over gloo)."""
+    from pathlib import Path
+
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+
+    from gmpipe.train.loop import seed_everything, train
+
+    # debug_launcher forks: drop the single-process state that earlier code left in this process.
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+    accelerator = Accelerator(cpu=True)
+    assert accelerator.num_processes == 2
+    rank = accelerator.process_index
+    params = parse_params(smoke_params(train_vae={"steps": 4, "disc_start": 1, "perceptual_weight": 0.0,
+                                                  "warmup_steps": 0, "checkpoint_every": 4, "batch_size": 8}))
+    config = params.train_vae
+    seed_everything(0)
+    vae, discriminator = train_vae.build_models(params.data, config)
+    loss = train_vae.build_loss(config)
+    gradient_mean = train_vae.mean_over_processes(accelerator)
+    images = torch.rand(32, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    steps = train_vae.loss_steps(vae, discriminator, loss, config, gradient_mean)
+    result = train(config, steps, len(images), lambda index, device: images[index].to(device),
+                   Path(directory) / "ckpt", accelerator=accelerator, ema_of="vae")
+    assert result.history[-1]["discriminator/discriminator"] > 0  # the discriminator step ran
+
+    # The adaptive GAN weight of each rank's half of a batch equals the one of the whole batch in one process.
+    from gmpipe.nn.autoencoder import decoder_last_layer
+
+    def weight(x, mean_fn):
+        posterior = vae.encode(x).latent_dist
+        x_hat = vae.decode(posterior.mean).sample
+        _, terms = loss.generator_loss(x, posterior.mean, posterior.logvar, x_hat, discriminator, 5,
+                                       decoder_last_layer(vae), gradient_mean=mean_fn)
+        return terms["adaptive_weight"]
+
+    batch = images[:8]
+    per_rank = weight(batch[4 * rank : 4 * rank + 4], gradient_mean)
+    whole = weight(batch, None)
+    flat = torch.cat([p.detach().flatten() for module in result.modules.values() for p in module.parameters()])
+    gathered = accelerator.gather(torch.cat([per_rank[None], whole[None], flat])[None])
+    if accelerator.is_main_process:
+        torch.save(gathered, Path(directory) / "gathered.pt")
+
+
+def test_two_processes_train_the_autoencoder_and_discriminator_in_step(tmp_path):
+    """train_vae's steps on 2 CPU ranks through accelerate.debug_launcher (in a fresh interpreter: it forks):
+    gradients of both the autoencoder and the discriminator are all-reduced (the ranks, which see different
+    images, end with identical weights), and the adaptive GAN weight is the global batch's on every rank."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    script = (
+        "from accelerate import debug_launcher; from tests.stages.test_train_vae import _two_process_vae_worker; "
+        f"debug_launcher(_two_process_vae_worker, args=({str(tmp_path)!r},), num_processes=2)"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    gathered = torch.load(tmp_path / "gathered.pt", weights_only=True)
+    assert gathered.shape[0] == 2
+    (weight_0, whole_0), (weight_1, _) = gathered[0, :2].tolist(), gathered[1, :2].tolist()
+    assert weight_0 == pytest.approx(whole_0, rel=1e-4) and weight_1 == pytest.approx(whole_0, rel=1e-4)
+    assert torch.equal(gathered[0, 2:], gathered[1, 2:]), "the ranks' weights diverged"
