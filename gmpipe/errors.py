@@ -8,9 +8,11 @@ class GmpipeError(Exception):
 
 
 class ParamsError(GmpipeError):
-    """An unusable params file or mapping. ``problems`` holds one ``dotted.key: rule (got value)`` line each; the
-    message prints every line prefixed with ``source``, at most ``MAX_LINES`` of them, each at most ``MAX_WIDTH``
-    characters, so a hostile file can never make the message itself large."""
+    """An unusable params file or mapping: one ``dotted.key: rule (got value)`` line per problem.
+
+    ``problems`` (and the message, each line prefixed with ``source``) holds at most ``MAX_LINES`` of them, each at
+    most ``MAX_WIDTH`` characters, then a count of the rest, so a hostile file can never make the message itself
+    large; ``all_problems`` keeps every one."""
 
     exit_code = 2
     MAX_LINES = 50
@@ -18,6 +20,7 @@ class ParamsError(GmpipeError):
 
     def __init__(self, source: str, problems: list[str]):
         self.source = shorten(str(source), 200)
+        self.all_problems = list(problems)
         self.problems = [shorten(problem, self.MAX_WIDTH) for problem in problems[: self.MAX_LINES]]
         if len(problems) > self.MAX_LINES:
             self.problems.append(f"... and {len(problems) - self.MAX_LINES} more problems")

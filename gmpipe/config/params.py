@@ -109,7 +109,7 @@ def parse_params_text(text: str, source: str) -> Params:
         try:
             params = parse_params(raw, source)
         except ParamsError as exc:
-            raise ParamsError(source, problems + exc.problems) from None
+            raise ParamsError(source, problems + exc.all_problems) from None
         if problems:
             raise ParamsError(source, problems)
         return params

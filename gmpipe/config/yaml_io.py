@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import io
 import math
+import re
 import stat
 from collections.abc import Mapping
 from pathlib import Path
@@ -33,6 +34,7 @@ from ruamel.yaml.events import (
 )
 from ruamel.yaml.nodes import ScalarNode
 from ruamel.yaml.resolver import VersionedResolver
+from ruamel.yaml.scalarstring import DoubleQuotedScalarString
 
 from gmpipe.errors import ParamsError, shorten
 
@@ -46,6 +48,7 @@ _PLAIN_TAGS = {None, "!"} | {_CORE + name for name in ("str", "int", "float", "b
 _TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a float", str: "a string", type(None): "null",
                list: "a list", dict: "a mapping", bytes: "binary data", datetime.date: "a date",
                datetime.datetime: "a date and time", set: "a set", tuple: "a list"}
+_FLOW_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
 _RESOLVER = VersionedResolver()  # YAML 1.2 implicit types, as the safe loader resolves them
 
 
@@ -113,17 +116,27 @@ def as_written(value: Any, source: str, key: str, depth: int = 1) -> Any:
     if depth > MAX_DEPTH:
         raise ParamsError(source, [f"{key}: nested deeper than {MAX_DEPTH} levels"])
     if isinstance(value, Mapping):
-        if not all(isinstance(name, str) for name in value):
-            raise ParamsError(source, [f"{key}: every key must be a string"])
+        if not all(isinstance(name, str) and name.isprintable() for name in value):
+            raise ParamsError(source, [f"{key}: every key must be a string of printable characters"])
         return CommentedMap((name, as_written(item, source, f"{key}.{name}", depth + 1))
                             for name, item in value.items())
     if isinstance(value, (list, tuple)):
         sequence = CommentedSeq(as_written(item, source, f"{key}.{i}", depth + 1) for i, item in enumerate(value))
-        sequence.fa.set_flow_style()
+        if all(_flow_safe(item) for item in value):  # ruamel's flow emitter misquotes e.g. '?x' and nested maps
+            sequence.fa.set_flow_style()
         return sequence
+    if isinstance(value, str) and not value.isprintable():
+        return DoubleQuotedScalarString(value)  # escaped: a bare or single-quoted NEL or U+2028 would not read back
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     raise ParamsError(source, [f"{key}: {type_name(value)} is not a params value"])
+
+
+def _flow_safe(item: Any) -> bool:
+    """Whether ``item`` reads back unchanged inside a flow list (``[8, 16, reflow]``)."""
+    if isinstance(item, str):
+        return _FLOW_WORD.fullmatch(item) is not None
+    return item is None or isinstance(item, (bool, int, float))
 
 
 def check_structure(text: str, source: str) -> None:
@@ -240,8 +253,8 @@ def _check_plain(data: Any, path: tuple[str, ...], problems: list[str]) -> None:
                 if isinstance(key, str):
                     stack.append((item, where + (key,)))
                 else:
-                    problems.append(f"{_dotted(where)}: the key {show(key)} is {type_name(key)}; keys are names "
-                                    "(quote it if it is meant as one)")
+                    problems.append(f"{_dotted(where)}: the key {show(key)} is not a string; keys are names (quote "
+                                    "it if it is meant as one)")
         elif isinstance(value, list):
             stack.extend((item, where + (str(i),)) for i, item in enumerate(value))
         elif isinstance(value, (datetime.date, datetime.datetime)):
@@ -326,9 +339,10 @@ def _yaml_problem(exc: Exception) -> str:
 
 def _is_int(event: ScalarEvent) -> bool:
     """Whether YAML 1.2 reads ``event`` as an integer (Python refuses to convert one of more than 4,300 digits)."""
-    if event.tag not in (None, "!", _CORE + "int") or (event.tag is None and event.style is not None):
-        return False
-    return event.tag == _CORE + "int" or _RESOLVER.resolve(ScalarNode, event.value, (True, False)) == _CORE + "int"
+    if event.tag == _CORE + "int":
+        return True
+    plain = event.tag is None and event.implicit[0]
+    return plain and _RESOLVER.resolve(ScalarNode, event.value, (True, False)) == _CORE + "int"
 
 
 def _line(event: Any) -> int:
