@@ -32,7 +32,7 @@ MEMORY_LIMIT = 1536 * 1024 * 1024
 ALIAS_BOMB = "".join(
     [f"lol0: &lol0 [{', '.join(['lol'] * 9)}]\n"]
     + [f"lol{i}: &lol{i} [{', '.join([f'*lol{i - 1}'] * 9)}]\n" for i in range(1, 10)]
-)  # 9**10 = 3.5e9 strings once expanded, from 500 bytes
+)  # 9**10 = 3.5e9 strings once expanded, from 742 bytes
 
 
 def smoke_with(old: str, new: str) -> str:
@@ -270,6 +270,10 @@ def _write_hundred_megabytes(file: Path) -> None:
 
 NASTY = {
     "alias-bomb": (lambda file: file.write_text(ALIAS_BOMB), "lol4.0: more than 10,000 values"),
+    "alias-bomb-in-data-path": (
+        lambda file: file.write_text(ALIAS_BOMB.replace("lol", "x") + smoke_with("  path: /usr/share/datasets/"
+                                                                                 "fashion-mnist", "  path: *x9")),
+        "x4.0: more than 10,000 values"),
     "100-MB-file": (_write_hundred_megabytes, "larger than 1024 KiB"),
     "deep-nesting": (lambda file: file.write_text("data: " + "[" * 500_000 + "]" * 500_000 + "\n"),
                      "data.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0: line 1: nested deeper than 16 levels"),
