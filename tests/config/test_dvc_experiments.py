@@ -1,7 +1,8 @@
 """DVC experiments on the shipped params files, for real: ``dvc exp run -S``, the queue, ``dvc exp show``.
 
 DVC rewrites ``params.yaml`` as YAML 1.2 (``mixed_precision: no`` bare, ``1e-05``); each test checks that the file
-DVC wrote is what gmpipe read: the prepared split holds exactly ``max_per_class`` images per class.
+DVC wrote is what gmpipe read: the prepared split holds exactly ``max_per_class`` images per class. And the files
+DVC refuses to run a stage with, ``gmpipe check-params`` refuses too.
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
+from gmpipe.cli import main
 from gmpipe.config import yaml_io
-from gmpipe.config.params import load_params
+from gmpipe.config.params import Params, load_params
 from tests.conftest import BIN, FIXTURE_FASHION_MNIST, REPO, run
 
 
@@ -115,3 +119,32 @@ def test_dvc_exp_queue_then_queue_start(prefect_api, dvc_project):
     assert (params.prepare.max_per_class, params.compute.mixed_precision, params.train_vae.lr) == (3, "no", 1e-05)
     assert _per_class(root / "data/prepared/manifest.json") == {3}
     print(f"dvc exp run --queue prepare + dvc queue start until done: {seconds:.1f} s")
+
+
+DVC_REFUSES = {  # params files DVC itself refuses to run a stage with (`dvc repro`), so gmpipe refuses them too
+    "empty": b"",
+    "missing-section": b"data: {}\n",
+    "duplicate-key": b"data: {}\ndata: {}\n",
+    "not-utf8": b"data: {path: \xff}\n",
+    "date": b"data: {path: 2024-01-31}\n",
+}
+
+
+@pytest.fixture(scope="module")
+def sections_repo(tmp_path_factory) -> Path:
+    """A bare DVC repo (no git) whose one stage tracks every params section, as the shipped dvc.yaml does."""
+    root = tmp_path_factory.mktemp("dvc-sections")
+    run(["dvc", "init", "--no-scm", "-q"], root)
+    run(["dvc", "config", "--local", "core.site_cache_dir", str(root / ".dvc" / "site_cache")], root)
+    sections = list(Params.model_fields)
+    (root / "dvc.yaml").write_text(yaml_io.dump_for_update({"stages": {"noop": {"cmd": "true", "params": sections}}}))
+    return root
+
+
+@pytest.mark.parametrize("case", ["valid", *DVC_REFUSES])
+def test_dvc_and_gmpipe_agree_on_which_files_are_params(sections_repo, case):
+    content = shipped_params_text("configs/smoke.yaml").encode() if case == "valid" else DVC_REFUSES[case]
+    (sections_repo / "params.yaml").write_bytes(content)
+    dvc = run(["dvc", "repro", "-f"], sections_repo, check=False)
+    gmpipe = main(["check-params", str(sections_repo / "params.yaml")])
+    assert (dvc.returncode == 0, gmpipe) == ((True, 0) if case == "valid" else (False, 2)), dvc.stdout + dvc.stderr
