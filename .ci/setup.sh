@@ -48,6 +48,11 @@ if [ ! -f "$FASHION_MNIST_DIR/train-images-idx3-ubyte.gz" ]; then
         || { "${SUDO[@]}" apt-get update -qq && "${SUDO[@]}" apt-get install -y -qq dataset-fashion-mnist; }
 fi
 
-# DVC inside a fresh clone: site cache in the repo, no analytics (also in .dvc/config).
+# DVC inside a fresh clone: site cache in the repo, no analytics (also in .dvc/config). The site cache path is
+# absolute and per clone (.dvc/config.local): DVC resolves a relative one against the working directory, which
+# `dvc exp run --queue` / `--temp` change to a temporary copy of the repo ("unable to open database file").
 export DVC_NO_ANALYTICS=1
+if ! "$VENV/bin/dvc" config --local core.site_cache_dir >/dev/null 2>&1; then
+    "$VENV/bin/dvc" config --local core.site_cache_dir "$PWD/.dvc/site_cache"
+fi
 say "ready ($("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)'))"

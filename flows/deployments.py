@@ -7,55 +7,19 @@ validated as a whole before it replaces ``params.yaml``, and a bad key fails the
 
 from __future__ import annotations
 
-import io
 import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
 from prefect import flow
 from prefect.states import Failed
-from ruamel.yaml import YAML, YAMLError  # DVC's own YAML library (a dependency of dvc): keeps comments and layout
-from ruamel.yaml.comments import CommentedMap, CommentedSeq
-from ruamel.yaml.scalarstring import DoubleQuotedScalarString
+from ruamel.yaml.comments import CommentedMap
 
 from flows.pipeline import dvc_stage_order, pipeline, workspace_lock
-from gmpipe.config.params import Params, ParamsError, parse_params
-
-
-def _round_trip_yaml() -> YAML:
-    document = YAML()
-    document.preserve_quotes = True
-    document.width = 4096  # never re-wrap long lines
-    document.indent(mapping=2, sequence=2, offset=0)  # as yaml.safe_dump writes block lists
-    document.representer.add_representer(
-        type(None), lambda representer, _: representer.represent_scalar("tag:yaml.org,2002:null", "null")
-    )
-    return document
-
-
-def _yaml_safe(value: Any) -> Any:
-    """An override value as the params file writes it: lists in flow style (``[8, 16, 16]``), and strings that
-    PyYAML (YAML 1.1, what ``load_params`` reads with) would turn into something else quoted, e.g. ``"no"`` (a
-    boolean to it) for ``mixed_precision``: ruamel writes YAML 1.2 and would leave them bare."""
-    if isinstance(value, str):
-        return value if _plain_reads_back(value) else DoubleQuotedScalarString(value)
-    if isinstance(value, Mapping):
-        return CommentedMap((key, _yaml_safe(item)) for key, item in value.items())
-    if isinstance(value, (list, tuple)):
-        sequence = CommentedSeq(_yaml_safe(item) for item in value)
-        sequence.fa.set_flow_style()
-        return sequence
-    return value
-
-
-def _plain_reads_back(text: str) -> bool:
-    try:
-        return yaml.safe_load(text) == text
-    except yaml.YAMLError:
-        return False
+from gmpipe.config import yaml_io
+from gmpipe.config.params import Params, ParamsError, parse_params_text
 
 
 def apply_params_overrides(params_file: str | Path, overrides: Mapping[str, Any] | None) -> Params | None:
@@ -70,11 +34,7 @@ def apply_params_overrides(params_file: str | Path, overrides: Mapping[str, Any]
         return None
     params_file = Path(params_file)
     source = f"{params_file} with params_overrides"
-    round_trip = _round_trip_yaml()
-    try:
-        document = round_trip.load(params_file.read_text()) if params_file.exists() else None
-    except YAMLError as exc:
-        raise ParamsError(source, [f"not valid YAML ({exc.__class__.__name__})"]) from None
+    document = yaml_io.load_for_update(yaml_io.read_text(params_file), str(params_file))
     document = document if document is not None else CommentedMap()
     if not isinstance(document, Mapping):
         raise ParamsError(source, ["(top level): must be a mapping of sections"])
@@ -89,12 +49,10 @@ def apply_params_overrides(params_file: str | Path, overrides: Mapping[str, Any]
             node = node[part]
             if not isinstance(node, Mapping):
                 raise ParamsError(source, [f"{key}: {'.'.join(parts[: depth + 1])} is a value, not a section"])
-        node[parts[-1]] = _yaml_safe(value)
-    buffer = io.StringIO()
-    round_trip.dump(document, buffer)
-    text = buffer.getvalue()
+        node[parts[-1]] = yaml_io.as_written(value, source, str(key))
+    text = yaml_io.dump_for_update(document)
     try:
-        params = parse_params(yaml.safe_load(text), source)
+        params = parse_params_text(text, source)
     except ParamsError as exc:
         raise ParamsError(source, [_name_override(problem, overrides) for problem in exc.problems]) from None
     _write_atomically(params_file, text)

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from gmpipe.config import yaml_io
+
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE_FASHION_MNIST = REPO / "tests" / "fixtures" / "fashion-mnist-mini"
 BIN = Path(sys.executable).parent
@@ -18,7 +20,7 @@ BIN = Path(sys.executable).parent
 
 def smoke_params(**overrides) -> dict:
     """configs/smoke.yaml pointed at the committed Fashion-MNIST fixture, with section overrides."""
-    params = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
+    params = yaml_io.load((REPO / "configs" / "smoke.yaml").read_text(), "configs/smoke.yaml")
     params["data"]["path"] = str(FIXTURE_FASHION_MNIST)
     for section, values in overrides.items():
         params.setdefault(section, {}).update(values)
@@ -52,23 +54,26 @@ def run(command: list[str], cwd: Path, check: bool = True, timeout: float = 600)
 
 @pytest.fixture
 def dvc_project(tmp_path) -> callable:
-    """A scratch git + DVC repo holding this project's code, dvc.yaml and the given params."""
+    """A scratch git + DVC repo holding this project's code, dvc.yaml and the given params (a mapping, or the text
+    of a params file as it should be written)."""
 
-    def make(params: dict) -> Path:
+    def make(params: dict | str) -> Path:
         root = tmp_path / "project"
         ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
         for folder in ("gmpipe", "flows", "configs"):
             shutil.copytree(REPO / folder, root / folder, ignore=ignore)
         for file in ("dvc.yaml", ".dvcignore"):
             shutil.copy(REPO / file, root / file)
-        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        text = params if isinstance(params, str) else yaml.safe_dump(params, sort_keys=False)
+        (root / "params.yaml").write_text(text)
         (root / ".gitignore").write_text("/data/\n/models/\n/reports/\n/checkpoints/\n.prefect/\n")
         run(["git", "init", "-q"], root)
         run(["git", "config", "user.email", "ci@example.invalid"], root)
         run(["git", "config", "user.name", "ci"], root)
         run(["dvc", "init", "-q"], root)
         run(["dvc", "config", "core.analytics", "false"], root)
-        run(["dvc", "config", "core.site_cache_dir", ".dvc/site_cache"], root)
+        # absolute, as .ci/setup.sh sets it: a relative one breaks `dvc exp run --queue` (temporary workspaces)
+        run(["dvc", "config", "--local", "core.site_cache_dir", str(root / ".dvc" / "site_cache")], root)
         return root
 
     return make

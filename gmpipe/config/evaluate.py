@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from gmpipe.config.base import Section
+from gmpipe.config.base import Section, Seed
 
 Steps = Annotated[int, Field(ge=1, le=1000)]
 
@@ -20,7 +20,7 @@ class EvaluateConfig(Section):
     Inception-v3 returning 2048-d pool features); EfficientNet-Lite0 distances are always reported as fd_effnet.
     """
 
-    seed: Annotated[int, Field(ge=0)] = 0
+    seed: Seed = 0
     n_samples: Annotated[int, Field(ge=10)] = 1000
     sweep_samples: Annotated[int, Field(ge=10)] = 500
     feature_image_size: Annotated[int, Field(ge=32, le=512)] = 64

@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from gmpipe.config.base import Section
+from gmpipe.config.base import Section, Seed
 
 PositiveInt = Annotated[int, Field(ge=1)]
 
@@ -22,7 +22,7 @@ class LoopConfig(Section):
     ``batch_size`` is the global batch of one optimizer step (split over processes and ``grad_accum`` micro-batches).
     """
 
-    seed: Annotated[int, Field(ge=0)] = 0
+    seed: Seed = 0
     steps: PositiveInt = 1000
     batch_size: PositiveInt = 64
     grad_accum: PositiveInt = 1

@@ -1,7 +1,8 @@
 """The whole ``params.yaml``: validation of every section, reported as one line per problem.
 
-Validation runs before any compute; :func:`load_params` turns all problems into one :class:`ParamsError` whose
-lines each name a dotted key and the rule it broke, e.g. ``train_ldm.lr: must be > 0 (got -1)``.
+Validation runs before any compute. Files are read by :mod:`gmpipe.config.yaml_io` (YAML 1.2, as DVC reads them,
+with bounded cost); :func:`load_params` turns every problem into one :class:`ParamsError` whose lines each name a
+dotted key and the rule it broke, e.g. ``train_ldm.lr: must be > 0 (got -1)``. Every echoed value is cut short.
 """
 
 from __future__ import annotations
@@ -9,9 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
+from gmpipe.config import yaml_io
 from gmpipe.config.base import Section
 from gmpipe.config.cache_latents import CacheLatentsConfig
 from gmpipe.config.compute import ComputeConfig
@@ -21,6 +22,9 @@ from gmpipe.config.evaluate import EvaluateConfig
 from gmpipe.config.prepare import PrepareConfig
 from gmpipe.config.train_ldm import TrainLDMConfig
 from gmpipe.config.train_vae import TrainVAEConfig
+from gmpipe.errors import ParamsError
+
+__all__ = ["Params", "ParamsError", "load_params", "parse_params", "parse_params_text"]
 
 
 class Params(Section):
@@ -34,15 +38,6 @@ class Params(Section):
     evaluate: EvaluateConfig = EvaluateConfig()
 
 
-class ParamsError(Exception):
-    """Invalid params; ``problems`` holds one ``dotted.key: rule (got value)`` line each."""
-
-    def __init__(self, source: str, problems: list[str]):
-        self.source = source
-        self.problems = problems
-        super().__init__("\n".join(f"{source}: {p}" for p in problems))
-
-
 _RULES = {
     "greater_than": lambda c: f"must be > {c['gt']}",
     "greater_than_equal": lambda c: f"must be >= {c['ge']}",
@@ -53,13 +48,27 @@ _RULES = {
     "missing": lambda c: "required key is missing",
     "int_type": lambda c: "must be an integer",
     "float_type": lambda c: "must be a number",
+    "finite_number": lambda c: "must be a finite number",
     "bool_type": lambda c: "must be true or false",
     "string_type": lambda c: "must be a string",
     "model_type": lambda c: "must be a mapping of keys to values",
     "model_attributes_type": lambda c: "must be a mapping of keys to values",
+    "dict_type": lambda c: "must be a mapping of keys to values",
     "tuple_type": lambda c: "must be a list",
     "list_type": lambda c: "must be a list",
+    "too_short": lambda c: f"must have at least {c['min_length']} item(s)",
+    "too_long": lambda c: f"must have at most {c['max_length']} item(s)",
 }
+_WRONG_KIND = {"int_type", "float_type", "bool_type", "string_type", "model_type", "model_attributes_type",
+               "dict_type", "tuple_type", "list_type"}
+
+
+def _wrong_kind(error: dict[str, Any]) -> bool:
+    """Whether the value is of the wrong kind (then the message names its kind: ``(got false, a boolean)``)."""
+    if error["type"] == "literal_error":
+        value = error["input"]
+        return isinstance(value, bool) or isinstance(value, str) != ("'" in error["ctx"]["expected"])
+    return error["type"] in _WRONG_KIND
 
 
 def _describe(error: dict[str, Any]) -> str:
@@ -67,33 +76,46 @@ def _describe(error: dict[str, Any]) -> str:
     rule = _RULES.get(error["type"])
     message = rule(error.get("ctx", {})) if rule else error["msg"].removeprefix("Value error, ")
     if error["type"] not in ("missing", "extra_forbidden") and "(got" not in message:
-        message += f" (got {error['input']!r})"
+        value = error["input"]
+        kind = f", {yaml_io.type_name(value)}" if _wrong_kind(error) else ""
+        message += f" (got {yaml_io.show(value)}{kind})"
     return f"{loc}: {message}"
 
 
 def parse_params(raw: Any, source: str = "params") -> Params:
-    """Validate an already-parsed mapping; raise :class:`ParamsError` listing every problem."""
+    """Validate an already-parsed mapping (missing sections take their defaults); raise :class:`ParamsError`
+    listing every problem."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ParamsError(source, [f"(top level): must be a mapping of sections (got {type(raw).__name__})"])
+        raise ParamsError(source, [f"(top level): must be a mapping of sections (got {yaml_io.type_name(raw)})"])
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
         raise ParamsError(source, [_describe(e) for e in exc.errors()]) from None
 
 
+def parse_params_text(text: str, source: str) -> Params:
+    """Validate the text of a params file: YAML 1.2 as DVC reads it, and every section present, since DVC refuses
+    to run a stage whose params section (``dvc.yaml``) is missing from the file."""
+    raw = yaml_io.load(text, source)
+    if raw is None:
+        raise ParamsError(source, ["(top level): the file is empty; start from configs/smoke.yaml or the "
+                                   "repository's params.yaml"])
+    if isinstance(raw, dict):
+        missing = [section for section in Params.model_fields if section not in raw]
+        problems = [f"{section}: section is missing (DVC needs it; write `{section}: {{}}` for the defaults)"
+                    for section in missing]
+        try:
+            params = parse_params(raw, source)
+        except ParamsError as exc:
+            raise ParamsError(source, problems + exc.all_problems) from None
+        if problems:
+            raise ParamsError(source, problems)
+        return params
+    return parse_params(raw, source)
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate a params file; every failure (missing file, bad YAML, bad values) is a ParamsError."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ParamsError(str(path), [f"cannot read file: {exc.strerror or exc}"]) from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}: " if mark else ""
-        raise ParamsError(str(path), [f"{where}not valid YAML ({getattr(exc, 'problem', exc)})"]) from None
-    return parse_params(raw, str(path))
+    """Read and validate a params file; every failure (unreadable file, bad YAML, bad values) is a ParamsError."""
+    return parse_params_text(yaml_io.read_text(path), str(path))

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from pydantic import Field, model_validator
 
-from gmpipe.config.base import Fraction, Section
+from gmpipe.config.base import Fraction, Section, Seed
 
 
 class PrepareConfig(Section):
@@ -15,7 +15,7 @@ class PrepareConfig(Section):
     class (smoke runs); ``null`` keeps everything. Transparent pixels are composited on grey ``alpha_background``.
     """
 
-    seed: Annotated[int, Field(ge=0)] = 0
+    seed: Seed = 0
     val_fraction: Fraction = 0.05
     test_fraction: Fraction = 0.1
     max_per_class: Annotated[int, Field(ge=1)] | None = None
