@@ -126,7 +126,7 @@ def reverse_sde_step(
         x_s = x_t + (s - t) [f x_t - (1 + eta^2)/2 g^2 grad log p_t(x_t)] + eta g(t) sqrt(t - s) eps.
 
     Two kinds of step take the eta = 0 (probability-flow ODE) step instead, per sample: the last step into
-    s = 0, which so adds no noise; and a step longer than EULER_MARUYAMA_STABILITY / |f(t)|, which includes
+    s = 0, so that it adds no noise; and a step longer than EULER_MARUYAMA_STABILITY / |f(t)|, which includes
     leaving a time where a(t) = 0 (rectified flow and trigonometric at t = 1: f and g^2 are infinite there, the
     forward process forgets x at once) and the first step of a coarse grid on vp_cosine (a(1) = 0.01). One
     model call; t, s: floats or (B,) with 0 <= s < t <= 1.
