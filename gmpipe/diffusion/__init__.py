@@ -15,7 +15,10 @@ Modules, one concept each:
     weightings    w(t): per-time loss weight
     time_density  p(t): how training times are drawn, plus the resolution shift
     objective     Objective = schedule x target x time density x weighting; the 2x2 conversions and the loss
-    samplers      Euler, Heun, DDIM and DDPM-ancestral samplers returning (samples, NFE)
+    samplers      Euler, Heun, DDIM, DDPM-ancestral and reverse-SDE samplers returning (samples, NFE)
+    score         the score -z_hat / b, the forward SDE (f, g^2) of a path and the reverse-SDE drift
+                  (import score() from gmpipe.diffusion.score: re-exported here it would hide the module)
+    likelihood    log p_0(x) under the probability-flow ODE (Hutchinson or exact trace), bits per dimension
     guidance      classifier-free guidance and condition dropout
     times         per-sample time broadcasting and the sampling time grid
     noise         reproducible random draws with an optional torch.Generator
@@ -28,9 +31,11 @@ from gmpipe.diffusion.guidance import (
     guided_prediction,
     make_guided_model_fn,
 )
+from gmpipe.diffusion.likelihood import ODELikelihood, bits_per_dim, normalization_log_det, ode_log_likelihood
 from gmpipe.diffusion.objective import Objective, solve_data_and_noise
 from gmpipe.diffusion.samplers import SAMPLERS, get_sampler
 from gmpipe.diffusion.schedules import SCHEDULES, Schedule, get_schedule
+from gmpipe.diffusion.score import diffusion_squared, drift_coefficient, reverse_sde_drift
 from gmpipe.diffusion.targets import TARGETS, Target, get_target
 from gmpipe.diffusion.time_density import (
     TIME_DENSITIES,
@@ -47,11 +52,15 @@ __all__ = [
     "TIME_DENSITIES",
     "WEIGHTINGS",
     "GuidedModelFn",
+    "ODELikelihood",
     "Objective",
     "Schedule",
     "Target",
     "TimeDensity",
     "Weighting",
+    "bits_per_dim",
+    "diffusion_squared",
+    "drift_coefficient",
     "drop_conditions",
     "drop_text_conditions",
     "get_sampler",
@@ -61,6 +70,9 @@ __all__ = [
     "get_weighting",
     "guided_prediction",
     "make_guided_model_fn",
+    "normalization_log_det",
+    "ode_log_likelihood",
     "resolution_shift",
+    "reverse_sde_drift",
     "solve_data_and_noise",
 ]

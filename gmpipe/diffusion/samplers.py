@@ -1,4 +1,5 @@
-"""Samplers: from noise at t = 1 to data at t = 0 with a model in any target parameterization.
+"""Samplers: from noise at t = 1 to data at t = 0 with a model in any target parameterization: the probability-flow
+ODE (euler, heun), DDIM and DDPM-ancestral updates, and Euler-Maruyama on the reverse-time SDE (sde).
 
 Every sampler has the signature
 
@@ -21,11 +22,16 @@ from torch import Tensor
 
 from gmpipe.diffusion.noise import standard_normal
 from gmpipe.diffusion.objective import Objective
+from gmpipe.diffusion.score import diffusion_squared, drift_coefficient, reverse_sde_drift
 from gmpipe.diffusion.time_density import resolution_shift
 from gmpipe.diffusion.times import as_time, expand_like
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]
 Sampler = Callable[..., tuple[Tensor, int]]
+
+# Euler-Maruyama on the linear part dx = f x dt is stable for |f| (t - s) <= 2 (|1 + f (s - t)| <= 1); a longer
+# step than that, where the reverse SDE would overshoot, takes the probability-flow step instead
+EULER_MARUYAMA_STABILITY = 2.0
 
 
 def time_grid(
@@ -102,6 +108,40 @@ def ddim_step(
     noise_scale = (b_s.square() - sigma.square()).clamp_min(0).sqrt()
     fresh_noise = standard_normal(tuple(x_t.shape), generator=generator, device=x_t.device, dtype=x_t.dtype)
     return x_s + expand_like(noise_scale, x_t) * z_hat + expand_like(sigma, x_t) * fresh_noise
+
+
+def reverse_sde_step(
+    model_fn: ModelFn,
+    objective: Objective,
+    x_t: Tensor,
+    t: float | Tensor,
+    s: float | Tensor,
+    *,
+    eta: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """One Euler-Maruyama step of the reverse-time SDE (Song et al. 2021, eq. 6; the eta family in score.py)
+    from t to s < t:
+
+        x_s = x_t + (s - t) [f x_t - (1 + eta^2)/2 g^2 grad log p_t(x_t)] + eta g(t) sqrt(t - s) eps.
+
+    Two kinds of step take the eta = 0 (probability-flow ODE) step instead, per sample: the last step into
+    s = 0, so that it adds no noise; and a step longer than EULER_MARUYAMA_STABILITY / |f(t)|, which includes
+    leaving a time where a(t) = 0 (rectified flow and trigonometric at t = 1: f and g^2 are infinite there, the
+    forward process forgets x at once) and the first step of a coarse grid on vp_cosine (a(1) = 0.01). One
+    model call; t, s: floats or (B,) with 0 <= s < t <= 1.
+    """
+    t, s = as_time(t, x_t), as_time(s, x_t)
+    stable = drift_coefficient(objective.schedule, t).abs() * (t - s) <= EULER_MARUYAMA_STABILITY
+    eta_per_sample = torch.where(stable & (s > 0), torch.full_like(t, eta), torch.zeros_like(t))
+    drift = reverse_sde_drift(objective, model_fn(x_t, t), x_t, t, eta_per_sample)
+    x_s = x_t + expand_like(s - t, x_t) * drift
+    if not eta_per_sample.any():
+        return x_s
+    g = diffusion_squared(objective.schedule, t).clamp_min(0).sqrt()
+    noise_scale = torch.where(eta_per_sample > 0, eta_per_sample * g * (t - s).sqrt(), torch.zeros_like(t))
+    fresh_noise = standard_normal(tuple(x_t.shape), generator=generator, device=x_t.device, dtype=x_t.dtype)
+    return x_s + expand_like(noise_scale, x_t) * fresh_noise
 
 
 class _CallCounter:
@@ -196,11 +236,37 @@ def ddpm(
     return _integrate(model_fn, noise, num_steps, shift, step)
 
 
-SAMPLERS: dict[str, Sampler] = {"euler": euler, "heun": heun, "ddim": ddim, "ddpm": ddpm}
+@torch.no_grad()
+def sde(
+    model_fn: ModelFn,
+    objective: Objective,
+    noise: Tensor,
+    num_steps: int,
+    *,
+    shift: float = 1.0,
+    generator: torch.Generator | None = None,
+    eta: float = 1.0,
+) -> tuple[Tensor, int]:
+    """Euler-Maruyama on the reverse-time SDE from t = 1 to 0 (reverse_sde_step), for any schedule (a, b).
+
+    eta = 1 is the reverse SDE of Song et al. 2021 (eq. 6), eta = 0 the probability-flow ODE (then this is
+    `euler`), values in between or above keep the marginals and change how much fresh noise replaces the
+    model's drift. Fresh noise comes from `generator`. NFE = num_steps (x nfe_per_call).
+    """
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+
+    def step(model, x, t, s):
+        return reverse_sde_step(model, objective, x, t, s, eta=eta, generator=generator)
+
+    return _integrate(model_fn, noise, num_steps, shift, step)
+
+
+SAMPLERS: dict[str, Sampler] = {"euler": euler, "heun": heun, "ddim": ddim, "ddpm": ddpm, "sde": sde}
 
 
 def get_sampler(name: str) -> Sampler:
-    """The sampler registered as `name` ("euler", "heun", "ddim", "ddpm")."""
+    """The sampler registered as `name` ("euler", "heun", "ddim", "ddpm", "sde")."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
     return SAMPLERS[name]
