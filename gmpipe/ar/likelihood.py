@@ -91,6 +91,7 @@ def token_likelihood(model: LatentAR, tokens: Tensor, labels: Tensor | None = No
         labels = torch.full((len(tokens),), model.null_label, dtype=torch.long)
     if len(tokens) == 0 or len(labels) != len(tokens):
         raise ValueError(f"need N >= 1 token sequences with one label each, got {len(tokens)} and {len(labels)}")
+    model.check_labels(labels)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

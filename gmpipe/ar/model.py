@@ -120,10 +120,14 @@ class LatentAR(nn.Module):
     def vocab_size(self) -> int:
         return self.bins + self.num_classes + 1
 
-    def prefix_tokens(self, labels: Tensor) -> Tensor:
-        """Class labels (B,) in [0, num_classes] -> prefix tokens (B, 1)."""
+    def check_labels(self, labels: Tensor) -> None:
+        """Refuse labels outside [0, num_classes] (called where labels come from a caller, not in the training step,
+        where the check would cost a device sync per step)."""
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > self.num_classes):
             raise ValueError(f"class labels must lie in [0, {self.num_classes}] ({self.num_classes} is the null class)")
+
+    def prefix_tokens(self, labels: Tensor) -> Tensor:
+        """Class labels (B,) in [0, num_classes] -> prefix tokens (B, 1)."""
         return (labels.long() + self.bins)[:, None]
 
     def input_ids(self, tokens: Tensor, labels: Tensor) -> Tensor:

@@ -74,6 +74,7 @@ def sample_tokens(model: LatentAR, labels: Tensor, seeds: Sequence[int], guidanc
     check_sampling_settings(guidance, temperature, top_k, model.bins)
     if len(seeds) != len(labels):
         raise ValueError(f"need one seed per sample: {len(labels)} labels but {len(seeds)} seeds")
+    model.check_labels(labels)
     device = next(model.parameters()).device
     length, batch = model.sequence_length, len(labels)
     guided = guidance != 0

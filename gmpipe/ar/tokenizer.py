@@ -122,7 +122,7 @@ class LatentTokenizer:
         return cls(edges, (edges[:, 1:] + edges[:, :-1]) / 2, latent_shape, clip, "uniform")
 
     @classmethod
-    def fit(cls, latents: Tensor, bins: int, clip: float, spacing: str = "quantile") -> LatentTokenizer:
+    def fit(cls, latents: Tensor, bins: int, clip: float, spacing: str = "uniform") -> LatentTokenizer:
         """Edges (``uniform`` or ``quantile``) and per-bin mean centers fitted on normalized latents (N, c, h, w)."""
         _check_bins(bins, clip)
         if latents.ndim != 4 or latents.shape[0] == 0:

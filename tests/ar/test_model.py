@@ -28,7 +28,7 @@ def test_vocabulary_holds_values_then_classes_then_the_null_class():
     ids = model.input_ids(tokens, torch.tensor([1, 3]))
     assert ids[:, 0].tolist() == [7, 9] and torch.equal(ids[:, 1:], tokens[:, :-1])
     with pytest.raises(ValueError, match=r"\[0, 3\]"):
-        model.prefix_tokens(torch.tensor([4]))
+        model.check_labels(torch.tensor([4]))
 
 
 def test_logits_at_t_depend_on_the_class_and_earlier_tokens_only():

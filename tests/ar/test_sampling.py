@@ -158,6 +158,8 @@ def test_bad_settings_are_refused():
                               (dict(top_k=BINS + 1), "top_k"), (dict(guidance=math.nan), "guidance")]:
         with pytest.raises(ValueError, match=message):
             sample_tokens(model, LABELS, SEEDS, **settings)
+    with pytest.raises(ValueError, match="class labels"):
+        sample_tokens(model, torch.tensor([0, CLASSES + 1]), SEEDS[:2])
     with pytest.raises(ValueError, match="one seed per sample"):
         sample_tokens(model, LABELS, SEEDS[:2])
     with pytest.raises(ValueError, match="does not match"):
