@@ -1,0 +1,194 @@
+"""The autoregressive prior: a transformers causal LM (GPT-2 architecture, built from a small config, never
+downloaded) over latent tokens with a class prefix.
+
+Vocabulary (one table of ``bins + num_classes + 1`` embeddings)::
+
+    [0, bins)                  value tokens: bin j of the channel at that position (gmpipe.ar.tokenizer)
+    bins + y, y < num_classes  the prefix of class y
+    bins + num_classes         the prefix of the null class (classifier-free guidance; label ``null_label``)
+
+A latent's tokens x_0..x_{L-1} are modelled as p(x | y) = prod_t p(x_t | x_<t, y): the network reads
+[prefix(y), x_0, ..., x_{L-2}] (L positions) and its output at position t gives p(x_t | x_<t, y). The class prefix
+doubles as the start token, so there is no separate BOS. Only the first ``bins`` logits are ever used: p(x_t | .)
+is the softmax over the value tokens alone, so no probability is spent on prefixes that never follow.
+
+GPT-2's learned absolute position embeddings tell each position which channel and which latent pixel it holds;
+that matters here because token j means a different value in each channel. Text conditioning (caption embeddings
+as a projected prefix through ``inputs_embeds``) is the documented extension, not built yet.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Annotated
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+
+from gmpipe.artifacts import load_model_folder, read_json, write_json
+
+MODEL_FOLDER = "lm"
+CONFIG_FILE = "ar.json"
+
+
+@dataclass(frozen=True)
+class ARPreset:
+    """Transformer sizes: width (embedding size, = heads * head_dim), layers (blocks), heads."""
+
+    width: int
+    layers: int
+    heads: int
+
+    def __post_init__(self) -> None:
+        if min(self.width, self.layers, self.heads) < 1:
+            raise ValueError(f"autoregressive model sizes must be positive, got {self}")
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+
+
+AR_PRESETS: dict[str, ARPreset] = {
+    # Tests only: tens of thousands of parameters.
+    "tiny": ARPreset(width=32, layers=2, heads=2),
+    # CPU demos and smoke runs: about 0.8M parameters at L = 256.
+    "small": ARPreset(width=128, layers=4, heads=4),
+    # GPU runs.
+    "base": ARPreset(width=384, layers=8, heads=6),
+}
+
+
+def get_ar_preset(preset: str | ARPreset) -> ARPreset:
+    """A preset object, or the one registered under that name in ``AR_PRESETS``."""
+    if isinstance(preset, ARPreset):
+        return preset
+    if preset not in AR_PRESETS:
+        raise KeyError(f"unknown autoregressive preset {preset!r}; choose one of {sorted(AR_PRESETS)}")
+    return AR_PRESETS[preset]
+
+
+class ARFile(BaseModel):
+    """``ar.json``: the token layout the language model was built for."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    bins: Annotated[int, Field(ge=2)]
+    num_classes: Annotated[int, Field(ge=1)]
+    sequence_length: Annotated[int, Field(ge=1)]
+    preset: dict
+    dropout: Annotated[float, Field(ge=0, lt=1)]
+
+
+def build_causal_lm(preset: ARPreset, vocab_size: int, positions: int, dropout: float = 0.0):
+    """A randomly initialised GPT2LMHeadModel of the given sizes (input and output embeddings tied)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        vocab_size=vocab_size, n_positions=positions, n_embd=preset.width, n_layer=preset.layers,
+        n_head=preset.heads, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+        bos_token_id=None, eos_token_id=None, pad_token_id=None,  # GPT-2's defaults (50256) lie outside this vocabulary
+    )
+    return GPT2LMHeadModel(config)
+
+
+class LatentAR(nn.Module):
+    """p(x_t | x_<t, y) over value tokens; see the module docstring.
+
+    ``forward(tokens (B, L), labels (B,)) -> value logits (B, L, bins)`` with teacher forcing: logits[:, t] give
+    p(x_t | x_<t, y). labels are class indices in [0, num_classes]; ``null_label == num_classes`` is the null class.
+    ``next_logits`` runs positions incrementally on the key/value cache for sampling.
+    """
+
+    def __init__(self, bins: int, num_classes: int, sequence_length: int, preset: str | ARPreset = "small",
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        if bins < 2 or num_classes < 1 or sequence_length < 1:
+            raise ValueError(f"need bins >= 2, num_classes >= 1, sequence_length >= 1 (got {bins}, {num_classes}, "
+                             f"{sequence_length})")
+        self.bins = bins
+        self.num_classes = num_classes
+        self.null_label = num_classes
+        self.sequence_length = sequence_length
+        self.preset = get_ar_preset(preset)
+        self.dropout = dropout
+        self.lm = build_causal_lm(self.preset, self.vocab_size, sequence_length, dropout)
+        # The cache keyword of the model's forward: ``cache`` in recent transformers, ``past_key_values`` before.
+        self._cache_keyword = "cache" if "cache" in inspect.signature(self.lm.forward).parameters \
+            else "past_key_values"
+
+    @property
+    def vocab_size(self) -> int:
+        return self.bins + self.num_classes + 1
+
+    def check_labels(self, labels: Tensor) -> None:
+        """Refuse labels outside [0, num_classes] (called where labels come from a caller, not in the training step,
+        where the check would cost a device sync per step)."""
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > self.num_classes):
+            raise ValueError(f"class labels must lie in [0, {self.num_classes}] ({self.num_classes} is the null class)")
+
+    def prefix_tokens(self, labels: Tensor) -> Tensor:
+        """Class labels (B,) in [0, num_classes] -> prefix tokens (B, 1)."""
+        return (labels.long() + self.bins)[:, None]
+
+    def input_ids(self, tokens: Tensor, labels: Tensor) -> Tensor:
+        """The teacher-forced input [prefix(y), x_0, ..., x_{L-2}], (B, L)."""
+        return torch.cat([self.prefix_tokens(labels).to(tokens.device), tokens[:, :-1]], dim=1)
+
+    def forward(self, tokens: Tensor, labels: Tensor) -> Tensor:
+        """Value logits (B, L, bins): logits[:, t] parameterise p(x_t | x_<t, y) for tokens (B, L), labels (B,)."""
+        if tokens.ndim != 2 or tokens.shape[1] != self.sequence_length:
+            raise ValueError(f"expected tokens (B, {self.sequence_length}), got {tuple(tokens.shape)}")
+        logits = self.lm(input_ids=self.input_ids(tokens, labels), use_cache=False).logits
+        return logits[..., : self.bins]
+
+    def next_logits(self, input_ids: Tensor, cache=None) -> tuple[Tensor, object]:
+        """Value logits (B, bins) for the token after ``input_ids`` (B, n), and the updated key/value cache.
+
+        With a cache holding the first positions, ``input_ids`` holds only the new ones (one position per sampling
+        step, so each step costs one forward of one position); with ``cache=None`` it is the whole prefix.
+        """
+        output = self.lm(input_ids=input_ids, use_cache=True, **{self._cache_keyword: cache})
+        cache = getattr(output, self._cache_keyword, None)
+        return output.logits[:, -1, : self.bins], cache
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each block in the backward pass instead of storing its activations (the loop's hook)."""
+        self.lm.gradient_checkpointing_enable()
+
+    def num_parameters(self) -> int:
+        return sum(parameter.numel() for parameter in self.parameters())
+
+    def to_config(self) -> dict:
+        return {"bins": self.bins, "num_classes": self.num_classes, "sequence_length": self.sequence_length,
+                "preset": asdict(self.preset), "dropout": self.dropout}
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write ``directory/lm`` (the transformers model, safetensors) and ``directory/ar.json``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.lm.save_pretrained(directory / MODEL_FOLDER, safe_serialization=True)
+        write_json(directory / CONFIG_FILE, self.to_config())
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, stage: str = "train_ar") -> LatentAR:
+        """Load what ``save_pretrained`` wrote (safetensors only, local files only), on the CPU in eval mode. A
+        missing or damaged file is one ArtifactError naming it and ``stage``, the stage that writes the folder."""
+        required = (CONFIG_FILE, f"{MODEL_FOLDER}/config.json", f"{MODEL_FOLDER}/model.safetensors")
+        return load_model_folder(lambda folder: cls._load(folder, stage), directory, stage,
+                                 "autoregressive prior", required)
+
+    @classmethod
+    def _load(cls, directory: Path, stage: str) -> LatentAR:
+        from transformers import GPT2LMHeadModel
+
+        config = read_json(directory / CONFIG_FILE, stage, ARFile.model_validate)
+        with torch.device("meta"):  # a shell without random init: its language model is replaced below
+            model = cls(config.bins, config.num_classes, config.sequence_length, ARPreset(**config.preset),
+                        config.dropout)
+        lm = GPT2LMHeadModel.from_pretrained(directory / MODEL_FOLDER, use_safetensors=True, local_files_only=True)
+        if lm.config.vocab_size != model.vocab_size or lm.config.n_positions < config.sequence_length:
+            raise ValueError(f"{MODEL_FOLDER}/config.json has vocab_size {lm.config.vocab_size} and n_positions "
+                             f"{lm.config.n_positions}; {CONFIG_FILE} needs {model.vocab_size} and "
+                             f">= {config.sequence_length}")
+        model.lm = lm
+        return model.eval()

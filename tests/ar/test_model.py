@@ -1,0 +1,84 @@
+"""The causal LM prior: vocabulary layout, causality of teacher forcing, the cache, save and load."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from gmpipe.ar.model import CONFIG_FILE, MODEL_FOLDER, LatentAR
+from gmpipe.artifacts import ArtifactError
+
+from .toys import random_model
+
+BINS, CLASSES, LENGTH = 6, 3, 12
+
+
+def _tokens(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, BINS, (n, LENGTH), generator=torch.Generator().manual_seed(seed))
+
+
+def test_vocabulary_holds_values_then_classes_then_the_null_class():
+    model = random_model(BINS, CLASSES, LENGTH)
+    assert model.vocab_size == BINS + CLASSES + 1 == model.lm.config.vocab_size
+    assert model.null_label == CLASSES
+    assert model.prefix_tokens(torch.tensor([0, 2, 3])).tolist() == [[6], [8], [9]]
+    tokens = _tokens(2)
+    ids = model.input_ids(tokens, torch.tensor([1, 3]))
+    assert ids[:, 0].tolist() == [7, 9] and torch.equal(ids[:, 1:], tokens[:, :-1])
+    with pytest.raises(ValueError, match=r"\[0, 3\]"):
+        model.check_labels(torch.tensor([4]))
+
+
+def test_logits_at_t_depend_on_the_class_and_earlier_tokens_only():
+    model = random_model(BINS, CLASSES, LENGTH)
+    tokens, labels = _tokens(1), torch.tensor([1])
+    logits = model(tokens, labels)
+    assert logits.shape == (1, LENGTH, BINS)
+    t = 5
+    changed = tokens.clone()
+    changed[0, t] = (changed[0, t] + 1) % BINS
+    other = model(changed, labels)
+    torch.testing.assert_close(other[:, : t + 1], logits[:, : t + 1], rtol=0, atol=1e-6)  # x_t is never its own input
+    assert not torch.allclose(other[:, t + 1], logits[:, t + 1])
+    assert not torch.allclose(model(tokens, torch.tensor([2]))[:, 0], logits[:, 0])  # the prefix is the condition
+
+
+def test_incremental_logits_on_the_cache_equal_teacher_forcing():
+    model = random_model(BINS, CLASSES, LENGTH)
+    tokens, labels = _tokens(3), torch.tensor([0, 1, 3])
+    full = model(tokens, labels)
+    logits, cache = model.next_logits(model.prefix_tokens(labels))
+    steps = [logits]
+    for t in range(LENGTH - 1):
+        logits, cache = model.next_logits(tokens[:, t : t + 1], cache)
+        steps.append(logits)
+    torch.testing.assert_close(torch.stack(steps, dim=1), full, rtol=1e-4, atol=1e-5)
+
+
+def test_save_and_load_give_the_same_model(tmp_path):
+    model = random_model(BINS, CLASSES, LENGTH)
+    model.save_pretrained(tmp_path / "ar")
+    loaded = LatentAR.from_pretrained(tmp_path / "ar")
+    assert not loaded.training and loaded.to_config() == model.to_config()
+    assert loaded.lm.lm_head.weight is loaded.lm.transformer.wte.weight
+    tokens, labels = _tokens(2), torch.tensor([2, 0])
+    torch.testing.assert_close(loaded(tokens, labels), model(tokens, labels), rtol=0, atol=0)
+
+
+def test_damaged_model_folders_are_one_line_naming_the_file(tmp_path):
+    folder = tmp_path / "ar"
+    random_model(BINS, CLASSES, LENGTH).save_pretrained(folder)
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    (folder / CONFIG_FILE).write_text(json.dumps({**config, "bins": BINS + 1}))
+    with pytest.raises(ArtifactError, match=r"vocab_size 10 .* needs 11.*rerun the 'train_ar' stage"):
+        LatentAR.from_pretrained(folder)
+    (folder / CONFIG_FILE).write_text(json.dumps(config))
+    weights = folder / MODEL_FOLDER / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    with pytest.raises(ArtifactError, match="autoregressive prior") as caught:
+        LatentAR.from_pretrained(folder)
+    assert "\n" not in str(caught.value)
+    with pytest.raises(ArtifactError, match="no autoregressive prior here; run the 'train_ar' stage first"):
+        LatentAR.from_pretrained(tmp_path / "nowhere")
