@@ -15,7 +15,7 @@ batch normalization: a sample depends only on its own z and y, never on the rest
 per-sample seeds (``gmpipe.gan.sampling``) rely on. There is no output squashing either: normalized latents are
 roughly unit-variance and unbounded.
 
-The defaults (d_z 64, d_y 32, C 64) give 317k parameters for (4, 8, 8) latents and 10 classes.
+The defaults (d_z 64, d_y 32, C 64) give 299k parameters for (4, 8, 8) latents and 10 classes.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Perceptual path length (Karras et al. 2019, "A Style-Based Generator Architecture for GANs", sec. 3.2, eq. 2):
+"""Perceptual path length (Karras et al. 2019, "A Style-Based Generator Architecture for GANs", sec. 4.1, eq. 2):
 how smoothly the generated image changes along slerp paths in noise space,
 
     l_Z = E[ 1/eps^2 d(decode(G(slerp(z0, z1; t), y)), decode(G(slerp(z0, z1; t + eps), y))) ],
