@@ -1,10 +1,9 @@
-"""Adversarial losses for the autoencoder's decoder G and a discriminator D that outputs logits l = D(.).
+"""What the autoencoder adds to the shared adversarial losses: the adaptive GAN weight and the switch-on step.
 
-D(x) = sigmoid(l) is the probability that x is real. x are data images, G(z) = x_hat reconstructions. Logits
-may have any shape (a PatchGAN gives (B, 1, h, w)); every loss is a mean over all of them.
-
-Discriminator losses take the mean of the real and the fake term (a factor 1/2), so that the hinge and the
-non-saturating loss start on similar scales.
+The losses themselves (hinge, cross-entropy / non-saturating, minimax, R1) live in :mod:`gmpipe.gan.losses`,
+one set shared with the standalone latent GAN; they are re-exported here under the names the autoencoder's
+objective (``gmpipe.vae.autoencoder_loss``) uses. For the autoencoder, G(z) = x_hat are reconstructions and D is
+the patch discriminator (logits (B, 1, h, w)).
 """
 
 from __future__ import annotations
@@ -12,40 +11,26 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
+from gmpipe.gan.losses import (
+    D_LOSSES,
+    G_LOSSES,
+    hinge_d_loss,
+    hinge_g_loss,
+    non_saturating_d_loss,
+    non_saturating_g_loss,
+)
 
-def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
-    """Hinge discriminator loss (Lim & Ye 2017; Miyato et al. 2018):
-
-    L_D = 1/2 (E[max(0, 1 - l_real)] + E[max(0, 1 + l_fake)]),   l_real = logits of D on x, l_fake on G(z).
-    """
-    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
-
-
-def non_saturating_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy discriminator loss (Goodfellow et al. 2014, eq. 1, the D side):
-
-        L_D = 1/2 (E[-log D(x)] + E[-log(1 - D(G(z)))]) = 1/2 (E[softplus(-l_real)] + E[softplus(l_fake)])
-
-    since -log sigmoid(l) = softplus(-l) and -log(1 - sigmoid(l)) = softplus(l) (numerically stable form).
-    """
-    return 0.5 * (F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean())
-
-
-def non_saturating_g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
-    """Non-saturating generator loss (Goodfellow et al. 2014, section 3): L_G = E[-log D(G(z))]
-    = E[softplus(-l_fake)], which keeps strong gradients while D still rejects G(z)."""
-    return F.softplus(-logits_fake).mean()
-
-
-def hinge_g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
-    """Generator loss paired with the hinge discriminator loss (Miyato et al. 2018): L_G = -E[l_fake]."""
-    return -logits_fake.mean()
-
-
-D_LOSSES = {"hinge": hinge_d_loss, "non_saturating": non_saturating_d_loss}
-G_LOSSES = {"hinge": hinge_g_loss, "non_saturating": non_saturating_g_loss}
+__all__ = [
+    "D_LOSSES",
+    "G_LOSSES",
+    "adaptive_weight",
+    "disc_factor",
+    "hinge_d_loss",
+    "hinge_g_loss",
+    "non_saturating_d_loss",
+    "non_saturating_g_loss",
+]
 
 
 def adaptive_weight(
