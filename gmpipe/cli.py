@@ -176,11 +176,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from gmpipe.eval.grids import save_grid, to_uint8
     from gmpipe.generate import LatentGenerator
 
+    device = resolve_device(args.device, key="--device")
     out = check_output(args.out)
     if not Path(args.model).is_dir():
         return _fail(f"--model {args.model}: no such folder (a trained model: models/ldm or models/student/NAME; "
                      "run the 'train_ldm' stage first)")
-    generator = LatentGenerator.load(args.model, args.vae, device=resolve_device(args.device, key="--device"))
+    generator = LatentGenerator.load(args.model, args.vae, device=device)
     mode = generator.conditioning["mode"]
     labels = prompts = None
     if mode == "class":

@@ -80,12 +80,15 @@ def test_train_vae_and_every_distill_method_on_two_processes_then_resume_on_one(
     for run in DISTILL_RUNS:
         assert _world_size(paths.checkpoints / "distill" / run, 2) == 2, run
 
-    # Every method resumes from its 2-process checkpoint on 1 process.
+    # Every method resumes from its 2-process checkpoint on 1 process. The last progressive round is the
+    # exception, by design: its teacher (the round before, now trained longer) changed, so it starts over.
     _edit_params(root, compute={"num_processes": 1}, distill={"steps": 4})
     summary = _run("distill", root)
     assert summary["students"] == students
     for run in DISTILL_RUNS:
         checkpoints = paths.checkpoints / "distill" / run
-        assert (_world_size(checkpoints, 2), _world_size(checkpoints, 4)) == (2, 1), run
+        expected = (1, 1) if run == "progressive-1" else (2, 1)
+        assert (_world_size(checkpoints, 2), _world_size(checkpoints, 4)) == expected, run
+    assert _world_size(paths.checkpoints / "distill" / "progressive-1.stale", 2) == 2
     for student in students:
         assert json.loads((paths.student / student / "student.json").read_text())["train_steps"] == 4
