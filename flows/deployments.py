@@ -192,8 +192,13 @@ class RunRecord:
                                   "```"])
 
     def publish(self) -> None:
-        create_markdown_artifact(key=RECORD_KEY, markdown=self.markdown(),
-                                 description="params, outcome and metrics of this run")
+        """Create the artifact; a failure to reach the API is a printed line, never the run's failure (nor, while
+        the run is being cancelled, a replacement for the cancellation)."""
+        try:
+            create_markdown_artifact(key=RECORD_KEY, markdown=self.markdown(),
+                                     description="params, outcome and metrics of this run")
+        except Exception as exc:
+            print(f"the run record (artifact {RECORD_KEY}) could not be written: {type(exc).__name__}: {exc}")
 
 
 def _flatten(values: Any, prefix: str = "") -> list[tuple[str, Any]]:

@@ -7,9 +7,9 @@ group, is forwarded by the run instead of hitting every layer at once. A stopped
 signal a terminal sends: ``dvc`` then waits for its stage, and the stage marks its flow run as crashed on the
 server before it exits; SIGTERM and SIGKILL follow only if the group outlives a grace period.
 
-SIGTERM to a gmpipe command is turned into :class:`Terminated`, a ``KeyboardInterrupt``, so that it takes the
-same way out as Ctrl-C: children stopped, flow runs marked, a server gmpipe started stopped; exit 143 (128 + 15)
-instead of 130.
+SIGTERM (and SIGHUP) to a gmpipe command is turned into :class:`Terminated`, a ``KeyboardInterrupt``, so that it
+takes the same way out as Ctrl-C: children stopped, flow runs marked, a server gmpipe started stopped; the exit code
+is 143 (128 + 15; 129 for SIGHUP) instead of 130.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import contextvars
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,30 +27,38 @@ from pathlib import Path
 from typing import BinaryIO
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
-EXIT_TERMINATED = 143  # 128 + SIGTERM
 STOP_SIGNALS = ((signal.SIGINT, 10.0), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0))
+# Python 3.10 has no process_group: a session of its own is a process group of its own too.
+OWN_PROCESS_GROUP = {"process_group": 0} if sys.version_info >= (3, 11) else {"start_new_session": True}
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread where Ctrl-C raises ``KeyboardInterrupt``."""
+    """SIGTERM (or SIGHUP: the terminal went away), raised in the main thread where Ctrl-C raises
+    ``KeyboardInterrupt``."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"signal {signum}")
+        self.signum = signum
 
 
 def exit_code(interrupt: KeyboardInterrupt) -> int:
-    return EXIT_TERMINATED if isinstance(interrupt, Terminated) else EXIT_INTERRUPTED
+    """128 + the signal's number, as a shell reports a process the signal ended: 130 for Ctrl-C, 143 for SIGTERM."""
+    return 128 + interrupt.signum if isinstance(interrupt, Terminated) else EXIT_INTERRUPTED
 
 
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """Within the block, SIGTERM raises :class:`Terminated` in the main thread."""
+    """Within the block, SIGTERM and SIGHUP raise :class:`Terminated` in the main thread."""
 
     def raise_terminated(signum, frame):
-        raise Terminated(f"signal {signum}")
+        raise Terminated(signum)
 
-    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    previous = {signum: signal.signal(signum, raise_terminated) for signum in (signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def finished_lines(stream: BinaryIO) -> Iterator[str]:
@@ -87,7 +96,7 @@ def run_streaming(command: list[str], on_line: Callable[[str], None], cwd: str |
     whole group, then goes on.
     """
     process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               process_group=0)
+                               **OWN_PROCESS_GROUP)
     lines: list[str] = []
     try:
         _relay(process.stdout, on_line, lines)

@@ -17,6 +17,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.states import Failed
+from tqdm import tqdm
 
 from flows.environment import PARENT_TASK_RUN
 from flows.processes import run_streaming
@@ -61,9 +62,7 @@ class ProgressToPrefect:
                 percent, description=f"{event.description}: {event.total} steps")
         else:
             update_progress_artifact(artifact, percent)
-        metrics = "".join(f", {name.split('/')[-1]} {value:.4g}" for name, value in event.metrics.items())
-        from tqdm import tqdm
-
+        metrics = "".join(f", {name} {value:.4g}" for name, value in event.metrics.items())
         # A bar on the same stream would run into the line: tqdm clears it and draws it again below.
         with tqdm.external_write_mode(file=sys.stderr):
             self.logger.info(f"{event.description}: step {event.done}/{event.total} ({percent:g}%){metrics}")

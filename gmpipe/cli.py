@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 from pathlib import Path
 
@@ -45,6 +46,11 @@ def cmd_stage(args: argparse.Namespace) -> int:
             state = run_stage(args.name, args.params, args.root)
     except KeyboardInterrupt as interrupt:
         return _fail(f"stage '{args.name}' interrupted", exit_code(interrupt))
+    finally:
+        # The process ends next: without this, collecting the objects of torch, transformers and diffusers at exit
+        # takes seconds (3.3 s against 0.5 s after importing the train_vae stage, measured), which every stage run
+        # through dvc and every Ctrl-C would wait for.
+        gc.freeze()
     if state.is_failed():
         return _fail(f"stage '{args.name}' failed: {state.message}")
     return 0

@@ -144,3 +144,23 @@ def test_pipeline_reports_to_the_profile_server_with_stage_runs_as_children_and_
     bars = [line for line in relayed if re.search(r"\d+/12 \[", line)]  # tqdm: "6/12 [00:03<00:03, 1.6step/s]"
     assert len(bars) <= 1, bars
     assert len(relayed) < 60, "\n".join(relayed)
+
+
+def test_a_configured_api_that_does_not_answer_is_one_line(dvc_project, tmp_path):
+    """The profile names a server that is not running: one line naming the API and where it was configured, no
+    traceback, and no local server started in its place."""
+    from tests.flows.runs import unconfigured_env
+
+    root = dvc_project(smoke_params())
+    home = tmp_path / "home"
+    (home / ".prefect").mkdir(parents=True)
+    (home / ".prefect" / "profiles.toml").write_text(
+        'active = "local"\n\n[profiles.local]\nPREFECT_API_URL = "http://127.0.0.1:9/api"\n')
+    for command in (["gmpipe", "pipeline", "prepare"], ["gmpipe", "stage", "prepare"]):
+        result = subprocess.run(command, cwd=root, env=unconfigured_env(home), capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 1
+        assert result.stderr.strip().splitlines() == [
+            "gmpipe: error: the Prefect API http://127.0.0.1:9/api (from the Prefect profile 'local') does not answer "
+            "(ConnectError: [Errno 111] Connection refused); start that server, or choose another API"]
+        assert "starting a local server" not in result.stdout and not (root / "data").exists()
