@@ -100,7 +100,6 @@ def run_streaming(command: list[str], on_line: Callable[[str], None], cwd: str |
     lines: list[str] = []
     try:
         _relay(process.stdout, on_line, lines)
-        return process.wait(), lines
     except BaseException:
         # Keep reading while the group stops: what it says on the way out belongs in the log, and a child blocked
         # on a full pipe would never finish stopping.
@@ -109,9 +108,11 @@ def run_streaming(command: list[str], on_line: Callable[[str], None], cwd: str |
         reader.start()
         stop_group(process)
         reader.join(timeout=2.0)
+        if not reader.is_alive():  # else something outside the tree holds the pipe: closing would wait for it
+            process.stdout.close()
         raise
-    finally:
-        process.stdout.close()
+    process.stdout.close()
+    return process.wait(), lines
 
 
 def _relay(stream: BinaryIO, on_line: Callable[[str], None], lines: list[str]) -> None:

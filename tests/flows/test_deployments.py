@@ -1,5 +1,7 @@
 """Deployments for real: a work pool from flows/work_pools/, `prefect deploy` of prefect.yaml, a process worker,
-`prefect deployment run` with params_overrides; the overrides' validation and the workspace lock.
+`prefect deployment run` with params_overrides and `prefect flow-run cancel`; params.yaml as it was after every run
+(completed, failed, cancelled, killed), the run records, the overrides door (keys naming code or paths, validation)
+and the workspace lock.
 
 Prefect reads PREFECT_API_URL when it is first imported, so everything that imports it (flows.*) is imported
 inside tests that take the ``prefect_api`` fixture.
