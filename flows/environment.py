@@ -1,7 +1,13 @@
-"""Process environment for Prefect and DVC, set before either is imported.
+"""Which Prefect API a gmpipe process reports to, decided once, before any flow runs.
 
-Prefect keeps its database inside the project (``.prefect/``), waits long enough for a temporary server on
-two slow cores, and sends no analytics; DVC sends none either. Values the user already set win.
+What the user configured wins, as Prefect itself resolves it: ``PREFECT_API_URL`` in the environment, the active
+profile (``prefect config set PREFECT_API_URL=...``, ``prefect cloud login``), ``prefect.toml``. Only when none of
+them names an API does gmpipe fall back to a private Prefect home inside the project (``.prefect/``, unless
+``PREFECT_HOME`` is set) holding the database of the server it starts, with a startup timeout long enough for two
+slow cores and no analytics. DVC sends no analytics either way.
+
+Prefect reads its settings when it is first imported; the fallback therefore sets the environment (which every
+child process, ``dvc`` and the stages it runs, inherits) and then refreshes Prefect's settings in this process.
 """
 
 from __future__ import annotations
@@ -9,15 +15,58 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+PRIVATE_HOME = ".prefect"
+# Set by the pipeline for the ``dvc repro`` it runs: the stage flow that dvc starts becomes a child of this task run.
+PARENT_TASK_RUN = "GMPIPE_PREFECT_PARENT_TASK_RUN_ID"
 
-def configure(root: str | Path = ".") -> None:
-    root = Path(root).resolve()
-    defaults = {
-        "PREFECT_HOME": str(root / ".prefect"),
+
+def configure(root: str | Path = ".") -> str | None:
+    """The API URL the user configured, or None after switching this process and its children to gmpipe's private
+    home under ``root`` (a flow then runs on Prefect's temporary server unless :func:`use_api` names one)."""
+    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+    from prefect.settings import get_current_settings
+
+    configured = get_current_settings().api.url
+    if configured:
+        return configured
+    _update_environment({
+        "PREFECT_HOME": os.environ.get("PREFECT_HOME") or str(Path(root).resolve() / PRIVATE_HOME),
+        "PREFECT_SERVER_EPHEMERAL_ENABLED": "true",
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_UI_ENABLED": os.environ.get("PREFECT_UI_ENABLED", "true"),
-        "DVC_NO_ANALYTICS": "1",
-    }
-    for key, value in defaults.items():
-        os.environ.setdefault(key, value)
+    })
+    return None
+
+
+def use_api(api_url: str) -> None:
+    """Report to ``api_url`` (a server gmpipe started), here and in every child process."""
+    _update_environment({"PREFECT_API_URL": api_url})
+
+
+def where_configured() -> str:
+    """Where the API URL in force came from, for messages: the environment or the active profile's name."""
+    if os.environ.get("PREFECT_API_URL"):
+        return "PREFECT_API_URL in the environment"
+    from prefect.context import get_settings_context
+
+    return f"the Prefect profile '{get_settings_context().profile.name}'"
+
+
+def unreachable_reason() -> str | None:
+    """None when the API in force answers its health check, else one line saying which API and why not."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import get_current_settings
+
+    with get_client(sync_client=True) as client:
+        error = client.api_healthcheck()
+    if error is None:
+        return None
+    return (f"the Prefect API {get_current_settings().api.url} (from {where_configured()}) does not answer "
+            f"({type(error).__name__}: {error}); start that server, or choose another API")
+
+
+def _update_environment(values: dict[str, str]) -> None:
+    from prefect.context import refresh_global_settings_context
+
+    os.environ.update(values)
+    refresh_global_settings_context()

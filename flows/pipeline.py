@@ -20,6 +20,12 @@ from pathlib import Path
 import yaml
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.context import TaskRunContext
+from prefect.states import Failed, State
+
+from flows.environment import PARENT_TASK_RUN
+from flows.overrides import restore_after_killed_run
+from flows.processes import run_streaming
 
 WORKSPACE_LOCK = Path(".dvc") / "tmp" / "gmpipe-workspace.lock"
 REMOTE_ENV = "GMPIPE_DVC_REMOTE"
@@ -44,8 +50,9 @@ def workspace_lock(root: str | Path = ".", log: Callable[[str], None] | None = N
 
     A second holder (another process, or another thread: ``flock`` locks belong to the open file) waits and logs
     who it waits for. Re-entrant within one call chain. The kernel drops the lock when its holder dies, so a killed
-    run never leaves the workspace locked. ``log`` defaults to ``print`` as called, so inside a flow with
-    ``log_prints`` the wait shows in the run's log.
+    run never leaves the workspace locked, and the next holder puts back a ``params.yaml`` that a killed deployment
+    run left with its overrides (:func:`flows.overrides.restore_after_killed_run`). ``log`` defaults to ``print``
+    as called, so inside a flow with ``log_prints`` the wait shows in the run's log.
     """
     log = log or print
     key = str(Path(root).resolve())
@@ -69,6 +76,7 @@ def workspace_lock(root: str | Path = ".", log: Callable[[str], None] | None = N
         handle.flush()
         token = _held_locks.set(_held_locks.get() | {key})
         try:
+            restore_after_killed_run(key, log)
             yield
         finally:
             _held_locks.reset(token)
@@ -86,23 +94,38 @@ def dvc_stage_order(root: str | Path = ".") -> list[str]:
 
 def _dvc_environment() -> dict[str, str]:
     """This interpreter's scripts folder first on PATH: a worker started as ``.venv/bin/prefect worker start``
-    without an activated venv still finds ``dvc`` and the ``gmpipe`` command that dvc.yaml runs."""
+    without an activated venv still finds ``dvc`` and the ``gmpipe`` command that dvc.yaml runs. Inside a task run,
+    its id, so that the stage flow ``dvc`` starts becomes a child of this task run."""
     scripts = str(Path(sys.executable).parent)
-    return dict(os.environ, PATH=os.pathsep.join([scripts, os.environ.get("PATH", os.defpath)]))
+    env = dict(os.environ, PATH=os.pathsep.join([scripts, os.environ.get("PATH", os.defpath)]))
+    env.pop(PARENT_TASK_RUN, None)
+    task_run = TaskRunContext.get()
+    if task_run is not None:
+        env[PARENT_TASK_RUN] = str(task_run.task_run.id)
+    return env
+
+
+class DvcFailed(RuntimeError):
+    """A dvc command exited non-zero; the message is the one line that says why."""
 
 
 def run_dvc(arguments: list[str], root: str | Path) -> list[str]:
-    """Run ``dvc ARGUMENTS`` in ``root``, streaming its output into the flow log; raise with its tail on failure."""
+    """Run ``dvc ARGUMENTS`` in ``root``, its output into the flow log one finished line at a time (a progress
+    bar's redraws make one line); raise :class:`DvcFailed` on failure. An interrupt stops dvc and its stage first."""
     command = ["dvc", *arguments]
-    process = subprocess.Popen(command, cwd=root, env=_dvc_environment(), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
-    lines = []
-    for line in process.stdout:
-        print(line, end="", flush=True)
-        lines.append(line)
-    if process.wait() != 0:
-        raise RuntimeError(f"{' '.join(command)} failed (exit {process.returncode}): {''.join(lines[-5:]).strip()}")
+    code, lines = run_streaming(command, lambda line: print(line, flush=True), cwd=root, env=_dvc_environment())
+    if code != 0:
+        raise DvcFailed(f"{' '.join(command)} failed (exit {code}): {_failure_reason(lines)}")
     return lines
+
+
+def _failure_reason(lines: list[str]) -> str:
+    """The stage's own error line (``gmpipe: error: ...``), else DVC's (``ERROR: ...``), else the last line."""
+    for marker in ("gmpipe: error: ", "ERROR: "):
+        found = [line.split(marker, 1)[1].strip() for line in lines if marker in line]
+        if found:
+            return found[-1]
+    return lines[-1].strip() if lines else "no output"
 
 
 def dvc_remote(root: str | Path = ".") -> str | None:
@@ -137,17 +160,22 @@ def push_outputs(remote: str, root: str = ".") -> None:
 
 
 @task(name="dvc-repro", task_run_name="dvc repro {stage}")
-def repro_stage(stage: str, root: str = ".", force: bool = False) -> str:
-    """``dvc repro -s STAGE``: runs the stage only when its deps, params or code changed."""
-    lines = run_dvc(["repro", "--single-item", stage] + (["--force"] if force else []), root)
+def repro_stage(stage: str, root: str = ".", force: bool = False) -> str | State:
+    """``dvc repro -s STAGE``: runs the stage only when its deps, params or code changed. A failure is a Failed
+    state with the one line that says why (the stage's own run holds the details), not a traceback."""
+    try:
+        lines = run_dvc(["repro", "--single-item", stage] + (["--force"] if force else []), root)
+    except DvcFailed as exc:
+        return Failed(message=str(exc))
     skipped = any("didn't change, skipping" in line or "is cached - skipping" in line for line in lines)
     return "up to date" if skipped else "ran"
 
 
 @flow(name="pipeline", log_prints=True)
-def pipeline(stages: list[str] | None = None, root: str = ".", force: bool = False) -> dict[str, str]:
+def pipeline(stages: list[str] | None = None, root: str = ".", force: bool = False) -> dict[str, str] | State:
     """Run ``stages`` (default: all, in DVC order) under the workspace lock, between a ``dvc pull`` and a
-    ``dvc push`` when a remote is configured; returns what happened to each stage."""
+    ``dvc push`` when a remote is configured; returns what happened to each stage. The first stage that fails
+    fails the run with its reason, and nothing is pushed."""
     order = dvc_stage_order(root)
     unknown = sorted(set(stages or []) - set(order))
     if unknown:
@@ -159,7 +187,12 @@ def pipeline(stages: list[str] | None = None, root: str = ".", force: bool = Fal
             pull_outputs(remote, root)
         else:
             print(f"no DVC remote configured ({REMOTE_ENV} or `dvc remote add -d`): nothing pulled or pushed")
-        outcome = {stage: repro_stage(stage, root, force) for stage in selected}
+        outcome = {}
+        for stage in selected:
+            state = repro_stage(stage, root, force, return_state=True)
+            if not state.is_completed():
+                return Failed(message=f"stage {stage}: {state.message}")
+            outcome[stage] = state.result()
         if remote:
             push_outputs(remote, root)
     table = "\n".join(f"| {stage} | {what} |" for stage, what in outcome.items())

@@ -1,4 +1,5 @@
-"""A local Prefect server for the length of one run: started on loopback, stopped (by PID) afterwards."""
+"""A local Prefect server for the length of one run: started on loopback, stopped (by PID) afterwards, also when the
+run is interrupted, and only after this process has sent it what it still had queued (log lines, events)."""
 
 from __future__ import annotations
 
@@ -34,18 +35,26 @@ def wait_healthy(api_url: str, timeout: float = 120.0, process: subprocess.Popen
 
 
 def stop(process: subprocess.Popen, grace: float = 15.0) -> None:
-    """Prefect's server and workers need two SIGTERMs: the first starts a graceful shutdown."""
-    for _ in range(2):
+    """Prefect's server and workers need two SIGTERMs: the first starts a graceful shutdown. An interrupt while it
+    waits (a second Ctrl-C) moves on to the next signal rather than leaving the process running."""
+    for stop_signal, wait in ((signal.SIGTERM, grace / 2), (signal.SIGTERM, grace / 2), (signal.SIGKILL, None)):
         if process.poll() is not None:
             return
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(grace / 2)
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+            os.killpg(process.pid, stop_signal)
+        with contextlib.suppress(subprocess.TimeoutExpired, KeyboardInterrupt):
+            process.wait(wait)
+
+
+def send_queued_reports(timeout: float = 5.0) -> None:
+    """Send the log lines and events this process has queued for the API, waiting at most ``timeout`` seconds for
+    each kind: a server stopped before that loses them, and Prefect would retry against it at exit for a minute."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        with contextlib.suppress(Exception, KeyboardInterrupt):
+            worker.drain_all(timeout=timeout)
 
 
 @contextlib.contextmanager
@@ -62,6 +71,7 @@ def local_server(host: str = "127.0.0.1", port: int | None = None, log_file: Pat
         wait_healthy(api_url, process=process)
         yield api_url
     finally:
+        send_queued_reports()
         stop(process)
         if log_file:
             log.close()

@@ -1,16 +1,26 @@
-"""One Prefect flow per stage. Each loads only its own params sections and calls the plain stage function."""
+"""One Prefect flow per stage. Each loads only its own params sections and calls the plain stage function.
+
+Training progress reaches the run as a progress artifact per training job and one log line per log interval.
+Started by the pipeline (``dvc repro`` in one of its tasks), a stage's flow run is created as a child of that task
+run, so the Prefect UI shows it inside the pipeline run.
+"""
 
 from __future__ import annotations
 
 import json
-import subprocess
+import os
+import sys
 import tempfile
+import uuid
 from pathlib import Path
 
-from prefect import flow
-from prefect.artifacts import create_markdown_artifact
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.states import Failed
+from tqdm import tqdm
 
+from flows.environment import PARENT_TASK_RUN
+from flows.processes import run_streaming
 from gmpipe.config.params import Params, ParamsError, load_params
 from gmpipe.errors import GmpipeError
 from gmpipe.launch import accelerate_command
@@ -18,6 +28,7 @@ from gmpipe.paths import Paths
 from gmpipe.rendezvous import machine_rank
 from gmpipe.stages import STAGES
 from gmpipe.stages.runner import needs_launcher, run_stage_function
+from gmpipe.train.progress import ProgressEvent, listening
 
 
 def launch_stage(stage: str, params: Params, params_file: str, root: str) -> dict:
@@ -31,20 +42,38 @@ def launch_stage(stage: str, params: Params, params_file: str, root: str) -> dic
         where = f" on machine {rank} of {compute.num_machines}" if compute.num_machines > 1 else ""
         print(f"launching {compute.num_processes} of {compute.world_size} processes{where}: {' '.join(command)}",
               flush=True)
-        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        tail: list[str] = []
-        error = None  # the last `gmpipe: error:` line of any rank, however much output followed it
-        for line in process.stdout:
-            print(line, end="", flush=True)
-            tail = (tail + [line])[-20:]
-            if "gmpipe: error:" in line:
-                error = line.split("gmpipe: error:", 1)[1].strip()
-        if process.wait() != 0:
-            raise GmpipeError(error or
-                              f"accelerate launch exited with code {process.returncode}: {''.join(tail[-3:]).strip()}")
+        code, lines = run_streaming(command, lambda line: print(line, flush=True), env=env)
+        if code != 0:
+            # The last `gmpipe: error:` line of any rank, however much output followed it.
+            errors = [line.strip() for line in lines if "gmpipe: error:" in line]
+            raise GmpipeError(errors[-1].split("gmpipe: error:", 1)[1].strip() if errors else
+                              f"accelerate launch exited with code {code}: {' '.join(lines[-3:]).strip()}")
         if rank != 0:
             return {"machine_rank": rank, "wrote": "nothing: machine 0 writes the outputs"}
         return json.loads(Path(summary_file).read_text())
+
+
+class ProgressToPrefect:
+    """A :mod:`gmpipe.train.progress` listener for a stage's flow run: per training job (an event's
+    ``description``), a progress artifact created at its first event and updated at each later one, and one log line
+    per event (the loop reports once per log interval)."""
+
+    def __init__(self):
+        self.logger = get_run_logger()
+        self.artifacts: dict[str, uuid.UUID] = {}
+
+    def __call__(self, event: ProgressEvent) -> None:
+        percent = round(100.0 * event.fraction, 1)
+        artifact = self.artifacts.get(event.description)
+        if artifact is None:
+            self.artifacts[event.description] = create_progress_artifact(
+                percent, description=f"{event.description}: {event.total} steps")
+        else:
+            update_progress_artifact(artifact, percent)
+        metrics = "".join(f", {name} {value:.4g}" for name, value in event.metrics.items())
+        # A bar on the same stream would run into the line: tqdm clears it and draws it again below.
+        with tqdm.external_write_mode(file=sys.stderr):
+            self.logger.info(f"{event.description}: step {event.done}/{event.total} ({percent:g}%){metrics}")
 
 
 def summary_markdown(stage: str, summary: dict) -> str:
@@ -77,7 +106,8 @@ def _make_flow(stage: str):
             if needs_launcher(stage, params):
                 summary = launch_stage(stage, params, params_file, root)
             else:
-                summary = run_stage_function(stage, params, Paths(Path(root)))
+                with listening(ProgressToPrefect()):
+                    summary = run_stage_function(stage, params, Paths(Path(root)))
         except (GmpipeError, ParamsError, FileNotFoundError) as exc:
             return Failed(message=str(exc))
         create_markdown_artifact(
@@ -92,5 +122,39 @@ STAGE_FLOWS = {stage: _make_flow(stage) for stage in STAGES}
 
 
 def run_stage(stage: str, params_file: str = "params.yaml", root: str = "."):
-    """Run one stage flow; return its final Prefect state (never raises for a user error)."""
-    return STAGE_FLOWS[stage](params_file=params_file, root=root, return_state=True)
+    """Run one stage flow; return its final Prefect state (never raises for a user error). With
+    ``GMPIPE_PREFECT_PARENT_TASK_RUN_ID`` set (by the pipeline's ``dvc repro`` task), the flow run is that task
+    run's child."""
+    stage_flow = STAGE_FLOWS[stage]
+    parameters = {"params_file": params_file, "root": root}
+    parent = _parent_task_run()
+    if parent is None:
+        return stage_flow(**parameters, return_state=True)
+    from prefect.client.orchestration import get_client
+    from prefect.flow_engine import run_flow_sync
+    from prefect.states import Pending
+
+    with get_client(sync_client=True) as client:
+        flow_run = client.create_flow_run(stage_flow, parameters=parameters, state=Pending(),
+                                          parent_task_run_id=parent)
+    return run_flow_sync(stage_flow, flow_run=flow_run, parameters=parameters, return_type="state")
+
+
+def _parent_task_run() -> uuid.UUID | None:
+    """The pipeline task run named by the environment, if it exists on the API in use (a value inherited from
+    elsewhere, e.g. a shell that ran the pipeline, is ignored with a note)."""
+    value = os.environ.get(PARENT_TASK_RUN, "").strip()
+    if not value:
+        return None
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        parent = uuid.UUID(value)
+        with get_client(sync_client=True) as client:
+            client.read_task_run(parent)
+    except (ValueError, ObjectNotFound):
+        print(f"gmpipe: {PARENT_TASK_RUN}={value!r} names no task run on this Prefect API; "
+              "running the stage as a flow run of its own", file=sys.stderr)
+        return None
+    return parent

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ast
 import json
+import re
+import subprocess
 from pathlib import Path
 
 import yaml
@@ -92,3 +94,73 @@ def test_dvc_yaml_lists_the_modules_each_stage_imports():
             relative = file.relative_to(REPO).as_posix()
             covered = any(relative == d or relative.startswith(d.rstrip("/") + "/") for d in deps)
             assert covered or _imports_nothing(file), (name, relative)
+
+
+def test_pipeline_reports_to_the_profile_server_with_stage_runs_as_children_and_progress(prefect_api, dvc_project,
+                                                                                           tmp_path):
+    """A user whose active Prefect profile names a server: `gmpipe pipeline` reports there and starts none; each
+    stage's flow run is a child of the pipeline's `dvc repro STAGE` task run; training progress is a progress
+    artifact and one log line per log interval, and a tqdm bar is one line, not one per redraw."""
+    from tests.flows.runs import (
+        artifacts_of,
+        child_flow_runs,
+        flow_name,
+        flow_run_id_in,
+        log_lines,
+        task_run_name,
+        unconfigured_env,
+    )
+
+    steps, log_every = 12, 3
+    root = dvc_project(smoke_params(
+        prepare={"max_per_class": 5}, compute={"threads": 1},
+        train_vae={"steps": steps, "log_every": log_every, "checkpoint_every": steps, "disc_start": 6,
+                   "warmup_steps": 0, "eval_images": 16},
+    ))
+    home = tmp_path / "home"
+    (home / ".prefect").mkdir(parents=True)
+    (home / ".prefect" / "profiles.toml").write_text(
+        f'active = "team"\n\n[profiles.team]\nPREFECT_API_URL = "{prefect_api}"\n')
+    result = subprocess.run(["gmpipe", "pipeline", "prepare", "train_vae"], cwd=root, env=unconfigured_env(home),
+                            capture_output=True, text=True, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "starting a local server" not in output and not (root / ".prefect").exists()
+
+    pipeline_id = flow_run_id_in(output, "pipeline")  # on the profile's server, where this test reads it back
+    children = {flow_name(child): child for child in child_flow_runs(pipeline_id)}
+    assert sorted(children) == ["prepare", "train_vae"]
+    for stage, child in children.items():
+        assert task_run_name(child.parent_task_run_id) == f"dvc repro {stage}"
+        assert child.state.is_completed()
+
+    training = children["train_vae"].id
+    [progress] = artifacts_of(training, "progress")
+    assert progress.data == 100.0
+    progress_lines = [line for line in log_lines(training) if re.match(r"train_vae: step \d+/12 ", line)]
+    assert [line.split()[2] for line in progress_lines] == [f"{n}/{steps}" for n in range(3, steps + 1, log_every)]
+
+    relayed = log_lines(pipeline_id)
+    bars = [line for line in relayed if re.search(r"\d+/12 \[", line)]  # tqdm: "6/12 [00:03<00:03, 1.6step/s]"
+    assert len(bars) <= 1, bars
+    assert len(relayed) < 60, "\n".join(relayed)
+
+
+def test_a_configured_api_that_does_not_answer_is_one_line(dvc_project, tmp_path):
+    """The profile names a server that is not running: one line naming the API and where it was configured, no
+    traceback, and no local server started in its place."""
+    from tests.flows.runs import unconfigured_env
+
+    root = dvc_project(smoke_params())
+    home = tmp_path / "home"
+    (home / ".prefect").mkdir(parents=True)
+    (home / ".prefect" / "profiles.toml").write_text(
+        'active = "local"\n\n[profiles.local]\nPREFECT_API_URL = "http://127.0.0.1:9/api"\n')
+    for command in (["gmpipe", "pipeline", "prepare"], ["gmpipe", "stage", "prepare"]):
+        result = subprocess.run(command, cwd=root, env=unconfigured_env(home), capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 1
+        assert result.stderr.strip().splitlines() == [
+            "gmpipe: error: the Prefect API http://127.0.0.1:9/api (from the Prefect profile 'local') does not answer "
+            "(ConnectError: [Errno 111] Connection refused); start that server, or choose another API"]
+        assert "starting a local server" not in result.stdout and not (root / "data").exists()
