@@ -16,9 +16,13 @@ Modules, one concept each:
     time_density  p(t): how training times are drawn, plus the resolution shift
     objective     Objective = schedule x target x time density x weighting; the 2x2 conversions and the loss
     samplers      Euler, Heun, DDIM and DDPM-ancestral samplers returning (samples, NFE)
+    consistency   the consistency function and its multistep sampler (Song et al. 2023)
     guidance      classifier-free guidance and condition dropout
     times         per-sample time broadcasting and the sampling time grid
-    noise         reproducible random draws with an optional torch.Generator
+    noise         reproducible random draws with an optional generator (one stream, or one per sample)
+
+Schedules, targets, time densities, weightings and samplers are registered by name in gmpipe.registry (re-exported
+here as SCHEDULES, TARGETS, TIME_DENSITIES, WEIGHTINGS and SAMPLERS).
 """
 
 from gmpipe.diffusion.guidance import (
@@ -29,16 +33,12 @@ from gmpipe.diffusion.guidance import (
     make_guided_model_fn,
 )
 from gmpipe.diffusion.objective import Objective, solve_data_and_noise
-from gmpipe.diffusion.samplers import SAMPLERS, get_sampler
-from gmpipe.diffusion.schedules import SCHEDULES, Schedule, get_schedule
-from gmpipe.diffusion.targets import TARGETS, Target, get_target
-from gmpipe.diffusion.time_density import (
-    TIME_DENSITIES,
-    TimeDensity,
-    get_time_density,
-    resolution_shift,
-)
-from gmpipe.diffusion.weightings import WEIGHTINGS, Weighting, get_weighting
+from gmpipe.diffusion.samplers import get_sampler
+from gmpipe.diffusion.schedules import Schedule, get_schedule
+from gmpipe.diffusion.targets import Target, get_target
+from gmpipe.diffusion.time_density import TimeDensity, get_time_density, resolution_shift
+from gmpipe.diffusion.weightings import Weighting, get_weighting
+from gmpipe.registry import SAMPLERS, SCHEDULES, TARGETS, TIME_DENSITIES, WEIGHTINGS
 
 __all__ = [
     "SAMPLERS",

@@ -23,6 +23,7 @@ from gmpipe.diffusion.noise import standard_normal
 from gmpipe.diffusion.objective import Objective
 from gmpipe.diffusion.time_density import resolution_shift
 from gmpipe.diffusion.times import as_time, expand_like
+from gmpipe.registry import SAMPLERS
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]
 Sampler = Callable[..., tuple[Tensor, int]]
@@ -196,11 +197,7 @@ def ddpm(
     return _integrate(model_fn, noise, num_steps, shift, step)
 
 
-SAMPLERS: dict[str, Sampler] = {"euler": euler, "heun": heun, "ddim": ddim, "ddpm": ddpm}
-
-
 def get_sampler(name: str) -> Sampler:
-    """The sampler registered as `name` ("euler", "heun", "ddim", "ddpm")."""
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
-    return SAMPLERS[name]
+    """The sampler registered as `name` in ``gmpipe.registry.SAMPLERS`` (these four, and the multistep
+    consistency sampler of ``gmpipe.diffusion.consistency``)."""
+    return SAMPLERS.lookup(name)
