@@ -51,16 +51,14 @@ def without_decoder(generator: Generator) -> Generator:
     return bare
 
 
-def sampling_case(generator: Generator, n: int, **settings):
-    """A case returning the seconds to generate n images with and without decoding, and the NFE per image."""
-    bare, asked, seeds = without_decoder(generator), requests(generator, n), list(range(n))
+def sampling_case(generator: Generator, n: int, decode: bool, **settings):
+    """A case returning the seconds to generate n images (with or without decoding) and the NFE per image."""
+    model, asked, seeds = generator if decode else without_decoder(generator), requests(generator, n), list(range(n))
 
     def case() -> dict[str, float]:
         start = time.perf_counter()
-        _, nfe = bare.generate(asked, seeds, **settings)
-        sampled = time.perf_counter()
-        generator.generate(asked, seeds, **settings)
-        return {"sample": sampled - start, "with_decode": time.perf_counter() - sampled, "nfe": nfe}
+        _, nfe = model.generate(asked, seeds, **settings)
+        return {"seconds": time.perf_counter() - start, "nfe": nfe}
 
     return case
 
@@ -87,25 +85,27 @@ def run(size: str = "full", root: Path | None = None) -> dict:
     s = SIZES[size]
     n = s["images"]
     teacher, students, notes = load_models(root, s["preset"])
-    cases = {"teacher, 50 steps, w=1": sampling_case(teacher, n, **TEACHER)}
+    models = {"teacher, 50 steps, w=1": (teacher, TEACHER)}
     for steps in FEW_STEPS:
-        cases[f"same network, {steps} step{'s' if steps > 1 else ''}, w=1"] = sampling_case(
-            teacher, n, **{**TEACHER, "steps": steps})
+        models[f"same network, {steps} step{'s' if steps > 1 else ''}, w=1"] = (teacher, {**TEACHER, "steps": steps})
     for name, student in students.items():
         described = ", ".join(f"{key}={value}" for key, value in student.settings.items())
-        cases[f"{name} ({described})"] = sampling_case(student, n)
+        models[f"{name} ({described})"] = (student, {})
+    # Without and with decoding are separate cases, interleaved with all the others (no case runs warm after its twin).
+    cases = {(name, decode): sampling_case(model, n, decode, **settings)
+             for name, (model, settings) in models.items() for decode in (False, True)}
     results = interleave(cases, s["rounds"])
 
     def seconds(name, decode):
-        return [r["with_decode"] if decode else r["sample"] for r in results[name]]
+        return [r["seconds"] for r in results[(name, decode)]]
 
-    teacher_name = next(iter(cases))
+    teacher_name = next(iter(models))
     section = Section(
         "sampling", f"Sampling: {n} images per call, Euler, classifier-free guidance in one 2B batch",
         s["rounds"], ["case", "NFE", "img/s (no decode)", "img/s (with decode)", "speed-up (no decode)",
                       "speed-up (with decode)"], [])
-    for name in cases:
-        row = [name, results[name][0]["nfe"]]
+    for name in models:
+        row = [name, results[(name, True)][0]["nfe"]]
         row += [n / median(seconds(name, decode)) for decode in (False, True)]
         row += [speedup(seconds(name, decode), seconds(teacher_name, decode)) for decode in (False, True)]
         section.rows.append(row)
@@ -113,10 +113,10 @@ def run(size: str = "full", root: Path | None = None) -> dict:
             short = name.split(" (")[0].split(", w=")[0]
             section.ratios[f"{short} / teacher (no decode)"] = row[4]
             section.ratios[f"{short} / teacher (with decode)"] = row[5]
-    decode_ms = median([w - s_ for w, s_ in zip(seconds(teacher_name, True), seconds(teacher_name, False),
-                                                strict=True)]) * 1e3
-    section.notes += notes + [f"decoding {n} images takes about {decode_ms:.0f} ms (with decode minus without)"]
-    return section.finish(results)
+    decode_ms = (median(seconds(teacher_name, True)) - median(seconds(teacher_name, False))) * 1e3
+    section.notes += notes + [f"decoding {n} images takes about {decode_ms:.0f} ms (median with decode minus without)"]
+    return section.finish({f"{name} ({'with' if decode else 'no'} decode)": rows for (name, decode), rows
+                           in results.items()})
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ joining and moving batches is the same for every kind (``gmpipe.batching``). The
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from numbers import Integral
 from pathlib import Path
@@ -70,8 +71,6 @@ class Conditioning:
     def __eq__(self, other: object) -> bool:
         return type(other) is type(self) and other.to_config() == self.to_config()
 
-    # -- config ------------------------------------------------------------------------------------------------
-
     def to_config(self) -> dict:
         return {"mode": self.kind, "class_names": list(self.class_names)}
 
@@ -88,8 +87,6 @@ class Conditioning:
         return cls(config["class_names"])
 
     def save(self, folder: Path) -> None:
-        import json
-
         (Path(folder) / CONDITIONING_FILE).write_text(json.dumps(self.to_config(), indent=2))
 
     @staticmethod
@@ -105,8 +102,6 @@ class Conditioning:
     @classmethod
     def _for_training(cls, class_names: Sequence[str], latents: Path) -> Conditioning:
         return cls(class_names)
-
-    # -- conditions ------------------------------------------------------------------------------------------
 
     def encode(self, requests: Sequence[Request], device: torch.device | str = "cpu") -> Any:
         """The condition batch for one request per sample (a class label, a prompt or None), on ``device``."""

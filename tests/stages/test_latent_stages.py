@@ -101,6 +101,27 @@ def test_train_ldm_smoke_and_sample(trained_ldm, tmp_path):
         assert saved["images"].shape == (4, 1, 32, 32) and saved["labels"].tolist() == [3, 3, 7, 7]
 
 
+@pytest.mark.parametrize("kind", ["text", "none"])
+def test_every_conditioning_trains_and_generates(trained_vae, tmp_path, kind):
+    """A text-conditional and an unconditional denoiser train, save their conditioning, and generate through the
+    same interface and command as the class-conditional one (class labels become class captions for text)."""
+    params, shared = trained_vae
+    paths = _copy_project(shared, tmp_path)
+    config = params.train_ldm.replace(conditioning=kind, steps=2, warmup_steps=0, grid_per_class=1)
+    summary = train_ldm.run(config, params.compute, paths)
+    assert summary["grid_nfe"] == config.sample_steps * (1 if kind == "none" else 2)
+    generator = load_generator(paths.ldm, autoencoder=paths.vae)
+    assert generator.conditioning.kind == kind and type(generator.denoiser).mode == kind
+    images, nfe = generator.generate([0, 1], seeds=[0, 1], steps=2)
+    assert images.shape == (2, 1, 32, 32) and nfe == (2 if kind == "none" else 4)
+    out = tmp_path / "samples.npz"
+    prompts = ["--prompts", "a photo of a bag"] if kind == "text" else []
+    assert main(["sample", "--model", str(paths.ldm), "--vae", str(paths.vae), *prompts, "-n", "2", "--steps", "1",
+                 "--device", "cpu", "--out", str(out)]) == 0
+    with np.load(out) as saved:
+        assert saved["images"].shape == (2, 1, 32, 32) and saved["labels"].tolist() == [-1, -1]
+
+
 def test_missing_upstream_names_the_stage(tmp_path):
     params = parse_params(smoke_params())
     with pytest.raises(GmpipeError, match="train_vae"):
