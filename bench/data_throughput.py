@@ -20,9 +20,9 @@ from bench.workloads import demo_autoencoder, synthetic_images
 from gmpipe.config.cache_latents import CacheLatentsConfig
 from gmpipe.config.data import FASHION_MNIST_DIR, DataConfig
 from gmpipe.config.prepare import PrepareConfig
+from gmpipe.nn.autoencoder import encode_to_latents
 from gmpipe.paths import Paths
 from gmpipe.stages import prepare
-from gmpipe.stages.cache_latents import encode_to_latents
 
 SIZES = {
     "full": dict(fashion_mnist=FASHION_MNIST_DIR, pngs=400, encode=4096, rounds=3),
@@ -107,6 +107,6 @@ def run(size: str = "full", root=None) -> dict:
 
 
 if __name__ == "__main__":
-    from bench.run_all import section_main
+    from bench.command import section_main
 
     section_main(run)

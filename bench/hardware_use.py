@@ -19,8 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bench.measure import interleave, median, speedup, timed
 from bench.report import Section
-from bench.workloads import LATENT_SHAPE, ldm_config, ldm_step, synthetic_latents
-from gmpipe.stages.train_ldm import make_batch_fn
+from bench.workloads import LATENT_SHAPE, ldm_batches, ldm_config, ldm_step, synthetic_latents
 
 SIZES = {
     "full": dict(preset="small", batch_size=256, matmul=2048, rounds=5),
@@ -125,10 +124,10 @@ def run(size: str = "full", root=None) -> dict:
     s = SIZES[size]
     config = ldm_config(s["preset"], s["batch_size"])
     split, stats = synthetic_latents(s["batch_size"])
-    batch = make_batch_fn(split, stats, None, config.conditioning)(torch.arange(s["batch_size"]), "cpu")
+    batch = ldm_batches(split, stats)(torch.arange(s["batch_size"]), "cpu")
     step = ldm_step(config)
-    optimizer = torch.optim.AdamW(step.module.parameters(), lr=config.lr)
-    fused_optimizer = torch.optim.AdamW(step.module.parameters(), lr=config.lr, fused=True)
+    optimizer = torch.optim.AdamW(step.module.parameters(), lr=config.loop.lr)
+    fused_optimizer = torch.optim.AdamW(step.module.parameters(), lr=config.loop.lr, fused=True)
     flops, matmul_flops = count_flops(step, batch)
     flops += attention_flops(step, s["batch_size"])
     n = s["matmul"]
@@ -173,6 +172,6 @@ def run(size: str = "full", root=None) -> dict:
 
 
 if __name__ == "__main__":
-    from bench.run_all import section_main
+    from bench.command import section_main
 
     section_main(run)

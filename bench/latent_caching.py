@@ -13,14 +13,14 @@ from bench.measure import interleave, median, quiet_stderr, speedup, spread
 from bench.report import Section
 from bench.workloads import (
     demo_autoencoder,
+    ldm_batches,
     ldm_config,
     ldm_step,
     loop_seconds_per_step,
     synthetic_images,
     synthetic_latents,
 )
-from gmpipe.stages.cache_latents import encode_to_latents
-from gmpipe.stages.train_ldm import make_batch_fn
+from gmpipe.nn.autoencoder import encode_to_latents
 
 SIZES = {
     "full": dict(preset="small", batch_size=256, items=4096, warmup=2, measured=6, rounds=4),
@@ -44,7 +44,7 @@ def run(size: str = "full", root=None) -> dict:
     config = ldm_config(s["preset"], s["batch_size"])
     split, stats = synthetic_latents(s["items"])
     images = synthetic_images(s["items"])
-    cached = make_batch_fn(split, stats, None, config.conditioning)
+    cached = ldm_batches(split, stats)
     encoding = encoding_batch_fn(demo_autoencoder(), images, split.labels, stats)
     step = ldm_step(config)
     warmup, measured = s["warmup"], s["measured"]
@@ -66,6 +66,6 @@ def run(size: str = "full", root=None) -> dict:
 
 
 if __name__ == "__main__":
-    from bench.run_all import section_main
+    from bench.command import section_main
 
     section_main(run)

@@ -171,6 +171,6 @@ def run(size: str = "full", root=None) -> dict:
 
 
 if __name__ == "__main__":
-    from bench.run_all import section_main
+    from bench.command import section_main
 
     section_main(run)

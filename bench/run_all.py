@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -16,7 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import data_throughput, hardware_use, latent_caching, orchestration, sampling, trainer_overhead
+from bench import command, data_throughput, hardware_use, latent_caching, orchestration, sampling, trainer_overhead
 from bench.report import machine_info, markdown_table, ratio_lines, section_markdown
 
 SECTIONS: dict[str, Callable[..., dict]] = {
@@ -27,28 +26,6 @@ SECTIONS: dict[str, Callable[..., dict]] = {
     "orchestration": orchestration.run,
     "data": data_throughput.run,
 }
-
-
-def _parser(description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: seconds, not minutes")
-    parser.add_argument("--root", type=Path, help="a project folder with trained models (models/ldm, vae, student)")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own choice)")
-    return parser
-
-
-def _set_threads(threads: int | None) -> None:
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-
-
-def section_main(run: Callable[..., dict]) -> None:
-    """Command line of a single section module: ``python -m bench.sampling [--quick] [--root DIR]``."""
-    args = _parser(run.__module__).parse_args()
-    _set_threads(args.threads)
-    run("quick" if args.quick else "full", args.root)
 
 
 def markdown(report: dict) -> str:
@@ -64,11 +41,11 @@ def markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser("gmpipe benchmarks: ratios measured side by side in one run")
+    parser = command.parser("gmpipe benchmarks: ratios measured side by side in one run")
     parser.add_argument("--out", type=Path, default=Path("reports"), help="where bench.json and bench.md go")
     parser.add_argument("--only", nargs="+", choices=list(SECTIONS), help="run only these sections")
     args = parser.parse_args(argv)
-    _set_threads(args.threads)
+    command.set_threads(args.threads)
     size = "quick" if args.quick else "full"
     machine = machine_info()
     start = time.perf_counter()

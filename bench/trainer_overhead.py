@@ -12,8 +12,14 @@ import copy
 
 from bench.measure import interleave, median, speedup, spread
 from bench.report import Section
-from bench.workloads import bare_seconds_per_step, ldm_config, ldm_step, loop_seconds_per_step, synthetic_latents
-from gmpipe.stages.train_ldm import make_batch_fn
+from bench.workloads import (
+    bare_seconds_per_step,
+    ldm_batches,
+    ldm_config,
+    ldm_step,
+    loop_seconds_per_step,
+    synthetic_latents,
+)
 
 SIZES = {
     # 57,000 items: the Fashion-MNIST train split after the 5% validation share (batch_indices permutes them)
@@ -27,7 +33,7 @@ def run(size: str = "full", root=None) -> dict:
     s = SIZES[size]
     config = ldm_config(s["preset"], s["batch_size"])
     split, stats = synthetic_latents(s["items"])
-    make_batch = make_batch_fn(split, stats, None, config.conditioning)
+    make_batch = ldm_batches(split, stats)
     loop_step = ldm_step(config)
     bare_step, full_bare_step = copy.deepcopy(loop_step), copy.deepcopy(loop_step)
     warmup, measured = s["warmup"], s["measured"]
@@ -53,12 +59,13 @@ def run(size: str = "full", root=None) -> dict:
     section.ratios["loop / bare, best rounds"] = min(baseline) / min(seconds["gmpipe loop"])  # noise only adds time
     machinery = median(seconds["gmpipe loop"]) - median(seconds["bare AdamW + clip + EMA"])
     section.notes.append(f"loop machinery beyond the same work in a bare loop: {machinery * 1e3:.2f} ms/step")
+    loop = config.loop
     section.notes.append(f"steady state: median step of {measured} per round after {warmup} warm-up steps; "
-                         f"log_every={config.log_every}, checkpoint_every={config.checkpoint_every} (defaults)")
+                         f"log_every={loop.log_every}, checkpoint_every={loop.checkpoint_every} (defaults)")
     return section.finish(seconds)
 
 
 if __name__ == "__main__":
-    from bench.run_all import section_main
+    from bench.command import section_main
 
     section_main(run)

@@ -14,18 +14,21 @@ from pathlib import Path
 
 import torch
 
+from gmpipe.conditioning import ClassLabels
 from gmpipe.config.data import DataConfig
 from gmpipe.config.train_ldm import TrainLDMConfig
 from gmpipe.config.train_vae import TrainVAEConfig
 from gmpipe.data.fashion_mnist import CLASS_NAMES
-from gmpipe.data.latents import LatentSplit, LatentStats
+from gmpipe.data.latents import LatentSplit, LatentStats, make_batch_fn
 from gmpipe.diffusion import Objective
-from gmpipe.stages.train_ldm import build_denoiser, denoising_step
+from gmpipe.latent_diffusion import denoising_step
 from gmpipe.train.ema import EMA
-from gmpipe.train.loop import LossStep, train
+from gmpipe.train.loop import train
+from gmpipe.train.step import LossStep
 
 LATENT_SHAPE = (4, 8, 8)
 NUM_CLASSES = len(CLASS_NAMES)
+CONDITIONING = ClassLabels(CLASS_NAMES)
 
 
 def ldm_config(preset: str, batch_size: int) -> TrainLDMConfig:
@@ -35,8 +38,13 @@ def ldm_config(preset: str, batch_size: int) -> TrainLDMConfig:
 
 def ldm_step(config: TrainLDMConfig) -> LossStep:
     """A fresh denoiser and train_ldm's loss on it (the generalized objective with condition dropout)."""
-    denoiser = build_denoiser(config, LATENT_SHAPE, NUM_CLASSES, text_dim=None)
-    return denoising_step(denoiser, Objective.from_config(config.objective_config()), config)
+    denoiser = CONDITIONING.make_denoiser(LATENT_SHAPE, config.preset)
+    return denoising_step(denoiser, Objective.from_config(config.objective.objective_config()), config.p_uncond)
+
+
+def ldm_batches(split: LatentSplit, stats: LatentStats):
+    """train_ldm's batches of ``split``: (normalized posterior sample, class labels)."""
+    return make_batch_fn(split, stats, CONDITIONING.training_conditions(split, latents=None))
 
 
 def synthetic_latents(n: int, seed: int = 0) -> tuple[LatentSplit, LatentStats]:
@@ -89,7 +97,7 @@ def loop_seconds_per_step(config: TrainLDMConfig, step: LossStep, n_items: int, 
         stamps.append(time.perf_counter())
         return make_batch(index, device)
 
-    run_config = config.model_copy(update={"steps": warmup + measured + 1})
+    run_config = config.loop.model_copy(update={"steps": warmup + measured + 1})
     with tempfile.TemporaryDirectory(prefix="gmpipe-bench-") as tmp:
         train(run_config, [step], n_items, stamped_batch, Path(tmp) / "checkpoints", live_dir=Path(tmp) / "live",
               ema_of=step.name, description="bench loop")
@@ -101,17 +109,18 @@ def bare_seconds_per_step(config: TrainLDMConfig, step: LossStep, n_items: int, 
     """Steady-state seconds per step of a plain PyTorch loop: random batch, same loss, AdamW with the same
     hyperparameters; with ``clip_and_ema`` also gradient clipping and gmpipe's EMA, as the loop does."""
     model = step.module
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(config.beta1, config.beta2),
-                                  weight_decay=config.weight_decay)
-    ema = EMA(model, config.ema_decay, config.ema_warmup) if clip_and_ema else None
+    loop = config.loop
+    optimizer = torch.optim.AdamW(model.parameters(), lr=loop.lr, betas=(loop.beta1, loop.beta2),
+                                  weight_decay=loop.weight_decay)
+    ema = EMA(model, loop.ema_decay, loop.ema_warmup) if clip_and_ema else None
     stamps = []
     for index in range(warmup + measured + 1):
         stamps.append(time.perf_counter())
-        batch = make_batch(torch.randint(n_items, (config.batch_size,)), "cpu")
+        batch = make_batch(torch.randint(n_items, (loop.batch_size,)), "cpu")
         loss, _ = step.loss(batch, index, {}, {step.name: model})
         loss.backward()
         if ema is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad_norm)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), loop.clip_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:

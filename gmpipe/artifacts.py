@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 import tempfile
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
@@ -34,9 +35,11 @@ WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPE
 
 
 def _write_failed(target: Path, exc: OSError) -> GmpipeError:
-    return GmpipeError(
+    error = GmpipeError(
         f"{target}: could not be written ({exc.strerror or exc}); the previous version, if any, is intact"
     )
+    error.reason = exc.strerror or str(exc)  # for writers that say more about what is kept
+    return error
 
 
 def _owner_tag() -> str:
@@ -142,12 +145,16 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_file(target: str | Path, mode: str = "w") -> Iterator:
-    """Open a temporary sibling of ``target`` for writing; rename it over ``target`` only if the block succeeds."""
+    """Open a temporary sibling of ``target`` for writing; rename it over ``target`` only if the block succeeds.
+
+    The one atomic file write of gmpipe. The new file keeps the permissions of the one it replaces (0o644 for a new
+    one: mkstemp would make it private)."""
     target = Path(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
+        permissions = stat.S_IMODE(target.stat().st_mode) if target.is_file() else 0o644
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; artifacts are ordinary files
+        os.chmod(tmp, permissions)
     except OSError as exc:
         raise _write_failed(target, exc) from None
     try:

@@ -17,8 +17,10 @@ from pathlib import Path
 import yaml
 
 from gmpipe import __version__
+from gmpipe.config.compute import DEVICES
 from gmpipe.config.params import ParamsError, load_params
 from gmpipe.errors import GmpipeError
+from gmpipe.registry import SAMPLERS
 from gmpipe.stages import STAGES
 
 # Bounds of the sampling arguments (steps and guidance as in the train_ldm section's sample_* keys).
@@ -188,46 +190,33 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     from gmpipe.artifacts import atomic_file
     from gmpipe.device import resolve_device
-    from gmpipe.eval.grids import save_grid, to_uint8
-    from gmpipe.generate import LatentGenerator
+    from gmpipe.eval.grids import save_grid
+    from gmpipe.generator import load_generator
 
     device = resolve_device(args.device, key="--device")
     out = check_output(args.out)
+    device = resolve_device(args.device, key="--device")  # a device that is not there fails before anything loads
     if not Path(args.model).is_dir():
         return _fail(f"--model {args.model}: no such folder (a trained model: models/ldm or models/student/NAME; "
                      "run the 'train_ldm' stage first)")
-    generator = LatentGenerator.load(args.model, args.vae, device=device)
-    mode = generator.conditioning["mode"]
-    labels = prompts = None
-    if mode == "class":
-        names = generator.conditioning["class_names"]
-        bad = [c for c in args.classes or [] if c >= len(names)]
-        if bad:
-            return _fail(f"--classes {bad[0]}: this model has classes 0..{len(names) - 1}")
-        chosen = args.classes if args.classes else list(range(len(names)))
-        labels = [c for c in chosen for _ in range(args.n)]
-        rows = len(chosen)
-    elif mode == "text":
-        if not args.prompts:
-            return _fail("--prompts: this model is text-conditional: give prompts")
-        prompts = [p for p in args.prompts for _ in range(args.n)]
-        rows = len(args.prompts)
-    else:
-        rows = 1
-    if rows * args.n > MAX_IMAGES:
-        return _fail(f"-n {args.n}: {rows} rows x {args.n} images is more than {MAX_IMAGES}; lower -n")
-    cond = generator.condition(labels=labels, prompts=prompts)
-    latents, nfe = generator.sample_latents(cond, rows * args.n, args.sampler, args.steps, args.guidance, args.seed)
-    images = to_uint8(generator.decode(latents))
+    generator = load_generator(args.model, autoencoder=args.vae, device=device)
+    rows = generator.conditioning.rows(classes=args.classes, prompts=args.prompts)
+    if len(rows) * args.n > MAX_IMAGES:
+        return _fail(f"-n {args.n}: {len(rows)} rows x {args.n} images is more than {MAX_IMAGES}; lower -n")
+    requests = [row for row in rows for _ in range(args.n)]
+    chosen = {"sampler": args.sampler, "steps": args.steps, "guidance": args.guidance}
+    settings = {key: value for key, value in chosen.items() if value is not None}
+    # Image i of the call takes seed seed + i: the same --seed gives the same images whatever their batches.
+    seeds = [args.seed + i for i in range(len(requests))]
+    images, nfe = generator.generate(requests, seeds, **settings)
     if out.suffix.lower() == ".npz":
+        labels = np.array([r if isinstance(r, int) else -1 for r in requests])
         with atomic_file(out, "wb") as handle:
-            np.savez(handle, images=images, labels=np.array(labels if labels else [-1] * len(images)))
+            np.savez(handle, images=images, labels=labels)
     else:
         save_grid(images, out, columns=args.n)
-    used = generator.sampling | {k: v for k, v in (("sampler", args.sampler), ("steps", args.steps),
-                                                    ("guidance", args.guidance)) if v is not None}
-    print(f"wrote {len(images)} images to {out} ({used['sampler']}, {used['steps']} steps, w={used['guidance']}, "
-          f"{nfe} network evaluations per image)")
+    described = ", ".join(f"{key}={value}" for key, value in generator.resolve_settings(settings).items())
+    print(f"wrote {len(images)} images to {out} ({described}, {nfe} network evaluations per image)")
     return 0
 
 
@@ -272,14 +261,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="text prompts, one row each (text-conditional models)")
     sample.add_argument("-n", type=int_between(1, MAX_IMAGES_PER_ROW), default=8,
                         help=f"images per class or prompt, 1..{MAX_IMAGES_PER_ROW} (default: 8)")
-    sample.add_argument("--sampler", choices=("euler", "heun", "ddim", "ddpm", "consistency"),
-                        help="default: the model's own")
+    sample.add_argument("--sampler", choices=SAMPLERS.names, help="default: the model's own")
     sample.add_argument("--steps", type=int_between(1, MAX_STEPS),
                         help=f"sampler steps, 1..{MAX_STEPS} (default: the model's own)")
     sample.add_argument("--guidance", type=finite_between(0.0, MAX_GUIDANCE),
                         help=f"guidance weight w, 0..{MAX_GUIDANCE:g} (default: the model's own)")
-    sample.add_argument("--seed", type=int_between(0, 2**63 - 1), default=0)
-    sample.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+    sample.add_argument("--seed", type=int_between(0, 2**63 - 1), default=0,
+                        help="seed of the first image; image i takes seed + i (default: 0)")
+    sample.add_argument("--device", choices=DEVICES, default="auto",
                         help="where the networks run: auto (default: CUDA when present), cpu or cuda")
     sample.add_argument("--out", default="samples.png", help="output .png grid or .npz (default: samples.png)")
     sample.set_defaults(func=cmd_sample)

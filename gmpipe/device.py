@@ -4,14 +4,10 @@ evaluation) use :func:`resolve_device`."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
-from torch import Tensor
 
+from gmpipe.config.compute import DEVICES
 from gmpipe.errors import GmpipeError
-
-DEVICES = ("auto", "cpu", "cuda")
 
 
 def resolve_device(setting: str, key: str = "compute.device") -> torch.device:
@@ -27,12 +23,9 @@ def resolve_device(setting: str, key: str = "compute.device") -> torch.device:
     return torch.device("cuda")
 
 
-def conditions_to_device(cond: Any, device: torch.device | str | None) -> Any:
-    """A condition (None, a tensor, or a tuple/list/dict of tensors) moved to ``device``."""
-    if cond is None or device is None:
-        return cond
-    if isinstance(cond, Tensor):
-        return cond.to(device)
-    if isinstance(cond, dict):
-        return {key: conditions_to_device(value, device) for key, value in cond.items()}
-    return type(cond)(conditions_to_device(value, device) for value in cond)
+def transfer(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A host tensor on ``device``; pinned and asynchronous when that device is a GPU (training batches)."""
+    if torch.device(device).type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+

@@ -43,9 +43,10 @@ def rendezvous_port(compute: ComputeConfig, rank: int) -> int:
 def accelerate_command(compute: ComputeConfig, stage: str, params_file: str, root: str, summary_file: str,
                        rank: int = 0) -> tuple[list[str], dict[str, str]]:
     """The ``accelerate launch`` command line and environment for one stage on the machine of rank ``rank``."""
-    import torch  # here, not at module level: the orchestrating process should not pay for importing torch
+    # Imported here, not at module level: the orchestrating process should not pay for importing torch.
+    from gmpipe.device import resolve_device
 
-    cpu = compute.device == "cpu" or (compute.device == "auto" and not torch.cuda.is_available())
+    cpu = resolve_device(compute.device).type == "cpu"  # cuda without CUDA stops here, before any process starts
     command = [
         sys.executable, "-m", "gmpipe.rendezvous",
         "--num_processes", str(compute.world_size),

@@ -101,21 +101,21 @@ def write_model_folders(root: Path, mode: str = "class", class_names=("a", "b"))
     4x4x4 latents, a tiny DiT. Returns (ldm, vae)."""
     import torch
 
+    from gmpipe.conditioning import Conditioning
     from gmpipe.data.latents import LatentStats
     from gmpipe.diffusion import Objective
-    from gmpipe.generate import save_model_bundle
+    from gmpipe.latent_diffusion import LatentDiffusion
     from gmpipe.nn.autoencoder import build_autoencoder_preset
-    from gmpipe.nn.denoiser import Denoiser
 
     torch.manual_seed(0)
     vae_dir, ldm_dir = root / "models" / "vae", root / "models" / "ldm"
     build_autoencoder_preset("tiny", 1).save_pretrained(vae_dir, safe_serialization=True)
-    Denoiser(mode, 4, 4, "tiny", num_classes=len(class_names)).save_pretrained(ldm_dir / "denoiser")
-    stats_file = root / "stats.json"
-    LatentStats((0.0,) * 4, (1.0,) * 4).save(stats_file)
-    save_model_bundle(ldm_dir, Objective.from_config({"schedule": "rectified_flow", "target": "velocity"}),
-                      stats_file, {"mode": mode, "class_names": list(class_names)},
-                      {"sampler": "euler", "steps": 3, "guidance": 1.0})
+    conditioning = Conditioning.from_config({"mode": mode, "class_names": list(class_names)})
+    model = LatentDiffusion(conditioning.make_denoiser((4, 4, 4), "tiny"),
+                            Objective.from_config({"schedule": "rectified_flow", "target": "velocity"}),
+                            LatentStats((0.0,) * 4, (1.0,) * 4), conditioning,
+                            {"sampler": "euler", "steps": 3, "guidance": 1.0})
+    model.save(ldm_dir, "train_ldm")
     return ldm_dir, vae_dir
 
 
@@ -123,7 +123,11 @@ def write_student_folder(ldm_dir: Path, student_dir: Path) -> Path:
     """A copy of ``ldm_dir`` laid out as a distilled student (``student.json`` beside the bundle)."""
     import shutil
 
+    from gmpipe.distill.student import write_student_info
+    from gmpipe.generator import FAMILY_FILE
+
     shutil.copytree(ldm_dir, student_dir)
-    (student_dir / "student.json").write_text(json.dumps(
-        {"method": "reflow", "steps": [1, 2], "guidance_folded": 1.0, "nfe_per_step": 1}))
+    family = json.loads((student_dir / FAMILY_FILE).read_text())
+    (student_dir / FAMILY_FILE).write_text(json.dumps({**family, "stage": "distill"}))
+    write_student_info(student_dir, method="reflow", steps=[1, 2], guidance_folded=1.0, nfe_per_step=1)
     return student_dir

@@ -138,8 +138,7 @@ def pipeline_state(tmp_path_factory) -> Path:
                                                                    torch.zeros(n, dtype=torch.long),
                                                                    torch.zeros(n, dtype=torch.long)))
     latents.LatentStats((0.0,) * 4, (1.0,) * 4).save(paths.latents / latents.STATS)
-    latents.save_texts(paths.latents, ["a cat", "a dog"], torch.zeros(2, 3, 8), torch.ones(2, 3))
-    (paths.latents / latents.TEXT_ENCODER).write_text(json.dumps({"text_encoder": "x", "max_length": 3}))
+    latents.save_texts(paths.latents, ["a cat", "a dog"], torch.zeros(2, 3, 8), torch.ones(2, 3), "x", 3)
     ldm, _ = write_model_folders(root)
     write_student_folder(ldm, paths.student / "reflow")
     return root
@@ -147,10 +146,10 @@ def pipeline_state(tmp_path_factory) -> Path:
 
 def _load(kind: str, root: Path):
     from gmpipe.data import latents, prepared
-    from gmpipe.generate import LatentGenerator
+    from gmpipe.distill.student import read_student_info
+    from gmpipe.generator import load_generator
+    from gmpipe.nn.autoencoder import load_autoencoder
     from gmpipe.paths import Paths
-    from gmpipe.stages.cache_latents import load_vae
-    from gmpipe.stages.evaluate import read_student_info
 
     paths = Paths(root)
     return {
@@ -160,9 +159,9 @@ def _load(kind: str, root: Path):
         "stats": lambda: latents.LatentStats.load(paths.latents / latents.STATS),
         "texts": lambda: latents.load_texts(paths.latents),
         "encoder": lambda: latents.load_text_encoder_info(paths.latents),
-        "vae": lambda: load_vae(paths.vae),
-        "ldm": lambda: LatentGenerator.load(paths.ldm, paths.vae),
-        "student": lambda: LatentGenerator.load(paths.student / "reflow"),
+        "vae": lambda: load_autoencoder(paths.vae),
+        "ldm": lambda: load_generator(paths.ldm, autoencoder=paths.vae),
+        "student": lambda: load_generator(paths.student / "reflow"),
         "student_info": lambda: read_student_info(paths.student / "reflow"),
     }[kind]()
 
@@ -288,6 +287,9 @@ DAMAGED = [
     ("ldm-sampling-unknown-sampler", "models/ldm/sampling.json", edit_json(sampler="warp"), "ldm", "train_ldm",
      "unknown sampler"),
     ("ldm-guidance-string", "models/ldm/sampling.json", edit_json(guidance="1.0"), "ldm", "train_ldm", "guidance"),
+    ("ldm-family-unknown", "models/ldm/family.json", edit_json(family="gan9000"), "ldm", "train_ldm",
+     "unknown model family 'gan9000'"),
+    ("ldm-family-missing", "models/ldm/family.json", Path.unlink, "ldm", "train_ldm", "no trained model here"),
     ("ldm-conditioning-mode", "models/ldm/conditioning.json", edit_json(mode="telepathy"), "ldm", "train_ldm",
      "mode"),
     ("ldm-text-without-encoder", "models/ldm/conditioning.json", edit_json(mode="text"), "ldm", "train_ldm",

@@ -59,7 +59,7 @@ def model_root(tmp_path_factory) -> Path:
 BAD_SAMPLE_RUNS = [
     ("model-missing", ["--model", "no/such/model"], "--model no/such/model: no such folder"),
     ("model-is-a-file", ["--model", "file.txt"], "--model file.txt: no such folder"),
-    ("model-without-files", ["--model", "models/vae"], "no trained denoiser here"),
+    ("model-without-files", ["--model", "models/vae"], "no trained model here"),
     ("vae-missing", ["--vae", "nowhere"], "nowhere: no trained autoencoder here; run the 'train_vae' stage first"),
     ("out-unknown-suffix", ["--out", "samples.gif"], "--out samples.gif: give a .png"),
     ("out-is-a-folder", ["--out", "models.png"], "--out models.png: is a folder"),
@@ -91,10 +91,11 @@ def test_sample_uses_the_steps_and_guidance_given(model_root, tmp_path, capsys):
     out = tmp_path / "grid.png"
     args = ["sample", "--model", str(model_root / "models/ldm"), "--vae", str(model_root / "models/vae"), "-n", "2"]
     assert main([*args, "--steps", "2", "--guidance", "0", "--out", str(out)]) == 0
-    assert "2 steps, w=0.0, 2 network evaluations per image" in capsys.readouterr().out and out.stat().st_size
+    assert "steps=2, guidance=0.0, shift=1.0, 2 network evaluations per image" in capsys.readouterr().out
+    assert out.stat().st_size
     npz = tmp_path / "arrays.npz"
     assert main([*args, "--steps", "1", "--guidance", "1.5", "--classes", "1", "--out", str(npz)]) == 0
-    assert "1 steps, w=1.5, 2 network evaluations per image" in capsys.readouterr().out
+    assert "steps=1, guidance=1.5, shift=1.0, 2 network evaluations per image" in capsys.readouterr().out
     import numpy as np
 
     with np.load(npz) as arrays:

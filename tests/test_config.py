@@ -102,3 +102,29 @@ def test_check_params_ok(tmp_path, capsys):
     file.write_text(yaml.safe_dump(smoke_params(data={"image_size": 28})))
     assert main(["check-params", str(file)]) == 0
     assert capsys.readouterr().out == f"{file}: ok\n"
+
+
+def test_training_sections_compose_the_loop_and_stay_flat_in_params():
+    """``train_ldm`` is the loop's part, the objective's part and its own keys; the file (and every dump, so every
+    fingerprint name) stays flat, errors name the flat key, and only the loop part is a LoopConfig."""
+    from gmpipe.config.loop import LoopConfig
+    from gmpipe.config.objective import ObjectiveConfig
+    from gmpipe.fingerprint import section_settings
+
+    raw = smoke_params()
+    params = parse_params(raw)
+    config = params.train_ldm
+    assert type(config.loop) is LoopConfig and type(config.objective) is ObjectiveConfig
+    assert config.loop.steps == raw["train_ldm"]["steps"] and config.objective.time_shift == 1.0
+    assert type(config).model_validate(config.model_dump()) == config  # the flat dump reads back
+    assert set(raw["train_ldm"]) <= set(config.model_dump()) and "loop" not in config.model_dump()
+    assert {"train_ldm.lr", "train_ldm.schedule", "train_ldm.preset"} <= set(section_settings("train_ldm", config))
+    assert set(params.distill.loop.model_dump()) == set(LoopConfig.model_fields)
+    assert params.train_ldm.replace(lr=0.5).loop.lr == 0.5 and config.loop.lr != 0.5  # a validated copy
+    for section, key, value, message in [("train_ldm", "lr", -1, "train_ldm.lr: must be > 0.0 (got -1)"),
+                                         ("distill", "steps", 0, "distill.steps: must be >= 1 (got 0)"),
+                                         ("train_ldm", "schedule", "warp", "train_ldm.schedule: must be one of"),
+                                         ("train_vae", "loop", {}, "train_vae: loop: unknown key")]:
+        with pytest.raises(ParamsError) as info:
+            parse_params({section: {key: value}})
+        assert info.value.problems[0].startswith(message), info.value.problems

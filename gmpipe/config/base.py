@@ -1,11 +1,18 @@
 """The base of every params section: frozen, unknown keys forbidden, no silent string-to-number coercion, every
-number finite and every integer within 64 bits (what torch and numpy hold), seeds within 32 bits."""
+number finite and every integer within 64 bits (what torch and numpy hold), seeds within 32 bits.
+
+A section may be composed of parts (``ComposedSection``: the training loop's keys, the objective's keys) and still be
+written flat in ``params.yaml``, so that ``dvc exp run -S train_ldm.lr=1e-4`` keeps working while the code passes
+only ``config.loop`` to the loop. Names checked against a registry are ``one_of(registry)``: the allowed values come
+from the registry, never from a list typed out again.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from collections.abc import Iterable
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 INT64_MAX = 2**63 - 1
 
@@ -22,6 +29,48 @@ class Section(BaseModel):
                 raise ValueError(f"must fit in 64 bits, -2**63 to 2**63 - 1 (got an integer of {item.bit_length()} "
                                  "bits)")
         return value
+
+
+
+class ComposedSection(Section):
+    """A section whose fields named in ``flat_parts`` are sections of their own, written flat in ``params.yaml``.
+
+    Reading moves each part's keys into the part (``{"lr": 1e-3, "preset": "small"}`` -> ``{"loop": {"lr": 1e-3},
+    "preset": "small"}``); dumping flattens them back, so ``model_dump()`` has the keys of ``params.yaml`` (what
+    fingerprints name: ``train_ldm.lr``). Error locations are flattened by :mod:`gmpipe.config.params`.
+    """
+
+    flat_parts: ClassVar[tuple[str, ...]] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nest_parts(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for part in cls.flat_parts:
+            if part in data:
+                raise ValueError(f"{part}: unknown key (the {part} keys are written directly in the section)")
+            part_keys = cls.model_fields[part].annotation.model_fields
+            data[part] = {key: data.pop(key) for key in list(data) if key in part_keys}
+        return data
+
+    @model_serializer(mode="wrap")
+    def _flatten_parts(self, handler) -> dict[str, Any]:
+        data = handler(self)
+        for part in self.flat_parts:
+            data.update(data.pop(part))
+        return data
+
+    def replace(self, **changes: Any) -> ComposedSection:
+        """A validated copy with some keys changed, named as in ``params.yaml`` (``replace(steps=5)``)."""
+        return type(self).model_validate({**self.model_dump(), **changes})
+
+
+def one_of(names: Iterable[str]) -> Any:
+    """The type of a params value that must be one of ``names`` (a registry's keys), in their order."""
+    return Literal[tuple(names)]
+
 
 Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
 PositiveFloat = Annotated[float, Field(gt=0.0)]

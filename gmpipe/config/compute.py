@@ -8,6 +8,9 @@ from pydantic import Field, model_validator
 
 from gmpipe.config.base import Section
 
+# Where networks run: auto (CUDA when present, else the CPU), cpu or cuda (gmpipe.device resolves it).
+DEVICES = ("auto", "cpu", "cuda")
+
 
 class ComputeConfig(Section):
     """With ``num_processes * num_machines > 1`` a training stage is started through ``accelerate launch``
@@ -24,7 +27,7 @@ class ComputeConfig(Section):
     num_machines: Annotated[int, Field(ge=1, le=1024)] = 1
     main_process_ip: str | None = None
     main_process_port: Annotated[int, Field(ge=1, le=65535)] = 29500
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal[DEVICES] = "auto"
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     threads: Annotated[int, Field(ge=1, le=1024)] | None = None
 

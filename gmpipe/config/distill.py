@@ -2,38 +2,35 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import Field, model_validator
 
+from gmpipe.config.base import ComposedSection, one_of
 from gmpipe.config.loop import LoopConfig
-
-Method = Literal["progressive", "reflow", "consistency", "guidance"]
-
-# The keys that define one method's student (beyond the loop, guidance and time shift keys every student shares).
-METHOD_KEYS = {
-    "progressive": ("progressive_start_steps", "progressive_final_steps"),
-    "reflow": ("reflow_pairs", "reflow_sampler", "reflow_teacher_steps"),
-    "consistency": ("consistency_intervals",),
-    "guidance": (),
-}
+from gmpipe.registry import DETERMINISTIC_SAMPLERS, DISTILL_METHODS
 
 
-class DistillConfig(LoopConfig):
-    """``steps`` is the number of optimizer steps per student (per round for progressive distillation).
+class DistillConfig(ComposedSection):
+    """The loop's keys (``loop``) are written flat beside the distillation's own; ``steps`` is the number of
+    optimizer steps per student (per round for progressive distillation). Which keys define which method's students
+    is said by the method (``gmpipe.distill.methods``).
 
     Every student is a plain conditional copy of the teacher's architecture, initialised from the teacher (or,
     for progressive rounds after the first, from the previous student), distilled from the teacher guided at the
     fixed weight ``guidance``: one network evaluation per sampling step instead of two.
     """
 
-    methods: Annotated[list[Method], Field(min_length=1)] = ["progressive", "reflow"]
+    flat_parts = ("loop",)
+
+    loop: LoopConfig = LoopConfig()
+    methods: Annotated[list[one_of(DISTILL_METHODS)], Field(min_length=1)] = ["progressive", "reflow"]
     guidance: Annotated[float, Field(ge=0.0, le=50.0)] = 1.0
     time_shift: Annotated[float, Field(gt=0.0)] = 1.0
     progressive_start_steps: Annotated[int, Field(ge=1, le=1024)] = 16
     progressive_final_steps: Annotated[int, Field(ge=1, le=1024)] = 1
     reflow_pairs: Annotated[int, Field(ge=1)] = 20000
-    reflow_sampler: Literal["euler", "heun", "ddim"] = "heun"
+    reflow_sampler: one_of(DETERMINISTIC_SAMPLERS) = "heun"
     reflow_teacher_steps: Annotated[int, Field(ge=1, le=1000)] = 16
     consistency_intervals: Annotated[int, Field(ge=2, le=1000)] = 16
     consistency_steps: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1)] = [1, 2, 4]

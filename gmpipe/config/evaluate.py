@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import Field
 
-from gmpipe.config.base import Section, Seed
+from gmpipe.config.base import Section, Seed, one_of
+from gmpipe.registry import SAMPLERS
 
 Steps = Annotated[int, Field(ge=1, le=1000)]
 
@@ -25,7 +26,7 @@ class EvaluateConfig(Section):
     sweep_samples: Annotated[int, Field(ge=10)] = 500
     feature_image_size: Annotated[int, Field(ge=32, le=512)] = 64
     batch_size: Annotated[int, Field(ge=1)] = 250
-    sweep_samplers: list[Literal["euler", "heun", "ddim", "ddpm"]] = ["euler", "heun", "ddim", "ddpm"]
+    sweep_samplers: list[one_of(SAMPLERS)] = ["euler", "heun", "ddim", "ddpm"]
     sweep_steps: list[Steps] = [1, 2, 4, 8, 16, 32, 50]
     guidance_sweep: list[Annotated[float, Field(ge=0.0, le=50.0)]] = [0.0, 0.5, 1.0, 2.0, 3.0, 5.0]
     student_steps: list[Steps] = [1, 2, 4]

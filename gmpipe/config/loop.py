@@ -1,4 +1,5 @@
-"""Settings of the one training loop, shared by every training section (``train_vae``, ``train_ldm``, ``distill``)."""
+"""Settings of the one training loop: the part of every training section (``train_vae``, ``train_ldm``, ``distill``)
+that reaches the loop and its checkpoints."""
 
 from __future__ import annotations
 
@@ -6,9 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from gmpipe.config.base import Section, Seed
-
-PositiveInt = Annotated[int, Field(ge=1)]
+from gmpipe.config.base import PositiveInt, Section, Seed
 
 # Keys that say how long, how often or how a run is computed, not what it computes: a checkpoint written under
 # other values of these is still this run's, so raising ``steps`` continues it (gmpipe.fingerprint).
@@ -17,7 +16,7 @@ RESUMABLE_KEYS = ("steps", "checkpoint_every", "keep_checkpoints", "log_every", 
 
 
 class LoopConfig(Section):
-    """Optimisation, precision, EMA, checkpointing and logging; a training section adds its model and loss keys.
+    """Optimisation, EMA, checkpointing and logging; a training section composes it with its model and loss keys.
 
     ``batch_size`` is the global batch of one optimizer step (split over processes and ``grad_accum`` micro-batches).
     """

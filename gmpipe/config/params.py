@@ -71,8 +71,15 @@ def _wrong_kind(error: dict[str, Any]) -> bool:
     return error["type"] in _WRONG_KIND
 
 
+def _flat_location(loc: tuple) -> tuple:
+    """``("train_ldm", "loop", "lr")`` -> ``("train_ldm", "lr")``: a composed section's parts are written flat."""
+    field = Params.model_fields.get(loc[0]) if loc else None
+    parts = getattr(field.annotation, "flat_parts", ()) if field is not None else ()
+    return loc[:1] + loc[2:] if len(loc) > 1 and loc[1] in parts else loc
+
+
 def _describe(error: dict[str, Any]) -> str:
-    loc = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    loc = ".".join(str(part) for part in _flat_location(tuple(error["loc"]))) or "(top level)"
     rule = _RULES.get(error["type"])
     message = rule(error.get("ctx", {})) if rule else error["msg"].removeprefix("Value error, ")
     if error["type"] not in ("missing", "extra_forbidden") and "(got" not in message:

@@ -1,4 +1,4 @@
-"""``train_vae:`` the KL autoencoder, its losses and the patch discriminator (plus the shared loop keys)."""
+"""``train_vae:`` the KL autoencoder, its losses and the patch discriminator, and the loop that trains them."""
 
 from __future__ import annotations
 
@@ -6,14 +6,21 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
+from gmpipe.config.base import ComposedSection
 from gmpipe.config.loop import LoopConfig
 
 Width = Annotated[int, Field(ge=1, le=4096)]
 
 
-class TrainVAEConfig(LoopConfig):
-    """Architecture: ``block_out_channels`` has one width per resolution level; the downsampling factor is
+class TrainVAEConfig(ComposedSection):
+    """The loop's keys (``loop``) are written flat beside the autoencoder's own.
+
+    Architecture: ``block_out_channels`` has one width per resolution level; the downsampling factor is
     2 ** (levels - 1), so 32 px images with three levels give 8x8 latents of ``latent_channels``."""
+
+    flat_parts = ("loop",)
+
+    loop: LoopConfig = LoopConfig()
 
     block_out_channels: Annotated[list[Width], Field(min_length=1, max_length=6)] = [32, 64, 64]
     latent_channels: Annotated[int, Field(ge=1, le=64)] = 4

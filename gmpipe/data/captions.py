@@ -21,6 +21,15 @@ MAX_LINE_BYTES = 2**20
 MAX_FILE_BYTES = 256 * 2**20
 
 
+# The caption an image of a class stands for when it has none (and the prompt evaluation asks a text model for).
+CLASS_CAPTION = "a photo of a {}"
+
+
+def caption_for_class(class_name: str) -> str:
+    """``a photo of a <class name in lower case>``."""
+    return CLASS_CAPTION.format(class_name.lower())
+
+
 class CaptionError(ValueError):
     """A caption that cannot be used; the message says why."""
 

@@ -7,6 +7,7 @@ Layout of ``data/latents/``::
                                   noise is not frozen); labels (N,) int64; caption_index (N,) int64
     texts.safetensors             states (U, L, D) float16 and mask (U, L) uint8 of the U distinct captions
     captions.json                 the U distinct captions, in index order
+    text_encoder.json             the text encoder that embedded them and its max length
     stats.json                    per-channel shift and scale: the denoiser sees (z - shift) * scale
 
 Every stage that touches latents reads the scale and shift from ``stats.json`` (copied next to each trained
@@ -16,15 +17,18 @@ denoiser); there is no magic constant.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.torch import save_file
 
 from gmpipe.artifacts import ArtifactError, read_json, read_safetensors
+from gmpipe.batching import to_device
+from gmpipe.device import transfer
 
 STATS = "stats.json"
 TEXTS = "texts.safetensors"
@@ -105,6 +109,19 @@ class LatentSplit:
         return mean + std * torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
 
 
+def make_batch_fn(split: LatentSplit, stats: LatentStats,
+                  conditions: Callable[[torch.Tensor], Any]) -> Callable[[torch.Tensor, torch.device | str], tuple]:
+    """index (B,) -> (normalized posterior sample (B, c, h, w), the items' condition batch) on a device: the batch
+    of latent diffusion training. z is drawn fresh every time; ``conditions`` is the conditioning's
+    ``training_conditions`` (index -> cond)."""
+
+    def make_batch(index: torch.Tensor, device: torch.device | str) -> tuple:
+        latents = transfer(stats.normalize(split.sample(index)), device)
+        return latents, to_device(conditions(index), device, move=transfer)
+
+    return make_batch
+
+
 def save_split(directory: Path, name: str, split: LatentSplit) -> None:
     save_file({"mean": split.mean.contiguous(), "std": split.std.contiguous(), "labels": split.labels.contiguous(),
                "caption_index": split.caption_index.contiguous()}, directory / f"{name}.safetensors")
@@ -120,9 +137,13 @@ def load_split(directory: str | Path, name: str) -> LatentSplit:
     return LatentSplit(mean, std, labels, index)
 
 
-def save_texts(directory: Path, captions: list[str], states: torch.Tensor, mask: torch.Tensor) -> None:
+def save_texts(directory: Path, captions: list[str], states: torch.Tensor, mask: torch.Tensor, text_encoder: str,
+               max_length: int) -> None:
+    """The caption embeddings, the captions in index order, and which encoder made them (``text_encoder.json``)."""
     save_file({"states": states.half().contiguous(), "mask": mask.to(torch.uint8).contiguous()}, directory / TEXTS)
     (directory / CAPTIONS).write_text(json.dumps(captions, indent=0))
+    encoder = {"text_encoder": text_encoder, "max_length": max_length}
+    (directory / TEXT_ENCODER).write_text(json.dumps(encoder, indent=2))
 
 
 def load_texts(directory: str | Path) -> tuple[list[str], torch.Tensor, torch.Tensor]:

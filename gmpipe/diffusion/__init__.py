@@ -16,12 +16,16 @@ Modules, one concept each:
     time_density  p(t): how training times are drawn, plus the resolution shift
     objective     Objective = schedule x target x time density x weighting; the 2x2 conversions and the loss
     samplers      Euler, Heun, DDIM, DDPM-ancestral and reverse-SDE samplers returning (samples, NFE)
+    consistency   the consistency function and its multistep sampler (Song et al. 2023)
     score         the score -z_hat / b, the forward SDE (f, g^2) of a path and the reverse-SDE drift
                   (import score() from gmpipe.diffusion.score: re-exported here it would hide the module)
     likelihood    log p_0(x) under the probability-flow ODE (Hutchinson or exact trace), bits per dimension
     guidance      classifier-free guidance and condition dropout
     times         per-sample time broadcasting and the sampling time grid
-    noise         reproducible random draws with an optional torch.Generator
+    noise         reproducible random draws with an optional generator (one stream, or one per sample)
+
+Schedules, targets, time densities, weightings and samplers are registered by name in gmpipe.registry (re-exported
+here as SCHEDULES, TARGETS, TIME_DENSITIES, WEIGHTINGS and SAMPLERS).
 """
 
 from gmpipe.diffusion.guidance import (
@@ -33,17 +37,13 @@ from gmpipe.diffusion.guidance import (
 )
 from gmpipe.diffusion.likelihood import ODELikelihood, bits_per_dim, normalization_log_det, ode_log_likelihood
 from gmpipe.diffusion.objective import Objective, solve_data_and_noise
-from gmpipe.diffusion.samplers import SAMPLERS, get_sampler
-from gmpipe.diffusion.schedules import SCHEDULES, Schedule, get_schedule
+from gmpipe.diffusion.samplers import get_sampler
+from gmpipe.diffusion.schedules import Schedule, get_schedule
 from gmpipe.diffusion.score import diffusion_squared, drift_coefficient, reverse_sde_drift
-from gmpipe.diffusion.targets import TARGETS, Target, get_target
-from gmpipe.diffusion.time_density import (
-    TIME_DENSITIES,
-    TimeDensity,
-    get_time_density,
-    resolution_shift,
-)
-from gmpipe.diffusion.weightings import WEIGHTINGS, Weighting, get_weighting
+from gmpipe.diffusion.targets import Target, get_target
+from gmpipe.diffusion.time_density import TimeDensity, get_time_density, resolution_shift
+from gmpipe.diffusion.weightings import Weighting, get_weighting
+from gmpipe.registry import SAMPLERS, SCHEDULES, TARGETS, TIME_DENSITIES, WEIGHTINGS
 
 __all__ = [
     "SAMPLERS",

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gmpipe.batching import concat_rows
 from gmpipe.diffusion.noise import standard_uniform
 
 DenoiserFn = Callable[[Tensor, Tensor, Any], Tensor]  # denoiser_fn(x_t (B, ...), t (B,), cond) -> (B, ...)
@@ -25,17 +26,6 @@ def guided_prediction(pred_cond: Tensor, pred_uncond: Tensor, w: float) -> Tenso
     """Ho & Salimans 2022, eq. 6: (1 + w) pred_cond - w pred_uncond. Valid for any target that is linear
     in (x, z) with the same coefficients for both predictions, so for every target here."""
     return (1 + w) * pred_cond - w * pred_uncond
-
-
-def _concat_batch(first: Any, second: Any) -> Any:
-    """Concatenate two conditions along the batch: tensors, or tuples/lists/dicts of tensors."""
-    if isinstance(first, Tensor):
-        return torch.cat([first, second.expand_as(first) if second.shape[0] == 1 else second])
-    if isinstance(first, dict):
-        return {key: _concat_batch(first[key], second[key]) for key in first}
-    if isinstance(first, (tuple, list)):
-        return type(first)(_concat_batch(f, s) for f, s in zip(first, second, strict=True))
-    raise TypeError(f"conditions must be tensors or tuples/lists/dicts of tensors, got {type(first)}")
 
 
 class GuidedModelFn:
@@ -53,7 +43,7 @@ class GuidedModelFn:
         self.nfe_per_call = 1 if w == 0 else 2
         self.calls = 0
         # built once: the conditions do not change between sampler steps
-        self._both_conds = None if w == 0 else _concat_batch(cond, null_cond)
+        self._both_conds = None if w == 0 else concat_rows(cond, null_cond)
 
     def __call__(self, x_t: Tensor, t: Tensor) -> Tensor:
         self.calls += 1

@@ -19,11 +19,12 @@ import torch
 from torch import Tensor
 
 from gmpipe.diffusion.noise import standard_normal
-from gmpipe.diffusion.schedules import SCHEDULES, Schedule
-from gmpipe.diffusion.targets import MIN_DETERMINANT, TARGETS, Target, Velocity, guard_determinant
+from gmpipe.diffusion.schedules import Schedule
+from gmpipe.diffusion.targets import MIN_DETERMINANT, Target, Velocity, guard_determinant
 from gmpipe.diffusion.time_density import TimeDensity, UniformTime, get_time_density
 from gmpipe.diffusion.times import as_time, expand_like
-from gmpipe.diffusion.weightings import WEIGHTINGS, UniformWeighting, Weighting
+from gmpipe.diffusion.weightings import UniformWeighting, Weighting
+from gmpipe.registry import SCHEDULES, TARGETS, WEIGHTINGS
 
 ModelFn = Callable[..., Tensor]  # model_fn(x_t (B, ...), t (B,), **conditioning) -> prediction (B, ...)
 

@@ -25,6 +25,7 @@ from gmpipe.diffusion.objective import Objective
 from gmpipe.diffusion.score import diffusion_squared, drift_coefficient, reverse_sde_drift
 from gmpipe.diffusion.time_density import resolution_shift
 from gmpipe.diffusion.times import as_time, expand_like
+from gmpipe.registry import SAMPLERS
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]
 Sampler = Callable[..., tuple[Tensor, int]]
@@ -262,11 +263,7 @@ def sde(
     return _integrate(model_fn, noise, num_steps, shift, step)
 
 
-SAMPLERS: dict[str, Sampler] = {"euler": euler, "heun": heun, "ddim": ddim, "ddpm": ddpm, "sde": sde}
-
-
 def get_sampler(name: str) -> Sampler:
-    """The sampler registered as `name` ("euler", "heun", "ddim", "ddpm", "sde")."""
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
-    return SAMPLERS[name]
+    """The sampler registered as `name` in ``gmpipe.registry.SAMPLERS`` (these four, and the multistep
+    consistency sampler of ``gmpipe.diffusion.consistency``)."""
+    return SAMPLERS.lookup(name)

@@ -16,22 +16,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from gmpipe.diffusion.registry import Registry, config_of
+from gmpipe.registry import SCHEDULES
 
 MIN_NOISE_SCALE = 1e-6  # smallest b used as a divisor (b'(t) of VP schedules, a/b in SNR-type ratios)
-
-SCHEDULES: Registry[Schedule] = Registry("schedule")
 
 
 class Schedule:
     """Base class: the coefficients of x_t = a(t) x + b(t) z and their time derivatives."""
 
-    name: ClassVar[str]
+    @property
+    def name(self) -> str:
+        """The name this schedule is registered under (``gmpipe.registry.SCHEDULES``)."""
+        return SCHEDULES.name_of(self)
 
     def a(self, t: Tensor) -> Tensor:
         """Signal scale a(t)."""
@@ -55,10 +55,9 @@ class Schedule:
 
     def to_config(self) -> dict:
         """{"name": ..., **parameters}; `get_schedule(**config)` rebuilds the schedule."""
-        return config_of(self)
+        return SCHEDULES.config_of(self)
 
 
-@SCHEDULES.register("rectified_flow")
 @dataclass(frozen=True)
 class RectifiedFlow(Schedule):
     """Rectified flow / flow matching with the linear path (Liu et al. 2022; Lipman et al. 2023):
@@ -77,7 +76,6 @@ class RectifiedFlow(Schedule):
         return torch.ones_like(t)
 
 
-@SCHEDULES.register("vp_linear")
 @dataclass(frozen=True)
 class VPLinear(Schedule):
     """DDPM variance-preserving schedule with linear beta, in continuous time (Ho et al. 2020;
@@ -111,7 +109,6 @@ class VPLinear(Schedule):
         return -self.a(t) * self.da(t) / self.b(t).clamp_min(MIN_NOISE_SCALE)
 
 
-@SCHEDULES.register("vp_cosine")
 @dataclass(frozen=True)
 class VPCosine(Schedule):
     """Variance-preserving cosine schedule (Nichol & Dhariwal 2021, eq. 17):
@@ -160,7 +157,6 @@ class VPCosine(Schedule):
         return -self.a(t) * self.da(t) / self.b(t).clamp_min(MIN_NOISE_SCALE)
 
 
-@SCHEDULES.register("trigonometric")
 @dataclass(frozen=True)
 class Trigonometric(Schedule):
     """Trigonometric path a(t) = cos(pi t / 2), b(t) = sin(pi t / 2) (variance preserving, reaches pure

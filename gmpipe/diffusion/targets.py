@@ -7,31 +7,30 @@ any prediction into any other (objective.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from gmpipe.diffusion.registry import Registry, config_of
 from gmpipe.diffusion.schedules import Schedule
-
-TARGETS: Registry[Target] = Registry("target")
+from gmpipe.registry import TARGETS
 
 
 class Target:
     """Base class: the coefficients (c(t), d(t)) of the target y = c x + d z."""
 
-    name: ClassVar[str]
+    @property
+    def name(self) -> str:
+        """The name this target is registered under (``gmpipe.registry.TARGETS``)."""
+        return TARGETS.name_of(self)
 
     def coefficients(self, schedule: Schedule, t: Tensor) -> tuple[Tensor, Tensor]:
         """(c(t), d(t)), each shaped like t."""
         raise NotImplementedError
 
     def to_config(self) -> dict:
-        return config_of(self)
+        return TARGETS.config_of(self)
 
 
-@TARGETS.register("epsilon")
 @dataclass(frozen=True)
 class Epsilon(Target):
     """Noise prediction (Ho et al. 2020): y = z, (c, d) = (0, 1)."""
@@ -40,7 +39,6 @@ class Epsilon(Target):
         return torch.zeros_like(t), torch.ones_like(t)
 
 
-@TARGETS.register("data")
 @dataclass(frozen=True)
 class Data(Target):
     """Data (x0) prediction: y = x, (c, d) = (1, 0)."""
@@ -49,7 +47,6 @@ class Data(Target):
         return torch.ones_like(t), torch.zeros_like(t)
 
 
-@TARGETS.register("velocity")
 @dataclass(frozen=True)
 class Velocity(Target):
     """Flow-matching velocity, the time derivative of the path (Lipman et al. 2023):
@@ -59,7 +56,6 @@ class Velocity(Target):
         return schedule.da(t), schedule.db(t)
 
 
-@TARGETS.register("v_prediction")
 @dataclass(frozen=True)
 class VPrediction(Target):
     """v-prediction (Salimans & Ho 2022, defined there for VP paths): y = a z - b x, (c, d) = (-b, a).

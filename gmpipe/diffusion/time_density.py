@@ -8,15 +8,13 @@ builds when given shift != 1.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from gmpipe.diffusion.noise import standard_normal, standard_uniform
-from gmpipe.diffusion.registry import Registry, config_of
-
-TIME_DENSITIES: Registry[TimeDensity] = Registry("time density")
+from gmpipe.registry import TIME_DENSITIES
 
 
 def resolution_shift(t: Tensor, shift: float) -> Tensor:
@@ -47,7 +45,10 @@ def sample_logit_normal(
 class TimeDensity:
     """Base class: a distribution over t in [0, 1]."""
 
-    name: ClassVar[str]
+    @property
+    def name(self) -> str:
+        """The name this time density is registered under (``gmpipe.registry.TIME_DENSITIES``)."""
+        return TIME_DENSITIES.name_of(self)
 
     def sample(
         self,
@@ -61,10 +62,9 @@ class TimeDensity:
         raise NotImplementedError
 
     def to_config(self) -> dict[str, Any]:
-        return config_of(self)
+        return TIME_DENSITIES.config_of(self)
 
 
-@TIME_DENSITIES.register("uniform")
 @dataclass(frozen=True)
 class UniformTime(TimeDensity):
     """t ~ U[0, 1)."""
@@ -73,7 +73,6 @@ class UniformTime(TimeDensity):
         return standard_uniform((batch_size,), generator=generator, device=device, dtype=dtype)
 
 
-@TIME_DENSITIES.register("logit_normal")
 @dataclass(frozen=True)
 class LogitNormalTime(TimeDensity):
     """t = sigmoid(mean + std n), n ~ N(0, 1); mean 0, std 1 is SD3's default."""
@@ -99,6 +98,10 @@ class ShiftedTime(TimeDensity):
     def sample(self, batch_size, *, generator=None, device=None, dtype=torch.float32) -> Tensor:
         t = self.base.sample(batch_size, generator=generator, device=device, dtype=dtype)
         return resolution_shift(t, self.shift)
+
+    @property
+    def name(self) -> str:
+        return self.base.name
 
     def to_config(self) -> dict[str, Any]:
         """The base density's config with a "shift" key."""

@@ -9,32 +9,31 @@ w_y = w_x b^2 / det^2 on the target-space MSE.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from gmpipe.diffusion.registry import Registry, config_of
 from gmpipe.diffusion.schedules import Schedule
 from gmpipe.diffusion.targets import MIN_DETERMINANT, Target, determinant
-
-WEIGHTINGS: Registry[Weighting] = Registry("weighting")
+from gmpipe.registry import WEIGHTINGS
 
 
 class Weighting:
     """Base class: w(t) >= 0 multiplying the per-sample target-space MSE."""
 
-    name: ClassVar[str]
+    @property
+    def name(self) -> str:
+        """The name this weighting is registered under (``gmpipe.registry.WEIGHTINGS``)."""
+        return WEIGHTINGS.name_of(self)
 
     def weight(self, schedule: Schedule, target: Target, t: Tensor) -> Tensor:
         """w(t), shaped like t."""
         raise NotImplementedError
 
     def to_config(self) -> dict:
-        return config_of(self)
+        return WEIGHTINGS.config_of(self)
 
 
-@WEIGHTINGS.register("uniform")
 @dataclass(frozen=True)
 class UniformWeighting(Weighting):
     """w(t) = 1: plain MSE on the target."""
@@ -43,7 +42,6 @@ class UniformWeighting(Weighting):
         return torch.ones_like(t)
 
 
-@WEIGHTINGS.register("min_snr")
 @dataclass(frozen=True)
 class MinSNRWeighting(Weighting):
     """Min-SNR-gamma (Hang et al. 2023): weight the implied data-space error by min(SNR(t), gamma).

@@ -1,18 +1,11 @@
 """Consistency distillation (Song et al. 2023, "Consistency Models", Algorithm 2) in the latent-consistency
-form of Luo et al. 2023 (LCM, Algorithm 1): the (guided) teacher's DDIM step is the ODE solver, and the
-student's consistency function f(x_t, t) maps every point of a teacher ODE trajectory to its end at t = 0.
+form of Luo et al. 2023 (LCM, Algorithm 1): the (guided) teacher's DDIM step is the ODE solver, and the student's
+consistency function f(x_t, t) (``gmpipe.diffusion.consistency``) maps every point of a teacher ODE trajectory to
+its end at t = 0. LCM's skipping step k is the coarseness of the training grid: `num_intervals` steps of
+`time_grid(num_intervals, shift)`.
 
-The student is a plain model in the objective's parameterization; the consistency function is built from
-its data estimate x_hat (the 2x2 conversion of `Objective`) with the skip/out scalings that enforce the
-boundary condition f(x, 0) = x (`boundary_scalings`, `consistency_function`). LCM's skipping step k is the
-coarseness of the training grid: `num_intervals` steps of `time_grid(num_intervals, shift)`.
-
-Sampling: `consistency_sample` (Song et al. 2023, Algorithm 1). One step is f(noise, 1); more steps re-noise
-the estimate with fresh noise at the next grid time and apply f again. Use a sampling grid whose times are
-on the training grid (num_intervals a multiple of the step count, same shift). With the default scalings
-c_skip(t) is about 2.5e-9 / t^2, so a 1-step consistency sample f(noise, 1) is the 1-step DDIM sample to
-float32 precision; multistep sampling is not DDIM (it re-noises with fresh noise) and is not a
-`gmpipe.diffusion` sampler: a stage that saves a consistency student must say it is sampled this way.
+The student keeps the teacher's objective and is sampled with the "consistency" sampler
+(``gmpipe.diffusion.consistency.consistency_sample``, Song et al. 2023, Algorithm 1).
 
 Shapes: x, x_t, predictions (B, ...); times (B,). Time convention: t = 0 data, t = 1 noise.
 """
@@ -24,44 +17,13 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from gmpipe.diffusion.consistency import SIGMA_DATA, TIME_SCALE, consistency_function
 from gmpipe.diffusion.noise import standard_normal, standard_uniform
 from gmpipe.diffusion.objective import Objective
 from gmpipe.diffusion.samplers import ddim_step, time_grid
-from gmpipe.diffusion.times import as_time, expand_like
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]  # model_fn(x_t (B, ...), t (B,)) -> prediction (B, ...)
 
-SIGMA_DATA = 0.5  # LCM's sigma_data
-TIME_SCALE = 10_000.0  # LCM scales its integer timesteps (0..999) by 10: t in [0, 1] times 1000 times 10
-
-
-def boundary_scalings(
-    t: Tensor, sigma_data: float = SIGMA_DATA, time_scale: float = TIME_SCALE
-) -> tuple[Tensor, Tensor]:
-    """(c_skip(t), c_out(t)), each (B,): c_skip = sigma_data^2 / (tau^2 + sigma_data^2),
-    c_out = tau / sqrt(tau^2 + sigma_data^2), tau = time_scale * t (the form of Song et al. 2023 with
-    LCM's time scaling). c_skip(0) = 1 and c_out(0) = 0, so f(x, 0) = x exactly."""
-    tau = time_scale * t
-    denominator = tau.square() + sigma_data**2
-    return sigma_data**2 / denominator, tau / denominator.sqrt()
-
-
-def consistency_function(
-    model_fn: ModelFn,
-    objective: Objective,
-    x_t: Tensor,
-    t: Tensor,
-    *,
-    sigma_data: float = SIGMA_DATA,
-    time_scale: float = TIME_SCALE,
-) -> Tensor:
-    """f(x_t, t) = c_skip(t) x_t + c_out(t) x_hat(x_t, t), with x_hat the data estimate of model_fn's
-    prediction (Song et al. 2023, sec. 3, with the network's output read as a data estimate, as in LCM).
-    x_t: (B, ...); t: (B,). Returns (B, ...)."""
-    t = as_time(t, x_t)
-    x_hat, _ = objective.to_data_and_noise(model_fn(x_t, t), x_t, t)
-    c_skip, c_out = boundary_scalings(t, sigma_data, time_scale)
-    return expand_like(c_skip, x_t) * x_t + expand_like(c_out, x_t) * x_hat
 
 
 def pseudo_huber(squared_error: Tensor, c: float) -> Tensor:
@@ -110,28 +72,3 @@ def consistency_distillation_loss(
     prediction = consistency_function(student_fn, objective, x_high, t_high, **scalings)
     squared_error = (prediction - target).square().flatten(1).mean(1)
     return squared_error if huber_c is None else pseudo_huber(squared_error, huber_c)
-
-
-@torch.no_grad()
-def consistency_sample(
-    model_fn: ModelFn,
-    objective: Objective,
-    noise: Tensor,
-    num_steps: int,
-    *,
-    shift: float = 1.0,
-    generator: torch.Generator | None = None,
-    sigma_data: float = SIGMA_DATA,
-    time_scale: float = TIME_SCALE,
-) -> tuple[Tensor, int]:
-    """Multistep consistency sampling, Song et al. 2023, Algorithm 1: x = f(noise, 1); then for each later
-    time tau > 0 of `time_grid(num_steps, shift)`: x = f(a(tau) x + b(tau) eps, tau), eps fresh from
-    `generator`. Same signature and (samples, NFE) result as the gmpipe.diffusion samplers."""
-    times = time_grid(num_steps, shift=shift, device=noise.device, dtype=noise.dtype)
-    scalings = {"sigma_data": sigma_data, "time_scale": time_scale}
-    x = consistency_function(model_fn, objective, noise, as_time(times[0], noise), **scalings)
-    for tau in times[1:-1]:
-        eps = standard_normal(tuple(noise.shape), generator=generator, device=noise.device, dtype=noise.dtype)
-        x_tau = objective.interpolate(x, eps, tau)
-        x = consistency_function(model_fn, objective, x_tau, as_time(tau, noise), **scalings)
-    return x, num_steps * getattr(model_fn, "nfe_per_call", 1)

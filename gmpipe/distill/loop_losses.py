@@ -14,10 +14,7 @@ global torch RNG, which the loop seeds.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
-from torch import Tensor, nn
+from torch import Tensor
 
 from gmpipe.diffusion.guidance import DenoiserFn
 from gmpipe.diffusion.objective import Objective
@@ -27,9 +24,7 @@ from gmpipe.distill.guidance_distillation import guidance_distillation_loss
 from gmpipe.distill.progressive import progressive_distillation_loss
 from gmpipe.distill.reflow import reflow_loss
 from gmpipe.distill.teacher import NullCondition, guided_teacher_fn
-
-# the shared loop's LossFn: loss(batch, step, context, modules) -> (loss, {term: detached scalar})
-LossFn = Callable[[Any, int, dict, dict[str, nn.Module]], tuple[Tensor, dict[str, Tensor]]]
+from gmpipe.train.step import LossFn
 
 
 def _reported(per_sample: Tensor) -> tuple[Tensor, dict[str, Tensor]]:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gmpipe.device import conditions_to_device
+from gmpipe.batching import take_rows, to_device
 from gmpipe.diffusion.guidance import DenoiserFn
 from gmpipe.diffusion.objective import Objective
 from gmpipe.diffusion.samplers import get_sampler
@@ -74,19 +74,6 @@ class Couplings:
         return self.noise[index], self.data[index], take_rows(self.cond, index)
 
 
-def take_rows(cond: Any, index: Tensor | slice) -> Any:
-    """cond[index] for a tensor or a tuple/list/dict of tensors (batch first); None stays None."""
-    if cond is None:
-        return None
-    if isinstance(cond, Tensor):
-        return cond[index]
-    if isinstance(cond, dict):
-        return {key: take_rows(value, index) for key, value in cond.items()}
-    if isinstance(cond, (tuple, list)):
-        return type(cond)(take_rows(value, index) for value in cond)
-    raise TypeError(f"conditions must be tensors or tuples/lists/dicts of tensors, got {type(cond)}")
-
-
 @torch.no_grad()
 def make_couplings(
     sample_fn: SampleFn,
@@ -110,7 +97,7 @@ def make_couplings(
     for start in range(0, num_pairs, batch_size):
         rows = slice(start, min(start + batch_size, num_pairs))
         z = noise[rows].to(device) if device is not None else noise[rows]
-        samples.append(sample_fn(z, conditions_to_device(take_rows(cond, rows), device)).to("cpu", dtype))
+        samples.append(sample_fn(z, to_device(take_rows(cond, rows), device)).to("cpu", dtype))
     return Couplings(noise=noise, data=torch.cat(samples), cond=cond, seed=seed)
 
 

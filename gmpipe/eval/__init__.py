@@ -1,6 +1,5 @@
-"""Evaluation metrics, one concept per module.
+"""Evaluation metrics, one concept per module (the frozen feature networks they read are in ``gmpipe.nn.features``).
 
-- ``features``: frozen feature networks (EfficientNet-Lite0 by default; a user's network + local weights for FID)
 - ``frechet``: Frechet distance between Gaussian fits of two feature sets (FID when the features are Inception's)
 - ``kid``: kernel distance, unbiased MMD^2 with a cubic polynomial kernel
 - ``precision_recall``: improved precision and recall from k-NN balls

@@ -11,12 +11,8 @@ import torch
 
 from gmpipe.eval.frechet import frechet_distance_from_features
 from gmpipe.eval.reconstruction import psnr_per_image, ssim_per_image
+from gmpipe.pixels import uint8_to_signed
 from gmpipe.vae.elbo import kl_divergence
-
-
-def to_unit_range(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 (N, C, H, W) -> float32 in [-1, 1]."""
-    return torch.as_tensor(images).float().div(127.5).sub(1.0)
 
 
 @torch.no_grad()
@@ -36,8 +32,8 @@ def autoencoder_metrics(vae, test_images: np.ndarray, train_images: np.ndarray, 
     """Metrics on ``n`` test images (uint8 (N, C, H, W)); the floor uses ``n`` train images against them."""
     rng = np.random.default_rng(seed)
     n = min(n, len(test_images), len(train_images))
-    test = to_unit_range(test_images[rng.choice(len(test_images), n, replace=False)])
-    train = to_unit_range(train_images[rng.choice(len(train_images), n, replace=False)])
+    test = uint8_to_signed(test_images[rng.choice(len(test_images), n, replace=False)])
+    train = uint8_to_signed(train_images[rng.choice(len(train_images), n, replace=False)])
     reconstructions, kl = reconstruct(vae, test, batch_size, device)
     f_test = features.extract(test, batch_size=batch_size)
     fd_recon = frechet_distance_from_features(features.extract(reconstructions, batch_size=batch_size), f_test)

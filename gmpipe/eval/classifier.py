@@ -8,18 +8,16 @@ Images follow the gmpipe convention: float tensors in [-1, 1], shape (N, C, H, W
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 from tqdm.auto import tqdm
 
-from gmpipe.artifacts import load_model_folder, read_json, read_safetensors
+from gmpipe.artifacts import atomic_file, load_model_folder, read_json, read_safetensors
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -125,26 +123,15 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
     return (predict(model, images, batch_size) == torch.as_tensor(labels)).double().mean().item()
 
 
-def _write_atomically(path: Path, write) -> None:
-    # Write next to the target and rename, so a failed save never leaves a truncated file behind.
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(handle)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def save_classifier(model: SmallCNN, directory: str | Path) -> None:
     """Write ``config.json`` and ``model.safetensors`` for ``model`` into ``directory`` (created if needed)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
-    _write_atomically(directory / WEIGHTS_FILE, lambda path: save_file(state, path))
-    config_text = json.dumps(asdict(model.config), indent=2) + "\n"
-    _write_atomically(directory / CONFIG_FILE, lambda path: Path(path).write_text(config_text))
+    with atomic_file(directory / WEIGHTS_FILE, "wb") as handle:
+        handle.write(save(state))
+    with atomic_file(directory / CONFIG_FILE) as handle:
+        handle.write(json.dumps(asdict(model.config), indent=2) + "\n")
 
 
 def load_classifier(directory: str | Path) -> SmallCNN:

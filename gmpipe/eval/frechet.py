@@ -4,7 +4,7 @@
 
 the squared Frechet (2-Wasserstein) distance between N(mu_1, Sigma_1) and N(mu_2, Sigma_2) (Dowson & Landau,
 1982), used as FID on Inception-v3 pool3 features by Heusel et al. (2017). gmpipe computes it on
-EfficientNet-Lite0 features by default and reports it as FD-EffNetLite0 (see ``gmpipe.eval.features``).
+EfficientNet-Lite0 features by default and reports it as FD-EffNetLite0 (see ``gmpipe.nn.features``).
 """
 
 from __future__ import annotations

@@ -5,15 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from gmpipe.artifacts import atomic_file
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """Images (N, C, H, W) in [-1, 1] -> uint8 (N, C, H, W), rounded and clipped."""
-    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
 
 
 def tile(images: np.ndarray, columns: int, padding: int = 2, fill: int = 255) -> np.ndarray:

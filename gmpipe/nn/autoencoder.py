@@ -17,9 +17,15 @@ hard-coded constant (such as Stable Diffusion's 0.18215) should be applied on to
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import AutoencoderKL
+from tqdm.auto import tqdm
+
+from gmpipe.artifacts import load_model_folder
+from gmpipe.pixels import uint8_to_signed
 
 
 def build_autoencoder(
@@ -119,3 +125,25 @@ def decoder_last_layer(vae: AutoencoderKL) -> torch.nn.Parameter:
     """Weight of the decoder's final conv, (C, block_out_channels[0], 3, 3): where the adaptive GAN weight
     compares the gradients of the reconstruction and adversarial losses."""
     return vae.decoder.conv_out.weight
+
+
+def load_autoencoder(directory: str | Path) -> AutoencoderKL:
+    """The trained autoencoder in ``directory`` (``models/vae``, written by ``train_vae``), on the CPU in eval mode;
+    a missing or damaged folder is one :class:`~gmpipe.artifacts.ArtifactError` naming it."""
+    load = lambda folder: AutoencoderKL.from_pretrained(folder, use_safetensors=True).eval()  # noqa: E731
+    return load_model_folder(load, directory, "train_vae", "trained autoencoder",
+                             ("config.json", "diffusion_pytorch_model.safetensors"))
+
+
+@torch.no_grad()
+def encode_to_latents(vae: AutoencoderKL, images: np.ndarray, batch_size: int, desc: str,
+                      device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images (N, C, H, W) -> posterior mean and std, (N, c, h, w) float32 each on the CPU; the autoencoder
+    runs on ``device`` (where it already is)."""
+    means, stds = [], []
+    for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", mininterval=1.0):
+        x = uint8_to_signed(torch.from_numpy(images[start : start + batch_size]).to(device))
+        posterior = vae.encode(x).latent_dist
+        means.append(posterior.mean.float().cpu())
+        stds.append(posterior.std.float().cpu())
+    return torch.cat(means), torch.cat(stds)

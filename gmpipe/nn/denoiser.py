@@ -4,16 +4,21 @@ x_t is a noisy latent (B, C, h, w), t the per-sample time (B,) in [0, 1] in gmpi
 t = 1 noise, see ``gmpipe.diffusion``), and the prediction has the shape of x_t; what it predicts (velocity,
 epsilon, ...) is the objective's business, not the network's.
 
-Conditioning ``mode``:
-    "class"  ``DiTTransformer2DModel`` (Peebles & Xie 2023: adaLN-Zero blocks fed the sum of a timestep and a
-             class-label embedding). cond is a LongTensor (B,) of labels in 0..num_classes; the extra label
-             ``null_label == num_classes`` is the learned "no class" of classifier-free guidance.
-    "none"   the same DiT with a single class: the label is always 0 and cond is ignored. This keeps one
-             architecture (and one checkpoint format) for the conditional and unconditional models.
-    "text"   ``PixArtTransformer2DModel`` (Chen et al. 2023: adaLN-single timestep modulation, cross-attention
-             on projected caption token states). cond is a tuple (states (B, L, text_dim), mask (B, L)) with
-             mask 1/True on real tokens. The unconditional caption is one learned token, ``null_text_embedding``
-             (text_dim,), at position 0 with zero states and mask 0 everywhere else.
+One subclass per kind of condition the network reads (its ``mode``, written in ``denoiser.json``):
+    LabelDenoiser          "class": ``DiTTransformer2DModel`` (Peebles & Xie 2023: adaLN-Zero blocks fed the sum
+                           of a timestep and a class-label embedding). cond is a LongTensor (B,) of labels in
+                           0..num_classes; the extra label ``null_label == num_classes`` is the learned "no class"
+                           of classifier-free guidance.
+    UnconditionalDenoiser  "none": the same DiT with a single class: the label is always 0 and cond is ignored. This
+                           keeps one architecture (and one checkpoint format) for the conditional and
+                           unconditional models.
+    CaptionDenoiser        "text": ``PixArtTransformer2DModel`` (Chen et al. 2023: adaLN-single timestep modulation,
+                           cross-attention on projected caption token states). cond is a tuple (states (B, L,
+                           text_dim), mask (B, L)) with mask 1/True on real tokens. The unconditional caption is
+                           one learned token, ``null_text_embedding`` (text_dim,), at position 0 with zero states
+                           and mask 0 everywhere else.
+Each knows its null condition and its condition dropout; which one a model uses is chosen by its conditioning
+(``gmpipe.conditioning``), never by a string test.
 
 Condition dropout (for classifier-free guidance) happens in the training step through ``drop_condition``,
 never inside the network: diffusers' DiT label embedding would otherwise drop labels on its own in training
@@ -32,9 +37,9 @@ layers: a fresh denoiser's output already depends on x_t, t and the condition.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel
@@ -42,57 +47,20 @@ from diffusers.models.embeddings import LabelEmbedding
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from gmpipe.artifacts import load_model_folder, read_json, read_safetensors
+from gmpipe.artifacts import ArtifactError, load_model_folder, read_json, read_safetensors
 from gmpipe.diffusion.guidance import drop_conditions, drop_text_conditions
 from gmpipe.diffusion.times import as_time
+from gmpipe.nn.presets import DENOISER_PRESETS, DenoiserPreset, get_denoiser_preset
 
-MODES = ("none", "class", "text")
+__all__ = ["DENOISER_PRESETS", "CaptionDenoiser", "Denoiser", "DenoiserPreset", "LabelDenoiser",
+           "UnconditionalDenoiser", "get_denoiser_preset"]
+
 DIFFUSERS_TIMESTEPS = 1000  # t in [0, 1] -> diffusers timestep t * 1000 (see the module docstring)
 
 MODEL_FOLDER = "model"
 CONFIG_FILE = "denoiser.json"
 NULL_TEXT_FILE = "null_text.safetensors"
 NULL_TEXT_KEY = "null_text_embedding"
-
-
-@dataclass(frozen=True)
-class DenoiserPreset:
-    """Transformer sizes: token width, number of blocks, attention heads (width = heads * head_dim) and the
-    patch size in latent pixels (a h x w latent becomes (h / patch_size) * (w / patch_size) tokens)."""
-
-    width: int
-    depth: int
-    heads: int
-    patch_size: int
-
-    def __post_init__(self) -> None:
-        if min(self.width, self.depth, self.heads, self.patch_size) < 1:
-            raise ValueError(f"denoiser sizes must be positive, got {self}")
-        if self.width % self.heads:
-            raise ValueError(f"width {self.width} is not divisible by heads {self.heads} (width = heads * head_dim)")
-
-    @property
-    def head_dim(self) -> int:
-        return self.width // self.heads
-
-
-DENOISER_PRESETS: dict[str, DenoiserPreset] = {
-    # Tests only: a few tens of thousands of parameters.
-    "tiny": DenoiserPreset(width=32, depth=2, heads=2, patch_size=2),
-    # CPU demos and smoke runs: about 1.4M parameters as a class-conditional DiT on 4x8x8 latents.
-    "small": DenoiserPreset(width=128, depth=4, heads=4, patch_size=2),
-    # GPU runs: DiT-S width and depth (about 35M parameters with class labels).
-    "base": DenoiserPreset(width=384, depth=12, heads=6, patch_size=2),
-}
-
-
-def get_denoiser_preset(preset: str | DenoiserPreset) -> DenoiserPreset:
-    """A preset object, or the one registered under that name in ``DENOISER_PRESETS``."""
-    if isinstance(preset, DenoiserPreset):
-        return preset
-    if preset not in DENOISER_PRESETS:
-        raise KeyError(f"unknown denoiser preset {preset!r}; choose one of {sorted(DENOISER_PRESETS)}")
-    return DENOISER_PRESETS[preset]
 
 
 def build_dit(preset: DenoiserPreset, in_channels: int, sample_size: int, num_classes: int) -> DiTTransformer2DModel:
@@ -143,104 +111,40 @@ def disable_label_dropout(model: nn.Module) -> None:
 class Denoiser(nn.Module):
     """denoiser(x_t (B, C, h, w), t (B,) in [0, 1], cond) -> prediction (B, C, h, w); see the module docstring.
 
-    Attributes: mode, preset, in_channels, sample_size (h = w), text_dim (text mode, else None), transformer
-    (the diffusers model), num_classes (the class count for mode "class", 0 otherwise) and null_label
-    (== num_classes for mode "class", None otherwise). In text mode ``null_text_embedding`` is the learned
-    unconditional caption token (text_dim,).
+    Attributes: mode (the kind of condition, class attribute), preset, in_channels, sample_size (h = w),
+    transformer (the diffusers model), num_classes (the class count of a LabelDenoiser, 0 otherwise), null_label
+    (== num_classes for a LabelDenoiser, None otherwise) and text_dim (a CaptionDenoiser's, else None).
     """
 
-    def __init__(
-        self,
-        mode: str,
-        in_channels: int,
-        sample_size: int,
-        preset: str | DenoiserPreset = "small",
-        num_classes: int = 1,
-        text_dim: int | None = None,
-    ) -> None:
+    mode: ClassVar[str]
+    num_classes: int = 0
+    null_label: int | None = None
+    text_dim: int | None = None
+
+    def __init__(self, in_channels: int, sample_size: int, preset: str | DenoiserPreset = "small") -> None:
         super().__init__()
-        if mode not in MODES:
-            raise ValueError(f"unknown conditioning mode {mode!r}; choose one of {list(MODES)}")
-        self.mode = mode
         self.preset = get_denoiser_preset(preset)
         self.in_channels = in_channels
         self.sample_size = sample_size
         if sample_size % self.preset.patch_size:
             raise ValueError(f"latent size {sample_size} is not divisible by patch size {self.preset.patch_size}")
-        self.num_classes = num_classes if mode == "class" else 0
-        self.null_label = num_classes if mode == "class" else None
-        self.text_dim = text_dim if mode == "text" else None
-        if mode == "class" and num_classes < 1:
-            raise ValueError(f"a class-conditional denoiser needs num_classes >= 1, got {num_classes}")
-        if mode == "text":
-            if text_dim is None or text_dim < 1:
-                raise ValueError(f"a text-conditional denoiser needs text_dim >= 1, got {text_dim}")
-            self.transformer = build_pixart(self.preset, in_channels, sample_size, text_dim)
-            self.null_text_embedding = nn.Parameter(torch.randn(text_dim) * 0.02)
-        else:
-            self.transformer = build_dit(self.preset, in_channels, sample_size, max(self.num_classes, 1))
 
     def forward(self, x_t: Tensor, t: Tensor | float, cond: Any = None) -> Tensor:
         """The prediction (B, C, h, w) for x_t (B, C, h, w) at times t ((B,) or a float) under cond."""
-        timestep = as_time(t, x_t) * DIFFUSERS_TIMESTEPS
-        if self.mode == "text":
-            if cond is None:
-                raise ValueError("a text-conditional denoiser needs cond = (states, mask); use null_condition()")
-            states, mask = cond
-            return self.transformer(
-                x_t,
-                encoder_hidden_states=states.to(x_t.dtype),
-                timestep=timestep,
-                encoder_attention_mask=mask.to(x_t.dtype),  # (B, L) 1 keep / 0 ignore; PixArt makes it a bias
-                return_dict=False,
-            )[0]
-        if self.mode == "class":
-            if cond is None:
-                raise ValueError("a class-conditional denoiser needs labels; use null_condition() for none")
-            labels = cond.to(device=x_t.device, dtype=torch.long)
-        else:
-            labels = torch.zeros(x_t.shape[0], dtype=torch.long, device=x_t.device)
-        return self.transformer(x_t, timestep=timestep, class_labels=labels, return_dict=False)[0]
+        return self.predict(x_t, as_time(t, x_t) * DIFFUSERS_TIMESTEPS, cond)
+
+    def predict(self, x_t: Tensor, timestep: Tensor, cond: Any) -> Tensor:
+        """The transformer's prediction at diffusers timesteps (B,) = t * 1000."""
+        raise NotImplementedError
 
     def null_condition(self, batch_size: int, like: Any = None, device: torch.device | str | None = None) -> Any:
-        """The unconditional cond for a batch: null labels (B,) in class mode; in text mode (states (B, L, D),
-        mask (B, L)) with L, the mask dtype and the device taken from ``like`` (a text cond) or L = 1; None in
-        mode "none"."""
-        if self.mode == "none":
-            return None
-        if self.mode == "class":
-            if device is None and isinstance(like, Tensor):
-                device = like.device
-            return torch.full((batch_size,), self.null_label, dtype=torch.long, device=device)
-        length, mask_dtype = 1, torch.bool
-        if like is not None:
-            like_states, like_mask = like
-            length, mask_dtype = like_states.shape[1], like_mask.dtype
-            device = like_states.device if device is None else device
-        states, mask = self._null_caption(length, device=device, mask_dtype=mask_dtype)
-        return states.expand(batch_size, -1, -1), mask.expand(batch_size, -1)
+        """The unconditional cond for a batch of ``batch_size`` (shaped like ``like`` where that matters)."""
+        raise NotImplementedError
 
     def drop_condition(self, cond: Any, p_uncond: float, generator: torch.Generator | None = None) -> Any:
         """cond with each sample's condition replaced by the null one with probability p_uncond (the
-        classifier-free guidance training dropout). Mode "none" returns cond unchanged."""
-        if self.mode == "none":
-            return cond
-        if self.mode == "class":
-            return drop_conditions(cond, p_uncond, self.null_label, generator=generator)
-        states, mask = cond
-        null_states, null_mask = self._null_caption(states.shape[1], device=states.device, mask_dtype=mask.dtype)
-        return drop_text_conditions(states, mask, p_uncond, null_states, null_mask, generator=generator)
-
-    def _null_caption(
-        self, length: int, device: torch.device | str | None, mask_dtype: torch.dtype
-    ) -> tuple[Tensor, Tensor]:
-        """The null caption as (states (L, D), mask (L,)): the learned token first, zeros after it, masked out.
-        Built from the parameter so that it receives gradients where it replaces a caption."""
-        token = self.null_text_embedding.to(device)
-        states = torch.cat([token[None], token.new_zeros(length - 1, token.shape[0])])
-        mask = torch.zeros(length, dtype=mask_dtype, device=token.device)
-        mask[0] = 1
-        return states, mask
+        classifier-free guidance training dropout)."""
+        raise NotImplementedError
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute each transformer block in the backward pass instead of storing its activations."""
@@ -261,14 +165,19 @@ class Denoiser(nn.Module):
         }
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """Write ``directory/model`` (the diffusers model, safetensors), ``directory/denoiser.json`` and, in text
-        mode, ``directory/null_text.safetensors``."""
+        """Write ``directory/model`` (the diffusers model, safetensors), ``directory/denoiser.json`` and what the
+        subclass keeps beside them (a CaptionDenoiser's ``null_text.safetensors``)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.transformer.save_pretrained(directory / MODEL_FOLDER, safe_serialization=True)
-        if self.mode == "text":
-            save_file({NULL_TEXT_KEY: self.null_text_embedding.detach().cpu().contiguous()}, directory / NULL_TEXT_FILE)
+        self._save_extra(directory)
         (directory / CONFIG_FILE).write_text(json.dumps(self.to_config(), indent=2) + "\n")
+
+    def _save_extra(self, directory: Path) -> None:
+        pass
+
+    def _load_extra(self, directory: Path, stage: str) -> None:
+        pass
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, stage: str = "train_ldm") -> Denoiser:
@@ -282,21 +191,141 @@ class Denoiser(nn.Module):
     @classmethod
     def _load(cls, directory: Path, stage: str) -> Denoiser:
         config = read_json(directory / CONFIG_FILE, stage)
+        kinds = {subclass.mode: subclass for subclass in Denoiser.__subclasses__()}
+        if config.get("mode") not in kinds:
+            raise ArtifactError(directory / CONFIG_FILE, f"mode must be one of {sorted(kinds)}", stage)
         # the shell is built on the meta device (no memory, no random init): its weights are all replaced below
         with torch.device("meta"):
-            denoiser = cls(
-                config["mode"],
-                in_channels=config["in_channels"],
-                sample_size=config["sample_size"],
-                preset=DenoiserPreset(**config["preset"]),
-                num_classes=config["num_classes"],
-                text_dim=config["text_dim"],
-            )
-        model_class = PixArtTransformer2DModel if denoiser.mode == "text" else DiTTransformer2DModel
-        transformer = model_class.from_pretrained(directory / MODEL_FOLDER, use_safetensors=True)
+            denoiser = kinds[config["mode"]]._from_config(config)
+        transformer = type(denoiser.transformer).from_pretrained(directory / MODEL_FOLDER, use_safetensors=True)
         disable_label_dropout(transformer)
         denoiser.transformer = transformer
-        if denoiser.mode == "text":
-            null_text = read_safetensors(directory / NULL_TEXT_FILE, stage, (NULL_TEXT_KEY,))[NULL_TEXT_KEY]
-            denoiser.null_text_embedding = nn.Parameter(null_text)
+        denoiser._load_extra(directory, stage)
         return denoiser.eval()
+
+    @classmethod
+    def _from_config(cls, config: dict) -> Denoiser:
+        return cls(config["in_channels"], config["sample_size"], DenoiserPreset(**config["preset"]))
+
+
+class LabelDenoiser(Denoiser):
+    """A class-conditional DiT: cond is labels (B,) in 0..num_classes, ``null_label == num_classes``."""
+
+    mode = "class"
+
+    def __init__(self, in_channels: int, sample_size: int, preset: str | DenoiserPreset = "small",
+                 num_classes: int = 1) -> None:
+        super().__init__(in_channels, sample_size, preset)
+        if num_classes < 1:
+            raise ValueError(f"a class-conditional denoiser needs num_classes >= 1, got {num_classes}")
+        self.num_classes = self.null_label = num_classes
+        self.transformer = build_dit(self.preset, in_channels, sample_size, num_classes)
+
+    @classmethod
+    def _from_config(cls, config: dict) -> Denoiser:
+        return cls(config["in_channels"], config["sample_size"], DenoiserPreset(**config["preset"]),
+                   num_classes=config["num_classes"])
+
+    def predict(self, x_t: Tensor, timestep: Tensor, cond: Any) -> Tensor:
+        if cond is None:
+            raise ValueError("a class-conditional denoiser needs labels; use null_condition() for none")
+        labels = cond.to(device=x_t.device, dtype=torch.long)
+        return self.transformer(x_t, timestep=timestep, class_labels=labels, return_dict=False)[0]
+
+    def null_condition(self, batch_size: int, like: Any = None, device: torch.device | str | None = None) -> Tensor:
+        """Null labels (B,) on ``device`` (default: ``like``'s)."""
+        if device is None and isinstance(like, Tensor):
+            device = like.device
+        return torch.full((batch_size,), self.null_label, dtype=torch.long, device=device)
+
+    def drop_condition(self, cond: Tensor, p_uncond: float, generator: torch.Generator | None = None) -> Tensor:
+        return drop_conditions(cond, p_uncond, self.null_label, generator=generator)
+
+
+class UnconditionalDenoiser(Denoiser):
+    """The DiT with a single class: the label is always 0 and cond is ignored (its null condition is None)."""
+
+    mode = "none"
+
+    def __init__(self, in_channels: int, sample_size: int, preset: str | DenoiserPreset = "small") -> None:
+        super().__init__(in_channels, sample_size, preset)
+        self.transformer = build_dit(self.preset, in_channels, sample_size, 1)
+
+    def predict(self, x_t: Tensor, timestep: Tensor, cond: Any) -> Tensor:
+        labels = torch.zeros(x_t.shape[0], dtype=torch.long, device=x_t.device)
+        return self.transformer(x_t, timestep=timestep, class_labels=labels, return_dict=False)[0]
+
+    def null_condition(self, batch_size: int, like: Any = None, device: torch.device | str | None = None) -> None:
+        return None
+
+    def drop_condition(self, cond: Any, p_uncond: float, generator: torch.Generator | None = None) -> Any:
+        return cond
+
+
+class CaptionDenoiser(Denoiser):
+    """PixArt on caption token states: cond is (states (B, L, text_dim), mask (B, L)); the null caption is the
+    learned token ``null_text_embedding`` (text_dim,)."""
+
+    mode = "text"
+
+    def __init__(self, in_channels: int, sample_size: int, preset: str | DenoiserPreset = "small",
+                 text_dim: int | None = None) -> None:
+        super().__init__(in_channels, sample_size, preset)
+        if text_dim is None or text_dim < 1:
+            raise ValueError(f"a text-conditional denoiser needs text_dim >= 1, got {text_dim}")
+        self.text_dim = text_dim
+        self.transformer = build_pixart(self.preset, in_channels, sample_size, text_dim)
+        self.null_text_embedding = nn.Parameter(torch.randn(text_dim) * 0.02)
+
+    @classmethod
+    def _from_config(cls, config: dict) -> Denoiser:
+        return cls(config["in_channels"], config["sample_size"], DenoiserPreset(**config["preset"]),
+                   text_dim=config["text_dim"])
+
+    def predict(self, x_t: Tensor, timestep: Tensor, cond: Any) -> Tensor:
+        if cond is None:
+            raise ValueError("a text-conditional denoiser needs cond = (states, mask); use null_condition()")
+        states, mask = cond
+        return self.transformer(
+            x_t,
+            encoder_hidden_states=states.to(x_t.dtype),
+            timestep=timestep,
+            encoder_attention_mask=mask.to(x_t.dtype),  # (B, L) 1 keep / 0 ignore; PixArt makes it a bias
+            return_dict=False,
+        )[0]
+
+    def null_condition(self, batch_size: int, like: Any = None,
+                       device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+        """(states (B, L, D), mask (B, L)) with L, the mask dtype and the device taken from ``like`` (a text cond),
+        or L = 1."""
+        length, mask_dtype = 1, torch.bool
+        if like is not None:
+            like_states, like_mask = like
+            length, mask_dtype = like_states.shape[1], like_mask.dtype
+            device = like_states.device if device is None else device
+        states, mask = self._null_caption(length, device=device, mask_dtype=mask_dtype)
+        return states.expand(batch_size, -1, -1), mask.expand(batch_size, -1)
+
+    def drop_condition(self, cond: tuple[Tensor, Tensor], p_uncond: float,
+                       generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        states, mask = cond
+        null_states, null_mask = self._null_caption(states.shape[1], device=states.device, mask_dtype=mask.dtype)
+        return drop_text_conditions(states, mask, p_uncond, null_states, null_mask, generator=generator)
+
+    def _null_caption(
+        self, length: int, device: torch.device | str | None, mask_dtype: torch.dtype
+    ) -> tuple[Tensor, Tensor]:
+        """The null caption as (states (L, D), mask (L,)): the learned token first, zeros after it, masked out.
+        Built from the parameter so that it receives gradients where it replaces a caption."""
+        token = self.null_text_embedding.to(device)
+        states = torch.cat([token[None], token.new_zeros(length - 1, token.shape[0])])
+        mask = torch.zeros(length, dtype=mask_dtype, device=token.device)
+        mask[0] = 1
+        return states, mask
+
+    def _save_extra(self, directory: Path) -> None:
+        save_file({NULL_TEXT_KEY: self.null_text_embedding.detach().cpu().contiguous()}, directory / NULL_TEXT_FILE)
+
+    def _load_extra(self, directory: Path, stage: str) -> None:
+        null_text = read_safetensors(directory / NULL_TEXT_FILE, stage, (NULL_TEXT_KEY,))[NULL_TEXT_KEY]
+        self.null_text_embedding = nn.Parameter(null_text)

@@ -10,27 +10,31 @@ from __future__ import annotations
 import csv
 import subprocess
 from pathlib import Path
-from typing import Annotated
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
-from gmpipe.artifacts import atomic_file, read_json, write_json
+from gmpipe.artifacts import atomic_file, write_json
 from gmpipe.config.evaluate import EvaluateConfig
 from gmpipe.data.prepared import load_manifest, load_split
 from gmpipe.device import resolve_device
+from gmpipe.distill.student import read_student_info, student_folders
 from gmpipe.errors import GmpipeError
 from gmpipe.eval import report
-from gmpipe.eval.autoencoder import autoencoder_metrics, to_unit_range
+from gmpipe.eval.autoencoder import autoencoder_metrics
 from gmpipe.eval.generated import Reference
-from gmpipe.eval.grids import save_grid, to_uint8
-from gmpipe.generate import LatentGenerator
+from gmpipe.eval.grids import save_grid
+from gmpipe.generator import load_generator
+from gmpipe.nn.autoencoder import load_autoencoder
 from gmpipe.paths import Paths
+from gmpipe.pixels import uint8_to_signed
+from gmpipe.seeds import seed_block
 
 SECTIONS = ("evaluate", "compute.device")
-STUDENT_INFO = "student.json"
+# Seed blocks (gmpipe.seeds.seed_block): the sweeps share one block (every sweep point sees the same noise), the
+# headline samples of every model another.
+SWEEP_SEEDS, HEADLINE_SEEDS = 0, 1
 
 
 def _out(paths: Paths) -> Path:
@@ -41,26 +45,12 @@ def balanced_labels(n: int, num_classes: int) -> list[int]:
     return [i % num_classes for i in range(n)]
 
 
-def generate(generator: LatentGenerator, labels: list[int] | None, class_names: list[str], n: int, *,
-             sampler: str, steps: int, guidance: float, seed: int, batch_size: int) -> tuple[torch.Tensor, int]:
-    """n images in [-1, 1] from ``generator`` for ``labels`` (class or the class captions for text models)."""
-    mode = generator.conditioning["mode"]
-    if mode == "class":
-        cond = generator.condition(labels=labels)
-    elif mode == "text":
-        cond = generator.condition(prompts=[f"a photo of a {class_names[label].lower()}" for label in labels])
-    else:
-        cond = None
-    latents, nfe = generator.sample_latents(cond, n, sampler, steps, guidance, seed=seed, batch_size=batch_size)
-    return generator.decode(latents, batch_size=batch_size), nfe
-
-
-def save_samples(directory: Path, name: str, images: torch.Tensor, labels, **meta) -> str:
+def save_samples(directory: Path, name: str, images: np.ndarray, labels, **meta) -> str:
     """The exact uint8 images a metric was computed on, with labels and how they were made."""
     directory.mkdir(parents=True, exist_ok=True)
     file = directory / f"{name}.npz"
     with atomic_file(file, "wb") as handle:
-        np.savez_compressed(handle, images=to_uint8(images), labels=np.array(labels or [], dtype=np.int64),
+        np.savez_compressed(handle, images=images, labels=np.array(labels or [], dtype=np.int64),
                             **{k: np.array(v) for k, v in meta.items()})
     return file.name
 
@@ -68,22 +58,22 @@ def save_samples(directory: Path, name: str, images: torch.Tensor, labels, **met
 def build_reference(config: EvaluateConfig, paths: Paths, class_names: list[str],
                     device: torch.device) -> tuple[Reference, dict]:
     from gmpipe.eval.classifier import accuracy, save_classifier, train_classifier
-    from gmpipe.eval.features import EffNetLite0Features
+    from gmpipe.nn.features import EffNetLite0Features
 
     train, test = load_split(paths.prepared, "train"), load_split(paths.prepared, "test")
     rng = np.random.default_rng(config.seed)
     n_ref = min(max(config.n_samples, config.sweep_samples), len(test))
-    test_images = to_unit_range(test.images[rng.permutation(len(test))[:n_ref]])
+    test_images = uint8_to_signed(test.images[rng.permutation(len(test))[:n_ref]])
     extractor = EffNetLite0Features(image_size=config.feature_image_size).to(device)
     features = extractor.extract(test_images, batch_size=config.batch_size, progress=True)
 
     classifier = train_classifier(
-        to_unit_range(train.images), torch.from_numpy(train.labels), len(class_names),
+        uint8_to_signed(train.images), torch.from_numpy(train.labels), len(class_names),
         steps=config.classifier_steps, batch_size=config.classifier_batch_size, seed=config.seed, progress=True,
         device=device,
     )
     save_classifier(classifier, _out(paths) / "classifier")
-    classifier_accuracy = accuracy(classifier, to_unit_range(test.images), torch.from_numpy(test.labels))
+    classifier_accuracy = accuracy(classifier, uint8_to_signed(test.images), torch.from_numpy(test.labels))
 
     extra = {}
     if config.fid_weights:
@@ -93,7 +83,7 @@ def build_reference(config: EvaluateConfig, paths: Paths, class_names: list[str]
     # The real-data floor: train vs test images, at each n used below.
     floor = {}
     for n in sorted({min(config.n_samples, n_ref), min(config.sweep_samples, n_ref)}):
-        train_images = to_unit_range(train.images[rng.permutation(len(train))[:n]])
+        train_images = uint8_to_signed(train.images[rng.permutation(len(train))[:n]])
         floor[str(n)] = reference.measure(train_images)
     return reference, {"classifier_test_accuracy": classifier_accuracy, "classifier_test_n": len(test),
                        "floor": floor, "n_reference": n_ref}
@@ -102,7 +92,7 @@ def build_reference(config: EvaluateConfig, paths: Paths, class_names: list[str]
 def _fid_extractor(config: EvaluateConfig, test_images: torch.Tensor, device: torch.device):
     import importlib
 
-    from gmpipe.eval.features import load_state_dict_features
+    from gmpipe.nn.features import load_state_dict_features
 
     if not config.fid_module or ":" not in config.fid_module:
         raise GmpipeError("evaluate.fid_module: give 'package.module:factory' together with evaluate.fid_weights")
@@ -129,23 +119,28 @@ def choose_guidance(guidance_rows: list[dict], real_accuracy: float) -> float:
     return max(guidance_rows, key=lambda r: r["accuracy"])["w"]
 
 
+def measure(reference: Reference, images: np.ndarray, labels: list[int] | None, **options) -> dict:
+    """The distances (and, with labels, the class accuracy) of uint8 ``images`` against the real test set."""
+    return reference.measure(uint8_to_signed(images), torch.tensor(labels) if labels else None, **options)
+
+
 def evaluate_teacher(config: EvaluateConfig, paths: Paths, reference: Reference, class_names: list[str],
                      real_accuracy: float, student_ws: set[float], device: torch.device):
     """Guidance sweep, then the NFE sweep at the chosen w, then the teacher at n_samples with its default
     sampler and steps: at the chosen w (the headline) and at every w a student was distilled at."""
-    generator = LatentGenerator.load(paths.ldm, paths.vae, device=device)
-    conditional = generator.conditioning["mode"] != "none"
-    default = generator.sampling
+    generator = load_generator(paths.ldm, autoencoder=paths.vae, device=device)
+    conditional = generator.conditioning.conditional
+    default = generator.settings
     n_sweep = min(config.sweep_samples, len(reference.features))
     labels = balanced_labels(n_sweep, len(class_names)) if conditional else None
+    sweep_seeds = seed_block(config.seed, SWEEP_SEEDS, n_sweep)
     samples_dir = _out(paths) / "samples"
 
     guidance_rows = []
     for w in tqdm(config.guidance_sweep if conditional else [0.0], desc="evaluate: guidance sweep", unit="w"):
-        images, nfe = generate(generator, labels, class_names, n_sweep, sampler=default["sampler"],
-                               steps=default["steps"], guidance=w, seed=config.seed, batch_size=config.batch_size)
+        images, nfe = generator.generate(labels, sweep_seeds, batch_size=config.batch_size, guidance=w)
         row = {"model": "teacher", "sampler": default["sampler"], "steps": default["steps"], "w": w, "nfe": nfe,
-               **reference.measure(images, torch.tensor(labels) if labels else None)}
+               **measure(reference, images, labels)}
         row["samples"] = save_samples(samples_dir, f"teacher_w{w:g}", images, labels, model="teacher",
                                       sampler=default["sampler"], steps=default["steps"], w=w)
         guidance_rows.append(row)
@@ -154,20 +149,20 @@ def evaluate_teacher(config: EvaluateConfig, paths: Paths, reference: Reference,
     nfe_rows = []
     grid = [(sampler, steps) for sampler in config.sweep_samplers for steps in config.sweep_steps]
     for sampler, steps in tqdm(grid, desc="evaluate: NFE sweep", unit="setting"):
-        images, nfe = generate(generator, labels, class_names, n_sweep, sampler=sampler, steps=steps,
-                               guidance=best_w, seed=config.seed, batch_size=config.batch_size)
+        images, nfe = generator.generate(labels, sweep_seeds, batch_size=config.batch_size, sampler=sampler,
+                                         steps=steps, guidance=best_w)
         row = {"model": "teacher", "sampler": sampler, "steps": steps, "w": best_w, "nfe": nfe,
-               **reference.measure(images, torch.tensor(labels) if labels else None, with_pr=False)}
+               **measure(reference, images, labels, with_pr=False)}
         nfe_rows.append(row)
 
     n = min(config.n_samples, len(reference.features))
     head_labels = balanced_labels(n, len(class_names)) if conditional else None
+    head_seeds = seed_block(config.seed, HEADLINE_SEEDS, n)
     by_w = {}
     for w in sorted({best_w} | (student_ws if conditional else set())):
-        images, nfe = generate(generator, head_labels, class_names, n, sampler=default["sampler"],
-                               steps=default["steps"], guidance=w, seed=config.seed + 1, batch_size=config.batch_size)
+        images, nfe = generator.generate(head_labels, head_seeds, batch_size=config.batch_size, guidance=w)
         row = {"model": "teacher", "sampler": default["sampler"], "steps": default["steps"], "w": w, "nfe": nfe,
-               **reference.measure(images, torch.tensor(head_labels) if head_labels else None)}
+               **measure(reference, images, head_labels)}
         row["samples"] = save_samples(samples_dir, f"teacher_n{n}_w{w:g}", images, head_labels, model="teacher",
                                       sampler=default["sampler"], steps=default["steps"], w=w)
         _grid(images, head_labels, len(class_names), _out(paths) / "grids" / f"teacher_w{w:g}.png")
@@ -175,7 +170,7 @@ def evaluate_teacher(config: EvaluateConfig, paths: Paths, reference: Reference,
     return by_w[best_w], by_w, guidance_rows, nfe_rows
 
 
-def _grid(images: torch.Tensor, labels, num_classes: int, path: Path, per_class: int = 10) -> None:
+def _grid(images: np.ndarray, labels, num_classes: int, path: Path, per_class: int = 10) -> None:
     """One row per class (the first ``per_class`` samples of each), or the first 80 for unconditional sets."""
     if labels:
         rows = [[i for i, label in enumerate(labels) if label == c][:per_class] for c in range(num_classes)]
@@ -183,46 +178,24 @@ def _grid(images: torch.Tensor, labels, num_classes: int, path: Path, per_class:
         columns = per_class
     else:
         order, columns = list(range(min(80, len(images)))), 10
-    save_grid(to_uint8(images[order]), path, columns=columns)
-
-
-class StudentInfo(BaseModel):
-    """What ``evaluate`` reads from a student's ``student.json`` (written by ``distill``)."""
-
-    model_config = ConfigDict(extra="allow", strict=True)
-    method: str
-    steps: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1)]
-    guidance_folded: Annotated[float, Field(allow_inf_nan=False)]
-
-
-def read_student_info(folder: Path) -> dict:
-    return read_json(folder / STUDENT_INFO, "distill", StudentInfo.model_validate).model_dump()
-
-
-def student_folders(paths: Paths) -> list[Path]:
-    if not paths.student.is_dir():
-        return []
-    return sorted(p for p in paths.student.iterdir() if (p / STUDENT_INFO).is_file())
+    save_grid(images[order], path, columns=columns)
 
 
 def evaluate_students(config: EvaluateConfig, paths: Paths, reference: Reference, class_names: list[str],
                       device: torch.device) -> list:
     rows = []
     n = min(config.n_samples, len(reference.features))
-    for folder in tqdm(student_folders(paths), desc="evaluate: students", unit="student"):
+    seeds = seed_block(config.seed, HEADLINE_SEEDS, n)
+    for folder in tqdm(student_folders(paths.student), desc="evaluate: students", unit="student"):
         info = read_student_info(folder)
-        generator = LatentGenerator.load(folder, paths.vae, device=device)
-        conditional = generator.conditioning["mode"] != "none"
-        labels = balanced_labels(n, len(class_names)) if conditional else None
-        designed = [s for s in config.student_steps if s in info["steps"]] or info["steps"][:1]
+        generator = load_generator(folder, autoencoder=paths.vae, device=device, missing_stage="distill")
+        labels = balanced_labels(n, len(class_names)) if generator.conditioning.conditional else None
+        designed = [s for s in config.student_steps if s in info.steps] or info.steps[:1]
         for steps in designed:
-            images, nfe = generate(generator, labels, class_names, n, sampler=generator.sampling["sampler"],
-                                   steps=steps, guidance=generator.sampling["guidance"], seed=config.seed + 1,
-                                   batch_size=config.batch_size)
-            row = {"model": f"student:{folder.name}", "method": info.get("method", folder.name),
-                   "sampler": generator.sampling["sampler"], "steps": steps, "nfe": nfe,
-                   "w": info.get("guidance_folded", generator.sampling["guidance"]),
-                   **reference.measure(images, torch.tensor(labels) if labels else None)}
+            images, nfe = generator.generate(labels, seeds, batch_size=config.batch_size, steps=steps)
+            row = {"model": f"student:{folder.name}", "method": info.method,
+                   "sampler": generator.settings["sampler"], "steps": steps, "nfe": nfe, "w": info.guidance_folded,
+                   **measure(reference, images, labels)}
             row["samples"] = save_samples(_out(paths) / "samples", f"{folder.name}_{steps}step", images, labels,
                                           model=folder.name, sampler=row["sampler"], steps=steps, w=row["w"])
             rows.append(row)
@@ -261,16 +234,15 @@ def run(config: EvaluateConfig, device: str, paths: Paths) -> dict:
                                     "test_n": real["classifier_test_n"]},
                      "floor": real["floor"]}
     if paths.vae.is_dir():
-        from gmpipe.eval.features import EffNetLite0Features
-        from gmpipe.stages.cache_latents import load_vae
+        from gmpipe.nn.features import EffNetLite0Features
 
         train, test = load_split(paths.prepared, "train"), load_split(paths.prepared, "test")
-        metrics["vae"] = autoencoder_metrics(load_vae(paths.vae).to(device), test.images, train.images,
+        metrics["vae"] = autoencoder_metrics(load_autoencoder(paths.vae).to(device), test.images, train.images,
                                              EffNetLite0Features(config.feature_image_size).to(device),
                                              n=min(config.n_samples, len(test)), seed=config.seed, device=device)
     guidance_rows, nfe_rows, student_rows = [], [], []
     if paths.vae.is_dir() and paths.ldm.is_dir():
-        student_ws = {read_student_info(f)["guidance_folded"] for f in student_folders(paths)}
+        student_ws = {read_student_info(f).guidance_folded for f in student_folders(paths.student)}
         headline, teacher_by_w, guidance_rows, nfe_rows = evaluate_teacher(
             config, paths, reference, class_names, real["classifier_test_accuracy"], student_ws, device)
         floor = real["floor"][str(headline["n"])]["fd_effnet"]

@@ -14,6 +14,7 @@ from gmpipe.artifacts import atomic_dir, write_json
 from gmpipe.config.data import DataConfig
 from gmpipe.config.prepare import PrepareConfig
 from gmpipe.data import fashion_mnist, image_folder
+from gmpipe.data.captions import caption_for_class
 from gmpipe.data.prepared import (
     MANIFEST,
     REJECTED,
@@ -25,8 +26,6 @@ from gmpipe.data.prepared import (
 )
 from gmpipe.errors import GmpipeError
 from gmpipe.paths import Paths
-
-DEFAULT_CAPTION = "a photo of a {}"
 
 SECTIONS = ("data", "prepare")
 
@@ -58,7 +57,7 @@ def _fit_fashion_mnist(images: np.ndarray, data: DataConfig) -> np.ndarray:
 
 
 def _captions(labels: np.ndarray, class_names: list[str]) -> np.ndarray:
-    return captions_array([DEFAULT_CAPTION.format(class_names[i].lower()) for i in labels])
+    return captions_array([caption_for_class(class_names[i]) for i in labels])
 
 
 def _from_fashion_mnist(data: DataConfig, config: PrepareConfig):
@@ -99,7 +98,7 @@ def _from_image_folder(data: DataConfig, config: PrepareConfig):
         raise GmpipeError(f"{root}: no usable images in class sub-folders ({len(folder.rejected)} entries "
                           f"rejected{example})")
     class_names = folder.class_names
-    texts = [caption or DEFAULT_CAPTION.format(class_names[label].lower())
+    texts = [caption or caption_for_class(class_names[label])
              for caption, label in zip(folder.captions, folder.labels, strict=True)]
     everything = Split(folder.images, folder.labels, captions_array(texts))
     rest, test_index = stratified_split(everything.labels, config.test_fraction, config.seed)

@@ -16,14 +16,17 @@ from gmpipe.config.data import DataConfig
 from gmpipe.config.loop import RESUMABLE_KEYS
 from gmpipe.config.train_vae import TrainVAEConfig
 from gmpipe.data.prepared import load_split
+from gmpipe.device import transfer
 from gmpipe.errors import GmpipeError
-from gmpipe.eval.autoencoder import autoencoder_metrics, reconstruct, to_unit_range
-from gmpipe.eval.grids import save_grid, to_uint8
+from gmpipe.eval.autoencoder import autoencoder_metrics, reconstruct
+from gmpipe.eval.grids import save_grid
 from gmpipe.fingerprint import Fingerprint, code_hashes, hash_file, hash_tree, section_settings
 from gmpipe.nn.autoencoder import build_autoencoder, check_image_size, decoder_last_layer
 from gmpipe.nn.discriminator import PatchDiscriminator
 from gmpipe.paths import Paths
-from gmpipe.train.loop import LossStep, make_accelerator, seed_everything, to_device, train
+from gmpipe.pixels import signed_to_uint8, uint8_to_signed
+from gmpipe.train.loop import make_accelerator, seed_everything, train
+from gmpipe.train.step import LossStep
 from gmpipe.vae.autoencoder_loss import AutoencoderLoss
 from gmpipe.vae.sampled_reconstruction import SampledReconstruction
 
@@ -49,11 +52,11 @@ def build_models(data: DataConfig, config: TrainVAEConfig):
 def build_loss(config: TrainVAEConfig) -> AutoencoderLoss:
     perceptual = None
     if config.perceptual_weight > 0:
-        from gmpipe.eval.features import EffNetLite0Features
+        from gmpipe.nn.features import EffNetLite0Features
         from gmpipe.vae.perceptual import PerceptualLoss
 
         if config.lpips_weights:
-            from gmpipe.eval.features import VGG16Features
+            from gmpipe.nn.features import VGG16Features
 
             for key in ("lpips_weights", "lpips_backbone_weights"):
                 if not Path(getattr(config, key)).is_file():
@@ -128,33 +131,34 @@ def run(data: DataConfig, config: TrainVAEConfig, compute: ComputeConfig, paths:
             f"{data.channels}x{data.image_size}x{data.image_size}; rerun the 'prepare' stage"
         )
     images = torch.from_numpy(train_split.images)
-    seed_everything(config.seed)  # model initialisation depends on the seed, not on what ran before
+    seed_everything(config.loop.seed)  # model initialisation depends on the seed, not on what ran before
     vae, discriminator = build_models(data, config)
     loss = build_loss(config)
     accelerator = make_accelerator(compute)
 
     def make_batch(index, device):
-        return to_device(to_unit_range(images[index]), device)
+        return transfer(uint8_to_signed(images[index]), device)
 
     reports = paths.reports / "train_vae"
+    steps = loss_steps(vae, discriminator, loss, config, mean_over_processes(accelerator))
     result = train(
-        config, loss_steps(vae, discriminator, loss, config, mean_over_processes(accelerator)), len(images), make_batch,
-        paths.checkpoints / "train_vae", live_dir=reports / "live", ema_of="vae",
-        accelerator=accelerator, description="train_vae", fingerprint=training_fingerprint(data, config, paths),
+        config.loop, steps, len(images), make_batch, paths.checkpoints / "train_vae", live_dir=reports / "live",
+        ema_of="vae", accelerator=accelerator, description="train_vae",
+        fingerprint=training_fingerprint(data, config, paths),
     )
     if not accelerator.is_main_process:
         return {}
-    trained = result.ema.module if result.ema is not None and config.ema_decay > 0 else result.modules["vae"]
+    trained = result.ema.module if result.ema is not None and config.loop.ema_decay > 0 else result.modules["vae"]
     final = trained.vae.eval()  # the AutoencoderKL inside SampledReconstruction
 
-    from gmpipe.eval.features import EffNetLite0Features
+    from gmpipe.nn.features import EffNetLite0Features
 
     device = accelerator.device
     metrics = autoencoder_metrics(final, test_split.images, train_split.images, EffNetLite0Features().to(device),
-                                  n=config.eval_images, seed=config.seed, device=device)
+                                  n=config.eval_images, seed=config.loop.seed, device=device)
     metrics["step"] = result.step
     val = load_split(paths.prepared, "val")
-    shown = to_unit_range(val.images[:16] if len(val) else test_split.images[:16])
+    shown = uint8_to_signed(val.images[:16] if len(val) else test_split.images[:16])
     reconstructions, _ = reconstruct(final, shown, device=device)
     final = final.to("cpu")
 
@@ -167,8 +171,8 @@ def run(data: DataConfig, config: TrainVAEConfig, compute: ComputeConfig, paths:
         (out / "discriminator.json").write_text(json.dumps(
             {"in_channels": data.channels, "width": config.disc_width, "n_layers": config.disc_layers}, indent=2))
     write_json(reports / "metrics.json", metrics)
-    save_grid(np.concatenate([to_uint8(shown), to_uint8(reconstructions)]), reports / "reconstructions.png",
-              columns=len(shown))
+    save_grid(np.concatenate([signed_to_uint8(shown), signed_to_uint8(reconstructions)]),
+              reports / "reconstructions.png", columns=len(shown))
     return {
         "read": str(paths.prepared),
         "wrote": [str(paths.vae), str(reports)],

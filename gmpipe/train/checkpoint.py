@@ -3,9 +3,9 @@
 A checkpoint is a folder ``step-{N:08d}`` holding, for each trained module, ``{name}.safetensors`` (weights) and
 ``{name}.optim.pt`` (optimizer and LR-scheduler state, tensors and plain numbers only, loaded with
 ``weights_only=True``), ``ema.safetensors``, ``rng.pt`` and ``trainer.json`` (step, the fingerprint of what produced
-it, the logged history). It is written into a temporary folder that is renamed into place when complete, so a kill
-leaves either the old or the new checkpoint, never a half-written one; weights that are not finite are never
-written. Only the newest ``keep`` checkpoints are kept.
+it, the logged history). It is written into a temporary folder that is renamed into place when complete
+(``gmpipe.artifacts.atomic_dir``), so a kill leaves either the old or the new checkpoint, never a half-written one;
+weights that are not finite are never written. Only the newest ``keep`` checkpoints are kept.
 
 On resume (:func:`select_checkpoint`) the newest checkpoint that reads back intact is used if its fingerprint
 matches the current run; a corrupt one is reported and set aside (``.corrupt-step-N``), and a foreign one (another
@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from gmpipe.artifacts import atomic_dir
 from gmpipe.errors import GmpipeError
 from gmpipe.fingerprint import Fingerprint, describe_changes
 
@@ -76,30 +77,21 @@ def save_checkpoint(
         kept = f"the last good checkpoint {previous} is kept" if previous else "no earlier checkpoint exists"
         where = "; ".join(f"{name}: {', '.join(keys[:3])}" for name, keys in bad.items())
         raise NonFiniteWeightsError(f"non-finite weights at step {step} ({where}); checkpoint not written, {kept}")
-    directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"{PREFIX}{step:08d}"
-    tmp = directory / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
-        for name in modules:
-            save_file(states[name], tmp / f"{name}.safetensors")
-            torch.save(optimizer_states[name], tmp / f"{name}.optim.pt")
-        if ema_state is not None:
-            save_file(states["ema"], tmp / "ema.safetensors")
-        torch.save({"torch_rng": torch.get_rng_state()}, tmp / "rng.pt")
-        (tmp / TRAINER).write_text(json.dumps({"step": step, **trainer_state}, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_dir(final) as tmp:
+            for name in modules:
+                save_file(states[name], tmp / f"{name}.safetensors")
+                torch.save(optimizer_states[name], tmp / f"{name}.optim.pt")
+            if ema_state is not None:
+                save_file(states["ema"], tmp / "ema.safetensors")
+            torch.save({"torch_rng": torch.get_rng_state()}, tmp / "rng.pt")
+            (tmp / TRAINER).write_text(json.dumps({"step": step, **trainer_state}, indent=2))
+    except (GmpipeError, OSError) as exc:
         previous = latest_checkpoint(directory)
         kept = f"the last good checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
-        raise GmpipeError(f"{final}: checkpoint could not be written ({exc.strerror or exc}); {kept}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
+        raise GmpipeError(f"{final}: checkpoint could not be written ({reason}); {kept}") from None
     for old in checkpoint_dirs(directory)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -14,13 +14,13 @@ function). A GAN passes two: the generator step and the discriminator step. For 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,26 +28,15 @@ from torch import nn
 
 from gmpipe.config.compute import ComputeConfig
 from gmpipe.config.loop import LoopConfig
+from gmpipe.device import resolve_device
 from gmpipe.errors import GmpipeError
 from gmpipe.fingerprint import Fingerprint
 from gmpipe.train.checkpoint import latest_checkpoint, read_checkpoint, save_checkpoint, select_checkpoint
 from gmpipe.train.ema import EMA
 from gmpipe.train.progress import ProgressEvent, report
+from gmpipe.train.step import LossFn, LossStep
 
-# loss(batch, step, context, modules) -> (loss or None to skip this step, {term: detached scalar tensor})
-LossFn = Callable[[object, int, dict, dict[str, nn.Module]], tuple[torch.Tensor | None, dict[str, torch.Tensor]]]
-
-
-@dataclass
-class LossStep:
-    """One optimisation target: ``module`` is trained by AdamW on ``loss``; ``lr`` overrides the loop's."""
-
-    name: str
-    module: nn.Module
-    loss: LossFn
-    lr: float | None = None
-    extra_parameters: list[nn.Parameter] = field(default_factory=list)
-
+__all__ = ["LossFn", "LossStep", "TrainResult", "make_accelerator", "seed_everything", "train"]
 
 @dataclass
 class TrainResult:
@@ -137,13 +126,6 @@ def checks_each_step(device: torch.device, config: LoopConfig) -> bool:
     return device.type == "cpu" or config.nonfinite == "skip"
 
 
-def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """Host batch to the training device; pinned and asynchronous when that device is a GPU."""
-    if torch.device(device).type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
-
-
 def _fused_adam_supported(module: nn.Module, device: torch.device) -> bool:
     """Fused AdamW (one kernel for all parameters; ~3x faster optimizer step on CPU) needs float parameters
     on CPU or CUDA."""
@@ -159,13 +141,11 @@ def make_accelerator(compute: ComputeConfig | None = None):
     from accelerate import Accelerator
 
     compute = compute or ComputeConfig()
-    if torch.cuda.is_available():  # TF32 matmuls on Ampere and newer: fp32 range, ~10-bit mantissa, much faster
+    cpu = resolve_device(compute.device).type == "cpu"  # a cuda setting without CUDA fails here, in one line
+    if not cpu:  # TF32 matmuls on Ampere and newer: fp32 range, ~10-bit mantissa, much faster
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    cpu = compute.device == "cpu" or (compute.device == "auto" and not torch.cuda.is_available())
-    if compute.device == "cuda" and not torch.cuda.is_available():
-        raise GmpipeError("compute.device: cuda requested but no CUDA device is available")
-    if compute.threads and cpu:
+    elif compute.threads:
         torch.set_num_threads(compute.threads)
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         # One process: drop the precision/device state an earlier stage left in this process (accelerate keeps it
@@ -176,9 +156,8 @@ def make_accelerator(compute: ComputeConfig | None = None):
     try:
         accelerator = Accelerator(mixed_precision=compute.mixed_precision, cpu=cpu)
     except (ValueError, RuntimeError) as exc:
-        raise GmpipeError(
-            f"compute.mixed_precision={compute.mixed_precision!r} is not available here ({exc})"
-        ) from None
+        precision = compute.mixed_precision
+        raise GmpipeError(f"compute.mixed_precision={precision!r} is not available here ({exc})") from None
     if accelerator.num_processes != compute.world_size:
         raise GmpipeError(
             f"compute asks for {compute.world_size} processes but {accelerator.num_processes} started; "
@@ -346,48 +325,137 @@ class MetricLog:
             self.live.end()
 
 
-def accumulate_step(step: int, config: LoopConfig, steps: list[LossStep], wrapped: dict, unwrapped: dict,
-                    make_batch, n_items: int, accelerator, guard: NonFiniteGuard, log: MetricLog) -> dict[str, bool]:
+@dataclass
+class Run:
+    """One training run while the loop steps: its LossSteps and their optimizers and LR schedules, the modules as
+    the losses call them (``wrapped``: compiled and wrapped for data parallelism) and as they are saved
+    (``unwrapped``), the EMA of one of them, the metric log, the non-finite guard, and where it checkpoints."""
+
+    config: LoopConfig
+    steps: list[LossStep]
+    accelerator: Any
+    optimizers: dict
+    schedulers: dict
+    wrapped: dict[str, nn.Module]
+    unwrapped: dict[str, nn.Module]
+    ema: EMA | None
+    ema_of: str | None
+    log: MetricLog
+    guard: NonFiniteGuard
+    checkpoint_dir: Path
+    trainer_state: dict
+    start_step: int
+
+
+def prepare_modules(config: LoopConfig, steps: list[LossStep], device: torch.device) -> None:
+    """Every LossStep's module on the training device, with gradient checkpointing where asked and supported."""
+    for s in steps:
+        s.module.to(device)
+        if config.gradient_checkpointing and hasattr(s.module, "enable_gradient_checkpointing"):
+            s.module.enable_gradient_checkpointing()
+
+
+def wrap_modules(config: LoopConfig, steps: list[LossStep], optimizers: dict, accelerator) -> dict[str, nn.Module]:
+    """Each module compiled (``compile``) and wrapped by accelerate with its optimizer; the optimizers are replaced
+    by accelerate's in ``optimizers``."""
+    wrapped = {}
+    for s in steps:
+        module = torch.compile(s.module) if config.compile else s.module
+        wrapped[s.name], optimizers[s.name] = accelerator.prepare(module, optimizers[s.name])
+    return wrapped
+
+
+def start_run(config: LoopConfig, steps: list[LossStep], checkpoint_dir: Path, live_dir: Path | None,
+              ema_of: str | None, accelerator, description: str, fingerprint: Fingerprint | None) -> Run:
+    """Build the optimizers and the EMA, resume from this run's newest checkpoint, and wrap the modules."""
+    device, main = accelerator.device, accelerator.is_main_process
+    prepare_modules(config, steps, device)
+    optimizers, schedulers = build_optimizers(config, steps, device)
+    ema = EMA({s.name: s.module for s in steps}[ema_of], config.ema_decay, config.ema_warmup) if ema_of else None
+    start_step, history = resume(checkpoint_dir, steps, optimizers, schedulers, ema, fingerprint, accelerator,
+                                 description)
+    resume_every_process(accelerator, start_step, checkpoint_dir, config.seed)
+    if ema is not None:
+        ema.module.to(device)
+    wrapped = wrap_modules(config, steps, optimizers, accelerator)
+    guard = NonFiniteGuard(config, device, description, checkpoint_dir)
+    guard.last_checked = start_step
+    trainer_state = {"world_size": accelerator.num_processes, "config": config.model_dump(mode="json"),
+                     "fingerprint": fingerprint.to_dict() if fingerprint is not None else None}
+    return Run(config, steps, accelerator, optimizers, schedulers, wrapped, {s.name: s.module for s in steps}, ema,
+               ema_of, MetricLog(live_dir, history, main, description), guard, checkpoint_dir, trainer_state,
+               start_step)
+
+
+def accumulate_step(run: Run, step: int, make_batch, n_items: int) -> dict[str, bool]:
     """Forward and backward every LossStep over ``grad_accum`` micro-batches; return which ones produced
     gradients (a LossStep that returned None, or whose loss the guard dropped, did not)."""
-    names = [s.name for s in steps]
+    config, accelerator = run.config, run.accelerator
     world, rank = accelerator.num_processes, accelerator.process_index
-    stepped = {n: False for n in names}
+    stepped = {s.name: False for s in run.steps}
     dropped: set[str] = set()
     for micro in range(config.grad_accum):
         index = batch_indices(n_items, config.batch_size, step, micro, config.grad_accum, config.seed, rank, world)
         batch = make_batch(index, accelerator.device)
         context: dict = {}
-        last_micro = micro == config.grad_accum - 1
-        for s in steps:
-            others = [unwrapped[n] for n in names if n != s.name]
-            modules = {n: (wrapped[n] if n == s.name else unwrapped[n]) for n in names}
-            sync = contextlib.nullcontext() if last_micro or world == 1 else accelerator.no_sync(wrapped[s.name])
+        sync_now = micro == config.grad_accum - 1 or world == 1
+        for s in run.steps:
+            others = [module for name, module in run.unwrapped.items() if name != s.name]
+            modules = {**run.unwrapped, s.name: run.wrapped[s.name]}
+            sync = contextlib.nullcontext() if sync_now else accelerator.no_sync(run.wrapped[s.name])
             with _frozen(others), sync, accelerator.autocast():
                 loss, terms = s.loss(batch, step, context, modules)
             if loss is None:
                 continue
-            if not guard.admit(s.name, loss, step):
+            if not run.guard.admit(s.name, loss, step):
                 dropped.add(s.name)
                 continue
             with sync:
                 accelerator.backward(loss / config.grad_accum)
             stepped[s.name] = True
-            log.add(s.name, terms, config.grad_accum)
-    return {n: stepped[n] and n not in dropped for n in names}
+            run.log.add(s.name, terms, config.grad_accum)
+    return {name: done and name not in dropped for name, done in stepped.items()}
 
 
-def apply_updates(stepped: dict[str, bool], config: LoopConfig, steps: list[LossStep], optimizers: dict,
-                  schedulers: dict, accelerator) -> None:
-    """Clip, step the optimizers and LR schedules of the LossSteps that produced gradients; clear gradients."""
-    for s in steps:
+def apply_updates(run: Run, stepped: dict[str, bool]) -> None:
+    """Clip, step the optimizers and LR schedules of the LossSteps that produced gradients; clear gradients; update
+    the EMA."""
+    for s in run.steps:
         if stepped[s.name]:
-            if config.clip_grad_norm:
+            if run.config.clip_grad_norm:
                 trained = [p for p in s.module.parameters() if p.requires_grad] + s.extra_parameters
-                accelerator.clip_grad_norm_(trained, config.clip_grad_norm)
-            optimizers[s.name].step()
-            schedulers[s.name].step()
-        optimizers[s.name].zero_grad(set_to_none=True)
+                run.accelerator.clip_grad_norm_(trained, run.config.clip_grad_norm)
+            run.optimizers[s.name].step()
+            run.schedulers[s.name].step()
+        run.optimizers[s.name].zero_grad(set_to_none=True)
+    if run.ema is not None:
+        run.ema.update(run.unwrapped[run.ema_of])
+
+
+def write_checkpoint(run: Run, done: int) -> None:
+    """The checkpoint of step ``done`` (main process; the others wait for it)."""
+    if run.accelerator.is_main_process:
+        optimizer_states = {name: {"optimizer": run.optimizers[name].state_dict(),
+                                   "scheduler": run.schedulers[name].state_dict()} for name in run.unwrapped}
+        save_checkpoint(run.checkpoint_dir, done, run.unwrapped, optimizer_states,
+                        run.ema.state_dict() if run.ema else None, {**run.trainer_state, "history": run.log.history},
+                        keep=run.config.keep_checkpoints)
+    run.accelerator.wait_for_everyone()
+
+
+def end_of_step(run: Run, done: int, progress) -> None:
+    """At a log or checkpoint boundary: check for non-finite losses, log the interval, write the checkpoint."""
+    config = run.config
+    logging = done % config.log_every == 0 or done == config.steps
+    saving = done % config.checkpoint_every == 0 or done == config.steps
+    if logging or saving:
+        run.guard.check(done)
+    if logging:
+        lr = run.schedulers[run.steps[0].name].get_last_lr()[0]
+        record = run.log.flush(done, config.steps, lr, run.accelerator)
+        progress.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in list(record.items())[1:4]}, refresh=False)
+    if saving:
+        write_checkpoint(run, done)
 
 
 def train(
@@ -413,56 +481,15 @@ def train(
     accelerator = accelerator or make_accelerator()
     # Each rank draws its own noise: identical streams on every rank would shrink the effective batch.
     seed_everything(config.seed + accelerator.process_index)
-    device, main = accelerator.device, accelerator.is_main_process
-    for s in steps:
-        s.module.to(device)
-        if config.gradient_checkpointing and hasattr(s.module, "enable_gradient_checkpointing"):
-            s.module.enable_gradient_checkpointing()
-    optimizers, schedulers = build_optimizers(config, steps, device)
-    ema = EMA(dict((s.name, s.module) for s in steps)[ema_of], config.ema_decay, config.ema_warmup) if ema_of else None
-    start_step, history = resume(checkpoint_dir, steps, optimizers, schedulers, ema, fingerprint, accelerator,
-                                 description)
-    resume_every_process(accelerator, start_step, checkpoint_dir, config.seed)
-    if ema is not None:
-        ema.module.to(device)
-    wrapped = {}
-    for s in steps:
-        module = torch.compile(s.module) if config.compile else s.module
-        wrapped[s.name], optimizers[s.name] = accelerator.prepare(module, optimizers[s.name])
-    unwrapped = {s.name: s.module for s in steps}
-
-    log = MetricLog(live_dir, history, main, description)
-    guard = NonFiniteGuard(config, device, description, checkpoint_dir)
-    guard.last_checked = start_step
-    trainer_state = {"world_size": accelerator.num_processes, "config": json.loads(config.model_dump_json()),
-                     "fingerprint": fingerprint.to_dict() if fingerprint is not None else None}
-    progress = tqdm(total=config.steps, initial=start_step, desc=description, disable=not main, unit="step",
-                    dynamic_ncols=True, mininterval=1.0)
-    for step in range(start_step, config.steps):
-        stepped = accumulate_step(step, config, steps, wrapped, unwrapped, make_batch, n_items, accelerator, guard,
-                                  log)
-        apply_updates(stepped, config, steps, optimizers, schedulers, accelerator)
-        if ema is not None:
-            ema.update(unwrapped[ema_of])
-        log.count += 1
+    run = start_run(config, steps, checkpoint_dir, live_dir, ema_of, accelerator, description, fingerprint)
+    progress = tqdm(total=config.steps, initial=run.start_step, desc=description, unit="step", dynamic_ncols=True,
+                    disable=not accelerator.is_main_process, mininterval=1.0)
+    for step in range(run.start_step, config.steps):
+        apply_updates(run, accumulate_step(run, step, make_batch, n_items))
+        run.log.count += 1
         progress.update(1)
-        done = step + 1
-        logging, saving = done % config.log_every == 0 or done == config.steps, \
-            done % config.checkpoint_every == 0 or done == config.steps
-        if logging or saving:
-            guard.check(done)
-        if logging:
-            record = log.flush(done, config.steps, schedulers[steps[0].name].get_last_lr()[0], accelerator)
-            progress.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in list(record.items())[1:4]}, refresh=False)
-        if saving:
-            if main:
-                save_checkpoint(checkpoint_dir, done, unwrapped,
-                                {n: {"optimizer": optimizers[n].state_dict(), "scheduler": schedulers[n].state_dict()}
-                                 for n in unwrapped},
-                                ema.state_dict() if ema else None, {**trainer_state, "history": log.history},
-                                keep=config.keep_checkpoints)
-            accelerator.wait_for_everyone()
+        end_of_step(run, step + 1, progress)
     progress.close()
-    log.close()
-    return TrainResult(step=max(config.steps, start_step), resumed_from=start_step, modules=unwrapped, ema=ema,
-                       history=log.history)
+    run.log.close()
+    return TrainResult(step=max(config.steps, run.start_step), resumed_from=run.start_step, modules=run.unwrapped,
+                       ema=run.ema, history=run.log.history)

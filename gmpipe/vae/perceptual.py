@@ -6,7 +6,7 @@ Features as a Perceptual Metric", eq. 1):
 f^l are the feature maps of a frozen network, normalised to unit length along channels at every position; w_l are
 per-channel linear weights (all ones when none are given). Two departures from LPIPS, written down here: layers
 are averaged (LPIPS sums them) so the distance does not grow with the number of layers, and the default network
-is EfficientNet-Lite0 (``gmpipe.eval.features.EffNetLite0Features``), because no installable package ships the
+is EfficientNet-Lite0 (``gmpipe.nn.features.EffNetLite0Features``), because no installable package ships the
 VGG/AlexNet weights LPIPS was calibrated on.
 
 Learned LPIPS heads. ``load_lpips_layer_weights(path)`` reads a local LPIPS weights file (the official
@@ -43,7 +43,7 @@ def load_lpips_layer_weights(path: str | Path) -> list[torch.Tensor]:
     LPIPS) or ``lin{l}.weight``, shapes (1, C_l, 1, 1) or (C_l,). Other keys are ignored; a file without any
     such key is an error naming the file.
     """
-    from gmpipe.eval.features import load_weights_file  # lazy: keeps this module light to import
+    from gmpipe.nn.features import load_weights_file  # lazy: keeps this module light to import
 
     state = load_weights_file(path)
     by_layer = {}
@@ -84,7 +84,7 @@ class PerceptualLoss(nn.Module):
     ) -> None:
         super().__init__()
         if extractor is None:
-            from gmpipe.eval.features import EffNetLite0Features
+            from gmpipe.nn.features import EffNetLite0Features
 
             extractor = EffNetLite0Features(image_size=64)
         if isinstance(extractor, nn.Module):

@@ -80,7 +80,7 @@ def test_dvc_exp_run_set_writes_yaml_1_2_that_gmpipe_reads(prefect_api, dvc_proj
     assert "# The demo: Fashion-MNIST" in text  # DVC kept the comments
     params = load_params(root / "params.yaml")
     assert params.compute.mixed_precision == "no"
-    assert (params.train_vae.kl_weight, params.train_ldm.lr) == (1e-05, 1e-4)
+    assert (params.train_vae.kl_weight, params.train_ldm.loop.lr) == (1e-05, 1e-4)
     assert _per_class(root / "data/prepared/manifest.json") == {4}
     assert run(["gmpipe", "check-params"], root).stdout == "params.yaml: ok\n"
 
@@ -116,7 +116,7 @@ def test_dvc_exp_queue_then_queue_start(prefect_api, dvc_project):
     # brings back is the experiment's params.yaml and the split gmpipe made from it.
     run(["dvc", "exp", "apply", "queued"], root, check=False)
     params = load_params(root / "params.yaml")
-    assert (params.prepare.max_per_class, params.compute.mixed_precision, params.train_vae.lr) == (3, "no", 1e-05)
+    assert (params.prepare.max_per_class, params.compute.mixed_precision, params.train_vae.loop.lr) == (3, "no", 1e-05)
     assert _per_class(root / "data/prepared/manifest.json") == {3}
     print(f"dvc exp run --queue prepare + dvc queue start until done: {seconds:.1f} s")
 

@@ -195,7 +195,7 @@ def test_aliases_within_bounds_read_as_dvc_reads_them(tmp_path):
     file.write_text(smoke_with("  lr: 0.001\n  warmup_steps: 5\n  disc_start", "  lr: &lr 0.002\n  warmup_steps: 5\n"
                                "  disc_start").replace("  lr: 0.0005", "  lr: *lr"))
     params = load_params(file)
-    assert params.train_vae.lr == params.distill.lr == 0.002
+    assert params.train_vae.loop.lr == params.distill.loop.lr == 0.002
 
 
 # -- properties ------------------------------------------------------------------------------------------------------

@@ -7,14 +7,9 @@ import pytest
 import torch
 
 from gmpipe.diffusion import Objective, get_schedule, get_target
+from gmpipe.diffusion.consistency import boundary_scalings, consistency_function, consistency_sample
 from gmpipe.diffusion.samplers import ddim, ddim_step
-from gmpipe.distill.consistency import (
-    boundary_scalings,
-    consistency_distillation_loss,
-    consistency_function,
-    consistency_sample,
-    pseudo_huber,
-)
+from gmpipe.distill.consistency import consistency_distillation_loss, pseudo_huber
 from tests.distill.toys import DTYPE, AffineStudent, GaussianMixture, fit
 
 TOY = GaussianMixture(means=[[1.0, -0.5]], stds=[[0.5, 2.0]], weights=[1.0])

@@ -11,9 +11,9 @@ import torch
 from gmpipe.config.loop import LoopConfig
 from gmpipe.diffusion import Objective, get_schedule, get_target, make_guided_model_fn
 from gmpipe.diffusion.samplers import ddim
-from gmpipe.distill import DISTILL_METHODS, get_distill_method
 from gmpipe.distill.loop_losses import consistency_loss_fn, guidance_loss_fn, progressive_loss_fn, reflow_loss_fn
 from gmpipe.distill.reflow import make_couplings, reflow_objective, teacher_sample_fn
+from gmpipe.registry import DISTILL_METHODS
 from gmpipe.train.loop import LossStep, train
 from tests.distill.toys import DTYPE, ClassConditionalGaussians, MLPStudent
 
@@ -22,10 +22,10 @@ OBJECTIVE = Objective(get_schedule("rectified_flow"), get_target("velocity"))
 
 @pytest.fixture(scope="module")
 def denoisers():
-    from gmpipe.nn.denoiser import Denoiser
+    from gmpipe.nn.denoiser import LabelDenoiser
 
     torch.manual_seed(0)
-    teacher = Denoiser("class", in_channels=4, sample_size=8, preset="tiny", num_classes=3).eval().requires_grad_(False)
+    teacher = LabelDenoiser(in_channels=4, sample_size=8, preset="tiny", num_classes=3).eval().requires_grad_(False)
     student = copy.deepcopy(teacher).train().requires_grad_(True)  # a student starts from its teacher's weights
     return teacher, student
 
@@ -60,10 +60,16 @@ def test_every_adapter_trains_the_student_only(denoisers):
 
 
 def test_registry():
-    assert get_distill_method("reflow").keeps_teacher_objective is False
-    assert get_distill_method("progressive").student_sampler is ddim
+    """Every registered method is a DistillMethod whose keys are distill params, and registered under its name."""
+    from gmpipe.config.distill import DistillConfig
+    from gmpipe.distill.session import DistillMethod
+
+    for name in DISTILL_METHODS:
+        method = DISTILL_METHODS[name]()
+        assert isinstance(method, DistillMethod) and method.name == name and method.paper
+        assert set(method.keys + method.sampling_keys) <= set(DistillConfig.model_fields)
     with pytest.raises(ValueError, match="unknown distillation method"):
-        get_distill_method("magic")
+        DISTILL_METHODS.lookup("magic")
     assert reflow_objective().to_config()["target"] == {"name": "velocity"}
 
 

@@ -322,7 +322,7 @@ def test_overrides_keep_comments_validate_first_and_name_the_key(prefect_api, tm
 
     apply_params_overrides(params_file, {"evaluate.fid_weights": "off"})
     params = load_params(params_file)  # a bare `off` would read as false in YAML 1.1 and fail validation
-    assert (params.train_ldm.steps, params.prepare.max_per_class) == (100, 7)
+    assert (params.train_ldm.loop.steps, params.prepare.max_per_class) == (100, 7)
     assert tuple(params.distill.methods) == ("reflow",)
     assert params.evaluate.fid_weights == "off"
     assert [p.name for p in tmp_path.iterdir()] == ["params.yaml"]  # no temporary file left behind

@@ -4,14 +4,26 @@ import pytest
 import torch
 from diffusers.models.embeddings import LabelEmbedding
 
-from gmpipe.nn.denoiser import DENOISER_PRESETS, Denoiser, DenoiserPreset, get_denoiser_preset
+from gmpipe.nn.denoiser import (
+    DENOISER_PRESETS,
+    CaptionDenoiser,
+    Denoiser,
+    DenoiserPreset,
+    LabelDenoiser,
+    UnconditionalDenoiser,
+    get_denoiser_preset,
+)
 
 CHANNELS, SIZE, CLASSES, TEXT_DIM, BATCH = 4, 8, 3, 16, 4
 
 
 def make_denoiser(mode: str, seed: int = 0) -> Denoiser:
     torch.manual_seed(seed)
-    return Denoiser(mode, CHANNELS, SIZE, "tiny", num_classes=CLASSES, text_dim=TEXT_DIM)
+    if mode == "class":
+        return LabelDenoiser(CHANNELS, SIZE, "tiny", num_classes=CLASSES)
+    if mode == "text":
+        return CaptionDenoiser(CHANNELS, SIZE, "tiny", text_dim=TEXT_DIM)
+    return UnconditionalDenoiser(CHANNELS, SIZE, "tiny")
 
 
 def make_inputs(mode: str, seed: int = 1):
@@ -172,7 +184,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(mode):
 
 
 def test_small_preset_size():
-    denoiser = Denoiser("class", 4, 8, "small", num_classes=10)
+    denoiser = LabelDenoiser(4, 8, "small", num_classes=10)
     assert 1.3e6 < denoiser.num_parameters() < 1.5e6
     assert denoiser.num_parameters() == sum(p.numel() for p in denoiser.parameters())
 
@@ -184,10 +196,20 @@ def test_presets_and_bad_arguments():
     with pytest.raises(ValueError, match="divisible by heads"):
         DenoiserPreset(width=30, depth=1, heads=4, patch_size=2)
     with pytest.raises(KeyError, match="unknown denoiser preset"):
-        Denoiser("class", 4, 8, "huge")
-    with pytest.raises(ValueError, match="conditioning mode"):
-        Denoiser("image", 4, 8, "tiny")
+        LabelDenoiser(4, 8, "huge")
+    with pytest.raises(ValueError, match="num_classes"):
+        LabelDenoiser(4, 8, "tiny", num_classes=0)
     with pytest.raises(ValueError, match="text_dim"):
-        Denoiser("text", 4, 8, "tiny")
+        CaptionDenoiser(4, 8, "tiny")
     with pytest.raises(ValueError, match="patch size"):
-        Denoiser("none", 4, 7, "tiny")
+        UnconditionalDenoiser(4, 7, "tiny")
+
+
+def test_a_saved_denoiser_of_unknown_mode_is_refused_by_name(tmp_path):
+    from gmpipe.artifacts import ArtifactError
+
+    make_denoiser("class").save_pretrained(tmp_path / "denoiser")
+    config = json.loads((tmp_path / "denoiser" / "denoiser.json").read_text())
+    (tmp_path / "denoiser" / "denoiser.json").write_text(json.dumps({**config, "mode": "image"}))
+    with pytest.raises(ArtifactError, match="denoiser.json: mode must be one of"):
+        Denoiser.from_pretrained(tmp_path / "denoiser")

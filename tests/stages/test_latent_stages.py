@@ -14,8 +14,10 @@ from gmpipe.config.params import parse_params
 from gmpipe.data.latents import STATS, LatentStats, load_split, load_texts
 from gmpipe.data.prepared import load_split as load_prepared
 from gmpipe.errors import GmpipeError
-from gmpipe.generate import LatentGenerator
+from gmpipe.generator import load_generator
+from gmpipe.nn.autoencoder import load_autoencoder
 from gmpipe.paths import Paths
+from gmpipe.seeds import SampleNoise
 from gmpipe.stages import cache_latents, distill, evaluate, prepare, train_ldm, train_vae
 from tests.conftest import smoke_params
 
@@ -34,7 +36,7 @@ def trained_vae(tmp_path_factory):
 
 def test_cache_reproduces_the_vae_posterior(trained_vae):
     params, paths = trained_vae
-    vae = cache_latents.load_vae(paths.vae)
+    vae = load_autoencoder(paths.vae)
     images = load_prepared(paths.prepared, "val").images
     cached = load_split(paths.latents, "val")
     with torch.no_grad():
@@ -68,27 +70,28 @@ def test_text_embeddings_are_cached(trained_vae):
 @pytest.fixture(scope="module")
 def trained_ldm(trained_vae):
     params, paths = trained_vae
-    config = params.train_ldm.model_copy(update={"steps": 40, "log_every": 10, "checkpoint_every": 20})
+    config = params.train_ldm.replace(steps=40, log_every=10, checkpoint_every=20)
     return params, paths, train_ldm.run(config, params.compute, paths)
 
 
 def test_train_ldm_smoke_and_sample(trained_ldm, tmp_path):
     params, paths, summary = trained_ldm
     assert summary["steps"] == 40 and summary["final_loss"] < summary["first_loss"]
-    for name in ("denoiser", "denoiser_raw", "objective.json", "sampling.json", "conditioning.json",
+    for name in ("family.json", "denoiser", "denoiser_raw", "objective.json", "sampling.json", "conditioning.json",
                  "latent_stats.json", "training.json"):
         assert (paths.ldm / name).exists(), name
     assert (paths.reports / "train_ldm/samples.png").is_file()
     objective = json.loads((paths.ldm / "objective.json").read_text())
     assert objective["schedule"]["name"] == "rectified_flow" and objective["target"]["name"] == "velocity"
 
-    generator = LatentGenerator.load(paths.ldm, paths.vae)
-    cond = generator.condition(labels=[0, 1, 2])
-    latents, nfe = generator.sample_latents(cond, 3, steps=3, guidance=1.0)
-    assert latents.shape == (3, 4, 8, 8) and nfe == 6  # guided: 2 evaluations per step
-    assert generator.decode(latents).shape == (3, 1, 32, 32)
+    generator = load_generator(paths.ldm, autoencoder=paths.vae)
+    images, nfe = generator.generate([0, 1, 2], seeds=[0, 1, 2], steps=3, guidance=1.0)
+    assert images.shape == (3, 1, 32, 32) and images.dtype == np.uint8 and nfe == 6  # guided: 2 per step
+    settings = {**generator.settings, "steps": 3}
+    latents, _ = generator.sample_latents(generator.conditioning.encode([0, 1, 2]), SampleNoise([0, 1, 2]), **settings)
+    assert latents.shape == (3, 4, 8, 8)
     with pytest.raises(GmpipeError, match="out of range"):
-        generator.condition(labels=[99])
+        generator.generate([99], seeds=[0])
 
     out = tmp_path / "grid.npz"
     code = main(["sample", "--model", str(paths.ldm), "--vae", str(paths.vae), "--classes", "3", "7", "-n", "2",
@@ -96,6 +99,27 @@ def test_train_ldm_smoke_and_sample(trained_ldm, tmp_path):
     assert code == 0
     with np.load(out) as saved:
         assert saved["images"].shape == (4, 1, 32, 32) and saved["labels"].tolist() == [3, 3, 7, 7]
+
+
+@pytest.mark.parametrize("kind", ["text", "none"])
+def test_every_conditioning_trains_and_generates(trained_vae, tmp_path, kind):
+    """A text-conditional and an unconditional denoiser train, save their conditioning, and generate through the
+    same interface and command as the class-conditional one (class labels become class captions for text)."""
+    params, shared = trained_vae
+    paths = _copy_project(shared, tmp_path)
+    config = params.train_ldm.replace(conditioning=kind, steps=2, warmup_steps=0, grid_per_class=1)
+    summary = train_ldm.run(config, params.compute, paths)
+    assert summary["grid_nfe"] == config.sample_steps * (1 if kind == "none" else 2)
+    generator = load_generator(paths.ldm, autoencoder=paths.vae)
+    assert generator.conditioning.kind == kind and type(generator.denoiser).mode == kind
+    images, nfe = generator.generate([0, 1], seeds=[0, 1], steps=2)
+    assert images.shape == (2, 1, 32, 32) and nfe == (2 if kind == "none" else 4)
+    out = tmp_path / "samples.npz"
+    prompts = ["--prompts", "a photo of a bag"] if kind == "text" else []
+    assert main(["sample", "--model", str(paths.ldm), "--vae", str(paths.vae), *prompts, "-n", "2", "--steps", "1",
+                 "--device", "cpu", "--out", str(out)]) == 0
+    with np.load(out) as saved:
+        assert saved["images"].shape == (2, 1, 32, 32) and saved["labels"].tolist() == [-1, -1]
 
 
 def test_missing_upstream_names_the_stage(tmp_path):
@@ -119,14 +143,14 @@ def test_distill_writes_students_that_sample(distilled):
     for name in summary["students"]:
         info = json.loads((paths.student / name / "student.json").read_text())
         assert info["guidance_folded"] == 1.0 and info["nfe_per_step"] == 1
-        generator = LatentGenerator.load(paths.student / name, paths.vae)
+        generator = load_generator(paths.student / name, autoencoder=paths.vae)
         steps = info["steps"][0]
-        latents, nfe = generator.sample_latents(generator.condition(labels=[1, 2]), 2, steps=steps)
-        assert nfe == steps and torch.isfinite(latents).all()  # guidance folded in: 1 evaluation per step
+        images, nfe = generator.generate([1, 2], seeds=[0, 1], steps=steps)
+        assert nfe == steps and images.shape == (2, 1, 32, 32)  # guidance folded in: 1 evaluation per step
     reflow = json.loads((paths.student / "reflow" / "objective.json").read_text())
     assert reflow["schedule"]["name"] == "rectified_flow" and reflow["target"]["name"] == "velocity"
     table = json.loads((paths.reports / "distill/metrics.json").read_text())
-    assert table["progressive-1step"]["steps"] == [1] and table["reflow"]["train_steps"] == params.distill.steps
+    assert table["progressive-1step"]["steps"] == [1] and table["reflow"]["train_steps"] == params.distill.loop.steps
     assert "| reflow | reflow |" in summary["markdown"]
     # Rerunning resumes every student from its finished checkpoint instead of training again.
     again = distill.run(params.distill, params.compute, paths)
@@ -183,7 +207,7 @@ def test_evaluate_names_missing_models(tmp_path):
 
 def _validation_loss(model_dir, latents_dir) -> float:
     """The objective on fixed validation latents, noise and times: comparable across training runs."""
-    generator = LatentGenerator.load(model_dir)
+    generator = load_generator(model_dir)
     split = load_split(latents_dir, "val")
     stats = LatentStats.load(latents_dir / STATS)
     rng = torch.Generator().manual_seed(0)
@@ -251,7 +275,7 @@ def test_distill_reruns_only_what_changed(distilled, tmp_path, capsys):
     assert len(couplings) == 1
     capsys.readouterr()
     # A key of one method restarts that method only; the others resume and the couplings are reused.
-    changed = params.distill.model_copy(update={"consistency_intervals": 4})
+    changed = params.distill.replace(consistency_intervals=4)
     distill.run(changed, params.compute, paths)
     out = capsys.readouterr().out
     assert "distill consistency: starting over: distill.consistency_intervals changed (8 -> 4)" in out
@@ -259,7 +283,7 @@ def test_distill_reruns_only_what_changed(distilled, tmp_path, capsys):
     assert sorted(root.glob("reflow-couplings-*")) == couplings
     assert (root / "consistency.stale").is_dir()
     # A new guidance weight changes every student and the teacher couplings reflow trains on.
-    guided = changed.model_copy(update={"guidance": 2.0})
+    guided = changed.replace(guidance=2.0)
     distill.run(guided, params.compute, paths)
     out = capsys.readouterr().out
     assert out.count("starting over: distill.guidance changed (1.0 -> 2.0)") == 5, out
@@ -274,21 +298,24 @@ def test_time_shift_is_stored_and_sampled_on_its_grid(trained_ldm, tmp_path):
 
     params, shared, _ = trained_ldm
     paths = _copy_project(shared, tmp_path)
-    teacher_config = params.train_ldm.model_copy(update={"steps": 2, "time_shift": 3.0, "grid_per_class": 1})
+    teacher_config = params.train_ldm.replace(steps=2, warmup_steps=0, time_shift=3.0, grid_per_class=1)
     train_ldm.run(teacher_config, params.compute, paths)
-    student_config = params.distill.model_copy(update={
-        "methods": ["progressive"], "progressive_start_steps": 2, "steps": 2, "time_shift": 3.0})
+    student_config = params.distill.replace(methods=["progressive"], progressive_start_steps=2, steps=2,
+                                            warmup_steps=0, time_shift=3.0)
     distill.run(student_config, params.compute, paths)
     for folder, steps in ((paths.ldm, 4), (paths.student / "progressive-2step", 2)):
-        generator = LatentGenerator.load(folder)
-        assert generator.sampling["shift"] == 3.0
+        generator = load_generator(folder)
+        assert generator.settings["shift"] == 3.0
         seen = []
         generator.denoiser.register_forward_pre_hook(lambda module, args, seen=seen: seen.append(args[1].clone()))
-        generator.sample_latents(generator.condition(labels=[0]), 1, steps=steps)
+        generator.sample_latents(generator.conditioning.encode([0]), SampleNoise([0]),
+                                 **{**generator.settings, "steps": steps})
         times = torch.stack([t[0] for t in seen])
         torch.testing.assert_close(times, time_grid(steps, shift=3.0)[:-1])
         assert not torch.allclose(times, time_grid(steps)[:-1])
     assert json.loads((paths.student / "progressive-2step" / "student.json").read_text())["time_shift"] == 3.0
+
+
 def _two_machines(roots, timeout: float = 400) -> list:
     """`gmpipe stage train_ldm` as machine 0 in roots[0] and machine 1 in roots[1], at the same time, ranks from
     GMPIPE_MACHINE_RANK; returns both finished processes (returncode, stdout, stderr)."""
@@ -332,7 +359,7 @@ def test_two_machines_on_loopback(trained_vae, tmp_path, prefect_api):
                        train_ldm={"steps": 10, "warmup_steps": 0, "checkpoint_every": 5, "log_every": 5,
                                   "grid_per_class": 1})
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
-    five = parse_params(raw).train_ldm.model_copy(update={"steps": 5})
+    five = parse_params(raw).train_ldm.replace(steps=5)
     train_ldm.run(five, ComputeConfig(threads=1), Paths(root))  # a one-process checkpoint at step 5
     shutil.rmtree(root / "models" / "ldm")
 

@@ -53,11 +53,11 @@ def test_discriminator_frozen_before_disc_start_and_trained_after(tmp_path):
     from gmpipe.train.loop import train
 
     images = torch.rand(64, 1, 32, 32) * 2 - 1
-    train(params.train_vae, steps, 64, lambda i, d: images[i], tmp_path / "a")
+    train(params.train_vae.loop, steps, 64, lambda i, d: images[i], tmp_path / "a")
     assert all(torch.equal(before[k], v) for k, v in discriminator.state_dict().items())
 
-    later = params.train_vae.model_copy(update={"steps": 5})
-    train(later, steps, 64, lambda i, d: images[i], tmp_path / "b")
+    later = params.train_vae.replace(steps=5)
+    train(later.loop, steps, 64, lambda i, d: images[i], tmp_path / "b")
     assert not all(torch.equal(before[k], v) for k, v in discriminator.state_dict().items())
 
 
@@ -72,7 +72,7 @@ def test_true_lpips_from_local_vgg16_and_lpips_files(tmp_path):
     from safetensors.torch import save_file
     from torch import nn
 
-    from gmpipe.eval.features import LPIPS_VGG16_TAPS, VGG16_LAYERS
+    from gmpipe.nn.features import LPIPS_VGG16_TAPS, VGG16_LAYERS
 
     trunk, channels, index = {}, 3, 0
     for spec in VGG16_LAYERS:
@@ -131,7 +131,7 @@ def _two_process_vae_worker(directory: str):
     gradient_mean = train_vae.mean_over_processes(accelerator)
     images = torch.rand(32, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     steps = train_vae.loss_steps(vae, discriminator, loss, config, gradient_mean)
-    result = train(config, steps, len(images), lambda index, device: images[index].to(device),
+    result = train(config.loop, steps, len(images), lambda index, device: images[index].to(device),
                    Path(directory) / "ckpt", accelerator=accelerator, ema_of="vae")
     assert result.history[-1]["discriminator/discriminator"] > 0  # the discriminator step ran
 

@@ -4,7 +4,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from gmpipe.eval.features import (
+from gmpipe.nn.features import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     EffNetLite0Features,

@@ -1,0 +1,110 @@
+"""One interface for every trained model, whatever its family: requests and per-sample seeds in, uint8 images and
+the network evaluations spent out.
+
+    generator = load_generator("models/ldm", autoencoder="models/vae")
+    images, nfe = generator.generate([3, 3, 7], seeds=[0, 1, 2])   # uint8 (3, C, H, W), NFE per image
+
+A request per sample is a class label (int), a prompt (str) or None; the model's conditioning turns them into
+its condition (``gmpipe.conditioning``). Sample i depends only on seeds[i], requests[i] and the settings, never on
+the batch it was drawn in, the batch size or the number of processes: every random draw of a sample comes from its
+own stream (``gmpipe.seeds.SampleNoise``).
+
+``settings`` are a model's own defaults (for latent diffusion: sampler, steps, guidance, the time grid's shift);
+``generate(..., **settings)`` overrides some for one call, and a setting a model does not have is an error. Callers
+ask a model what it has (``"guidance" in generator.settings``), never which family it is.
+
+A model folder says which family it belongs to, and which stage writes it, in ``family.json``
+(``{"family": "latent_diffusion", "stage": "train_ldm"}``); the families are registered by name in
+``gmpipe.registry.MODEL_FAMILIES``. A family is a :class:`Generator` subclass with ``load``, ``generate`` and
+``save``; adding one is its own module plus one registry line.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from gmpipe.artifacts import ArtifactError, read_json
+from gmpipe.conditioning import Conditioning, Request
+from gmpipe.errors import GmpipeError
+from gmpipe.registry import MODEL_FAMILIES
+
+FAMILY_FILE = "family.json"
+DEFAULT_BATCH_SIZE = 256
+
+
+class Generated(NamedTuple):
+    images: np.ndarray  # uint8 (N, C, H, W)
+    nfe: int  # network evaluations per image
+
+
+class FamilyFile(BaseModel):
+    """``family.json``: the model family (a ``MODEL_FAMILIES`` name) and the stage that writes the folder."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    family: str
+    stage: str
+
+
+class Generator:
+    """A trained model that generates images (see the module docstring). Attributes: ``conditioning`` and
+    ``settings`` (the defaults ``generate`` uses)."""
+
+    conditioning: Conditioning
+    settings: dict[str, Any]
+
+    @classmethod
+    def load(cls, folder: Path, stage: str, *, autoencoder: Path | None = None,
+             device: torch.device | str = "cpu") -> Generator:
+        """The model in ``folder`` (written by ``stage``), its networks on ``device``; ``autoencoder`` is the
+        folder of the trained autoencoder, for families that generate in its latent space."""
+        raise NotImplementedError
+
+    def generate(self, requests: Sequence[Request] | None, seeds: Sequence[int], *,
+                 batch_size: int = DEFAULT_BATCH_SIZE, **settings: Any) -> Generated:
+        """``len(seeds)`` images, sample i for requests[i] (None: no request for any sample) from seeds[i]."""
+        raise NotImplementedError
+
+    def resolve_settings(self, overrides: dict[str, Any]) -> dict[str, Any]:
+        """The model's settings with ``overrides`` (None values ignored); a setting it does not have is an error."""
+        unknown = sorted(set(overrides) - set(self.settings))
+        if unknown:
+            raise GmpipeError(f"this model has no setting {unknown[0]!r} (it has: {', '.join(sorted(self.settings))})")
+        return {**self.settings, **{k: v for k, v in overrides.items() if v is not None}}
+
+    @staticmethod
+    def requests_for(requests: Sequence[Request] | None, seeds: Sequence[int]) -> list[Request]:
+        """One request per seed (None for all when ``requests`` is None)."""
+        if requests is None:
+            return [None] * len(seeds)
+        if len(requests) != len(seeds):
+            raise ValueError(f"{len(requests)} requests but {len(seeds)} seeds: give one of each per sample")
+        return list(requests)
+
+
+def write_family(folder: Path, family: type[Generator], stage: str) -> None:
+    """Record in ``folder`` which family its model belongs to and which stage writes it."""
+    (Path(folder) / FAMILY_FILE).write_text(json.dumps({"family": MODEL_FAMILIES.name_of(family), "stage": stage},
+                                                       indent=2))
+
+
+def load_generator(folder: str | Path, *, autoencoder: str | Path | None = None,
+                   device: torch.device | str = "cpu", missing_stage: str = "train_ldm") -> Generator:
+    """The trained model in ``folder``, as its family loads it. ``missing_stage`` is the stage named when the folder
+    holds no model at all (the one that would write it)."""
+    folder = Path(folder)
+    if not (folder / FAMILY_FILE).is_file():
+        raise ArtifactError(folder, f"no trained model here (no {FAMILY_FILE})", missing_stage, missing=True)
+    described = read_json(folder / FAMILY_FILE, missing_stage, FamilyFile.model_validate)
+    if described.family not in MODEL_FAMILIES:
+        raise ArtifactError(folder / FAMILY_FILE, f"unknown model family {described.family!r} (this gmpipe knows "
+                                                  f"{', '.join(MODEL_FAMILIES.names)})", described.stage)
+    family = MODEL_FAMILIES[described.family]
+    return family.load(folder, described.stage, autoencoder=Path(autoencoder) if autoencoder else None,
+                       device=device)
