@@ -15,7 +15,7 @@ from torch import Tensor
 
 from gmpipe.ar.tokenizer import LatentTokenizer
 from gmpipe.data.latents import LatentSplit, LatentStats
-from gmpipe.train.loop import to_device
+from gmpipe.device import transfer
 
 Posterior = Literal["sample", "mean"]
 
@@ -36,7 +36,7 @@ def make_token_batch_fn(split: LatentSplit, stats: LatentStats, tokenizer: Laten
 
     def make_batch(index: Tensor, device):
         tokens = tokenizer.encode(normalized_latents(split, stats, index, posterior))
-        return to_device(tokens, device), to_device(split.labels[index], device)
+        return transfer(tokens, device), transfer(split.labels[index], device)
 
     return make_batch
 

@@ -24,7 +24,7 @@ from torch import Tensor
 from gmpipe.ar.model import LatentAR
 from gmpipe.ar.tokenizer import LatentTokenizer
 from gmpipe.diffusion.guidance import drop_conditions
-from gmpipe.train.loop import LossStep
+from gmpipe.train.step import LossStep
 
 LN2 = math.log(2.0)
 

@@ -20,7 +20,7 @@ import torch
 from gmpipe.gan.discriminator import ProjectionDiscriminator
 from gmpipe.gan.generator import ConditionalGenerator
 from gmpipe.gan.losses import D_LOSSES, G_LOSSES, check_loss_kind, r1_penalty
-from gmpipe.train.loop import LossFn, LossStep
+from gmpipe.train.step import LossFn, LossStep
 
 GENERATOR = "generator"
 DISCRIMINATOR = "discriminator"
