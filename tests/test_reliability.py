@@ -28,9 +28,9 @@ from tests.conftest import BIN, run, smoke_params
 
 # Longer training and frequent checkpoints, so that a kill lands mid-run.
 KILL_PARAMS = {
-    "train_vae": {"steps": 80, "checkpoint_every": 5, "disc_start": 10, "eval_images": 50},
-    "train_ldm": {"steps": 150, "checkpoint_every": 10, "grid_per_class": 1},
-    "distill": {"methods": ["reflow"], "steps": 150, "checkpoint_every": 10, "reflow_pairs": 64},
+    "train_vae": {"steps": 40, "checkpoint_every": 5, "disc_start": 10, "eval_images": 50},
+    "train_ldm": {"steps": 80, "checkpoint_every": 10, "grid_per_class": 1},
+    "distill": {"methods": ["reflow"], "steps": 80, "checkpoint_every": 10, "reflow_pairs": 64},
     "prepare": {"max_per_class": 20},
 }
 
@@ -152,7 +152,7 @@ def test_missing_upstream_names_the_stage_to_run(tmp_path):
 
 
 def test_second_dvc_repro_fails_fast_while_one_runs(prefect_api, dvc_project):
-    root = dvc_project(smoke_params(prepare={"max_per_class": 20}, train_vae={"steps": 200, "checkpoint_every": 100}))
+    root = dvc_project(smoke_params(prepare={"max_per_class": 20}, train_vae={"steps": 60, "checkpoint_every": 30}))
     run(["dvc", "repro", "prepare"], root)
     first = _start(["dvc", "repro", "train_vae"], root)
     deadline = time.monotonic() + 120
@@ -164,7 +164,7 @@ def test_second_dvc_repro_fails_fast_while_one_runs(prefect_api, dvc_project):
     assert "lock" in (second.stdout + second.stderr).lower()
     output, _ = first.communicate(timeout=600)
     assert first.returncode == 0, output[-3000:]
-    assert json.loads((root / "reports/train_vae/metrics.json").read_text())["step"] == 200
+    assert json.loads((root / "reports/train_vae/metrics.json").read_text())["step"] == 60
 
 
 def test_full_disk_during_checkpoint_keeps_the_last_good_one(tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ from tests.conftest import run, smoke_params
 
 PARAMS = {
     "prepare": {"max_per_class": 20},
-    "train_vae": {"steps": 10, "checkpoint_every": 5, "disc_start": 5, "eval_images": 40},
+    "train_vae": {"steps": 10, "checkpoint_every": 5, "disc_start": 5, "eval_images": 40, "perceptual_weight": 0.0},
     "train_ldm": {"steps": 10, "checkpoint_every": 5, "grid_per_class": 1},
 }
 
