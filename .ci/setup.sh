@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up: a virtual environment with torch installed first (so a CPU machine never downloads a
-# multi-GB CUDA build), the project with its dev extra, DVC and Prefect kept inside the project, and the
-# Fashion-MNIST data set from Debian when it is missing.
+# multi-GB CUDA build), the project with its dev extra (which includes the pipeline extra: Prefect and DVC), DVC and
+# Prefect kept inside the project, and the Fashion-MNIST data set from Debian when it is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -28,7 +28,8 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
 fi
 
 stamp="$VENV/.gmpipe-installed"
-want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+# hashed in Python, not with sha256sum, which macOS lacks
+want="$("$VENV/bin/python" -c 'import hashlib; print(hashlib.sha256(open("pyproject.toml", "rb").read()).hexdigest())')"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     say "installing gmpipe and its dependencies"
     "${PIP[@]}" -e ".[dev]"

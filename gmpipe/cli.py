@@ -105,7 +105,31 @@ def cmd_check_params(args: argparse.Namespace) -> int:
     return 0
 
 
+# What `gmpipe stage` and `gmpipe pipeline` run on, installed by the `pipeline` extra; sampling, evaluation and
+# check-params never import them.
+PIPELINE_EXTRA = ("prefect", "dvc", "dvclive")
+
+
+def _pipeline_extra_missing(command: str) -> str | None:
+    """One line saying which extra to install when the orchestration packages are not installed, else None."""
+    import importlib.util
+
+    def installed(name: str) -> bool:
+        try:
+            return importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            return False
+
+    missing = [name for name in PIPELINE_EXTRA if not installed(name)]
+    if not missing:
+        return None
+    return (f"'gmpipe {command}' runs stages through Prefect and DVC, and {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not installed: pip install 'gmpipe[pipeline]'")
+
+
 def cmd_stage(args: argparse.Namespace) -> int:
+    if problem := _pipeline_extra_missing("stage"):
+        return _fail(problem)
     try:
         load_params(Path(args.root) / args.params)
     except ParamsError as exc:
@@ -134,6 +158,8 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
+    if problem := _pipeline_extra_missing("pipeline"):
+        return _fail(problem)
     try:
         load_params(Path(args.root) / "params.yaml")
     except ParamsError as exc:
