@@ -73,6 +73,8 @@ def test_frechet_distance_equals_torchmetrics(image_sets, features, generated):
     theirs = _torchmetrics_fd(real, {"other": other, "degraded": degraded}[generated])
     ours = frechet_distance_from_features(features["real"], features[generated])
     assert ours == pytest.approx(theirs, rel=1e-3)
+    print(f"\nFD vs {generated}: gmpipe {ours:.6g}, torchmetrics {theirs:.6g}, relative difference "
+          f"{abs(ours - theirs) / theirs:.1e}")
     mu1, sigma1 = feature_statistics(features["real"])
     mu2, sigma2 = feature_statistics(features[generated])
     assert frechet_distance(mu1, sigma1, mu2, sigma2) == pytest.approx(theirs, rel=1e-3)
@@ -89,6 +91,8 @@ def test_kernel_distance_equals_torchmetrics(image_sets, features):
     theirs, _ = metric.compute()
     ours, spread = kernel_distance(features["real"], features["degraded"], n_subsets=1, subset_size=N)
     assert ours == pytest.approx(float(theirs), rel=1e-3) and spread == 0.0
+    print(f"\nKID: gmpipe {ours:.6g}, torchmetrics {float(theirs):.6g}, relative difference "
+          f"{abs(ours - float(theirs)) / abs(float(theirs)):.1e}")
     # and subset by subset, on the same random subsets
     rng = np.random.default_rng(0)
     for _ in range(5):
