@@ -14,7 +14,7 @@ Loading, offline, from the local folder:
 
     from diffusers import DiffusionPipeline
     pipe = DiffusionPipeline.from_pretrained("models/ldm", trust_remote_code=True)   # pipeline.py imports gmpipe
-    # or, without running any code from the folder:
+    # or with gmpipe's class, which needs no trust_remote_code (pipeline.py checked to be its own import line):
     from gmpipe.pipelines.latent_diffusion import LatentDiffusionPipeline
     pipe = LatentDiffusionPipeline.from_pretrained("models/ldm")
     images = pipe(class_labels=[3, 3, 7], num_inference_steps=50, guidance_scale=2.0,

@@ -1,7 +1,7 @@
 """A gmpipe model folder is a diffusers pipeline folder: diffusers loads it offline through DiffusionPipeline (the
 class resolved from the folder, no hub, no network) and draws exactly gmpipe sample's images for the same seeds;
-gmpipe's pipeline class loads it without running code from the folder, saves it back as a gmpipe model folder,
-and samples unconditional models."""
+gmpipe's pipeline class loads it without trust_remote_code (and refuses a changed resolver), saves it back as a
+gmpipe model folder, and samples unconditional models."""
 
 from __future__ import annotations
 
@@ -97,7 +97,7 @@ def test_diffusers_loads_the_folder_offline_and_draws_gmpipe_samples(folders, tm
                                                                       "--sampler", "dpmpp_2m"))
 
 
-def test_the_pipeline_class_loads_without_code_from_the_folder_and_saves_a_gmpipe_folder(folders, tmp_path):
+def test_the_pipeline_class_loads_without_remote_code_and_saves_a_gmpipe_folder(folders, tmp_path):
     ldm, vae = folders
     (ldm / "pipeline.py").write_text((ldm / "pipeline.py").read_text() + "raise SystemExit('ran folder code')\n")
     try:
