@@ -23,7 +23,8 @@ setup:
 demo: setup
 	@. $(VENV)/bin/activate && gmpipe pipeline
 
-test: setup
+test:
+	@GMPIPE_SETUP_DATA=no bash .ci/setup.sh
 	@. $(VENV)/bin/activate && python -m pytest $(PYTEST_ARGS)
 
 smoke: setup

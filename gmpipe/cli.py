@@ -105,7 +105,31 @@ def cmd_check_params(args: argparse.Namespace) -> int:
     return 0
 
 
+# What `gmpipe stage` and `gmpipe pipeline` run on, installed by the `pipeline` extra; sampling, evaluation and
+# check-params never import them.
+PIPELINE_EXTRA = ("prefect", "dvc", "dvclive")
+
+
+def _pipeline_extra_missing(command: str) -> str | None:
+    """One line saying which extra to install when the orchestration packages are not installed, else None."""
+    import importlib.util
+
+    def installed(name: str) -> bool:
+        try:
+            return importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            return False
+
+    missing = [name for name in PIPELINE_EXTRA if not installed(name)]
+    if not missing:
+        return None
+    return (f"'gmpipe {command}' runs stages through Prefect and DVC, and {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not installed: pip install 'gmpipe[pipeline]'")
+
+
 def cmd_stage(args: argparse.Namespace) -> int:
+    if problem := _pipeline_extra_missing("stage"):
+        return _fail(problem)
     try:
         load_params(Path(args.root) / args.params)
     except ParamsError as exc:
@@ -134,6 +158,8 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
+    if problem := _pipeline_extra_missing("pipeline"):
+        return _fail(problem)
     try:
         load_params(Path(args.root) / "params.yaml")
     except ParamsError as exc:
@@ -185,6 +211,11 @@ def _run_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _writing_stage(model: Path) -> str:
+    """The stage that writes a model folder: distill for the students (models/student/NAME), else train_ldm."""
+    return "distill" if "student" in model.parts[:-1] else "train_ldm"
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -196,10 +227,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
     device = resolve_device(args.device, key="--device")
     out = check_output(args.out)
     device = resolve_device(args.device, key="--device")  # a device that is not there fails before anything loads
-    if not Path(args.model).is_dir():
-        return _fail(f"--model {args.model}: no such folder (a trained model: models/ldm or models/student/NAME; "
-                     "run the 'train_ldm' stage first)")
-    generator = load_generator(args.model, autoencoder=args.vae, device=device)
+    model, stage = Path(args.model), _writing_stage(Path(args.model))
+    if not model.is_dir():
+        siblings = sorted(p.name for p in model.parent.iterdir() if p.is_dir()) if model.parent.is_dir() else []
+        where = f"{model.parent} has {', '.join(siblings)}" if siblings and stage == "distill" else \
+            "a trained model: models/ldm or models/student/NAME"
+        return _fail(f"--model {args.model}: no such folder ({where}; the '{stage}' stage writes it)")
+    generator = load_generator(model, autoencoder=args.vae, device=device, missing_stage=stage)
     rows = generator.conditioning.rows(classes=args.classes, prompts=args.prompts)
     if len(rows) * args.n > MAX_IMAGES:
         return _fail(f"-n {args.n}: {len(rows)} rows x {args.n} images is more than {MAX_IMAGES}; lower -n")

@@ -121,6 +121,10 @@ SAMPLERS = Registry("sampler", {
     "ddpm": "gmpipe.diffusion.samplers:ddpm",
     "sde": "gmpipe.diffusion.samplers:sde",
     "consistency": "gmpipe.diffusion.consistency:consistency_sample",
+    # training-free few-step solvers from diffusers, mapped onto gmpipe's objective (gmpipe/diffusion/solvers.py)
+    "dpmpp_2m": "gmpipe.diffusion.solvers:dpmpp_2m",
+    "unipc": "gmpipe.diffusion.solvers:unipc",
+    "flow_euler": "gmpipe.diffusion.solvers:flow_euler",
 })
 # The samplers whose result is a function of the starting noise alone (reflow's couplings need one).
 DETERMINISTIC_SAMPLERS = ("euler", "heun", "ddim")

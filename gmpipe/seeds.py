@@ -29,6 +29,18 @@ class SampleNoise:
         self.seeds = [int(seed) for seed in seeds]
         self._streams = [torch.Generator().manual_seed(seed) for seed in self.seeds]
 
+    @classmethod
+    def from_generators(cls, generators: Sequence[torch.Generator]) -> SampleNoise:
+        """Streams that are the given CPU generators (drawing advances them): a diffusers pipeline's ``generator``
+        list, one per image. ``[torch.Generator().manual_seed(s) for s in seeds]`` draws what ``SampleNoise(seeds)``
+        draws; one generator repeated gives its rows one after another."""
+        if any(generator.device.type != "cpu" for generator in generators):
+            raise ValueError("per-image generators must be CPU generators (the noise is drawn on the CPU)")
+        noise = cls.__new__(cls)
+        noise.seeds = [generator.initial_seed() for generator in generators]
+        noise._streams = list(generators)
+        return noise
+
     def __len__(self) -> int:
         return len(self._streams)
 

@@ -298,7 +298,7 @@ DAMAGED = [
      "missing from the denoiser folder"),
     ("ldm-denoiser-config-wrong", "models/ldm/denoiser/denoiser.json", edit_json(in_channels="four"), "ldm",
      "train_ldm", "denoiser cannot be loaded"),
-    ("ldm-weights-truncated", "models/ldm/denoiser/model/diffusion_pytorch_model.safetensors", truncate, "ldm",
+    ("ldm-weights-truncated", "models/ldm/denoiser/diffusion_pytorch_model.safetensors", truncate, "ldm",
      "train_ldm", "denoiser cannot be loaded"),
     ("student-stats-truncated", "models/student/reflow/latent_stats.json", truncate, "student", "distill",
      "not valid JSON"),

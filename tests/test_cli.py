@@ -52,12 +52,17 @@ def test_bad_argument_is_one_line_and_exit_2(capsys, argv, message):
 def model_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cli")
     write_model_folders(root)
+    for name in ("progressive-1step", "reflow"):
+        (root / "models" / "student" / name).mkdir(parents=True)
     return root
 
 
 # (id, arguments after `gmpipe sample`, what the one error line names); each exits 1 before sampling
 BAD_SAMPLE_RUNS = [
     ("model-missing", ["--model", "no/such/model"], "--model no/such/model: no such folder"),
+    ("student-missing", ["--model", "models/student/progressive"],
+     "--model models/student/progressive: no such folder (models/student has progressive-1step, reflow; the "
+     "'distill' stage writes it)"),
     ("model-is-a-file", ["--model", "file.txt"], "--model file.txt: no such folder"),
     ("model-without-files", ["--model", "models/vae"], "no trained model here"),
     ("vae-missing", ["--vae", "nowhere"], "nowhere: no trained autoencoder here; run the 'train_vae' stage first"),

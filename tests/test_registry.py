@@ -57,7 +57,8 @@ def test_params_accept_exactly_the_registered_names():
     with pytest.raises(ParamsError) as caught:
         parse_params({"train_ldm": {"sampler": "warp"}, "distill": {"methods": ["magic"]}})
     names = "', '".join(registry.SAMPLERS.names[:-1])
-    assert f"train_ldm.sampler: must be one of '{names}' or 'consistency' (got 'warp')" in str(caught.value)
+    last = registry.SAMPLERS.names[-1]
+    assert f"train_ldm.sampler: must be one of '{names}' or '{last}' (got 'warp')" in str(caught.value)
     assert "distill.methods.0: must be one of 'progressive', 'reflow', 'consistency' or 'guidance'" in str(caught.value)
 
 

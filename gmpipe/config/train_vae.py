@@ -45,7 +45,8 @@ class TrainVAEConfig(ComposedSection):
 
     @model_validator(mode="after")
     def _lpips_needs_its_backbone(self):
-        if bool(self.lpips_weights) != bool(self.lpips_backbone_weights):
+        # the heads without their trunk mean nothing; the trunk alone takes the heads of an installed lpips package
+        if self.lpips_weights and not self.lpips_backbone_weights:
             raise ValueError("lpips_weights and lpips_backbone_weights go together (LPIPS heads + their VGG-16 trunk)")
         return self
 

@@ -16,6 +16,7 @@ Modules, one concept each:
     time_density  p(t): how training times are drawn, plus the resolution shift
     objective     Objective = schedule x target x time density x weighting; the 2x2 conversions and the loss
     samplers      Euler, Heun, DDIM, DDPM-ancestral and reverse-SDE samplers returning (samples, NFE)
+    solvers       diffusers' DPM-Solver++ (2M), UniPC and flow-matching Euler as samplers on any objective
     consistency   the consistency function and its multistep sampler (Song et al. 2023)
     score         the score -z_hat / b, the forward SDE (f, g^2) of a path and the reverse-SDE drift
                   (import score() from gmpipe.diffusion.score: re-exported here it would hide the module)

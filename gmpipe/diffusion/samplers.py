@@ -145,7 +145,7 @@ def reverse_sde_step(
     return x_s + expand_like(noise_scale, x_t) * fresh_noise
 
 
-class _CallCounter:
+class CallCounter:
     """Wraps model_fn and counts network evaluations per sample (calls x model_fn.nfe_per_call)."""
 
     def __init__(self, model_fn: ModelFn) -> None:
@@ -159,7 +159,7 @@ class _CallCounter:
 
 def _integrate(model_fn: ModelFn, noise: Tensor, num_steps: int, shift: float, step) -> tuple[Tensor, int]:
     """Walk time_grid(num_steps, shift) from t = 1 to 0 with step(model, x, t, s) -> x_s; count the NFE."""
-    model = _CallCounter(model_fn)
+    model = CallCounter(model_fn)
     times = time_grid(num_steps, shift=shift, device=noise.device, dtype=noise.dtype)
     x = noise
     for t, s in zip(times[:-1], times[1:], strict=True):

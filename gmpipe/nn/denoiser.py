@@ -57,10 +57,20 @@ __all__ = ["DENOISER_PRESETS", "CaptionDenoiser", "Denoiser", "DenoiserPreset", 
 
 DIFFUSERS_TIMESTEPS = 1000  # t in [0, 1] -> diffusers timestep t * 1000 (see the module docstring)
 
-MODEL_FOLDER = "model"
+# The diffusers model's files sit in the denoiser folder itself; folders written before kept them in model/.
+TRANSFORMER_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
+LEGACY_MODEL_FOLDER = "model"
 CONFIG_FILE = "denoiser.json"
 NULL_TEXT_FILE = "null_text.safetensors"
 NULL_TEXT_KEY = "null_text_embedding"
+
+
+def _weights_folder(directory: Path) -> Path:
+    """Where the diffusers model of a denoiser folder is: the folder itself, or ``model/`` in older folders."""
+    legacy = directory / LEGACY_MODEL_FOLDER
+    if not (directory / TRANSFORMER_FILES[0]).is_file() and (legacy / TRANSFORMER_FILES[0]).is_file():
+        return legacy
+    return directory
 
 
 def build_dit(preset: DenoiserPreset, in_channels: int, sample_size: int, num_classes: int) -> DiTTransformer2DModel:
@@ -165,11 +175,12 @@ class Denoiser(nn.Module):
         }
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """Write ``directory/model`` (the diffusers model, safetensors), ``directory/denoiser.json`` and what the
-        subclass keeps beside them (a CaptionDenoiser's ``null_text.safetensors``)."""
+        """Write the diffusers model into ``directory`` (``config.json``, ``diffusion_pytorch_model.safetensors``:
+        a diffusers model folder that ``DiTTransformer2DModel.from_pretrained`` or a pipeline loads as it is), and
+        beside it ``denoiser.json`` and what the subclass keeps (a CaptionDenoiser's ``null_text.safetensors``)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.transformer.save_pretrained(directory / MODEL_FOLDER, safe_serialization=True)
+        self.transformer.save_pretrained(directory, safe_serialization=True)
         self._save_extra(directory)
         (directory / CONFIG_FILE).write_text(json.dumps(self.to_config(), indent=2) + "\n")
 
@@ -185,23 +196,47 @@ class Denoiser(nn.Module):
         ``from_pretrained`` does); call ``.train()`` to train it further. A missing or damaged file is one
         :class:`~gmpipe.artifacts.ArtifactError` naming it and ``stage``, the stage that writes the folder."""
         directory = Path(directory)
-        required = (CONFIG_FILE, f"{MODEL_FOLDER}/config.json", f"{MODEL_FOLDER}/diffusion_pytorch_model.safetensors")
+        weights = _weights_folder(directory)
+        required = (CONFIG_FILE, *(str((weights / name).relative_to(directory)) for name in TRANSFORMER_FILES))
         return load_model_folder(lambda folder: cls._load(folder, stage), directory, stage, "denoiser", required)
 
     @classmethod
     def _load(cls, directory: Path, stage: str) -> Denoiser:
+        shell = cls._shell(directory, stage)
+        transformer = type(shell.transformer).from_pretrained(_weights_folder(directory), use_safetensors=True)
+        return cls._completed(shell, transformer, directory, stage)
+
+    @classmethod
+    def around(cls, transformer: nn.Module, directory: str | Path, stage: str = "train_ldm") -> Denoiser:
+        """The denoiser of the model folder ``directory`` (``denoiser.json`` and the extras beside it) around a
+        ``transformer`` already loaded from it (as a diffusers pipeline loads its ``denoiser`` component), so the
+        weights are read once."""
+        directory = Path(directory)
+        if not (directory / CONFIG_FILE).is_file():
+            raise ArtifactError(directory / CONFIG_FILE, "missing from the denoiser folder", stage)
+        shell = cls._shell(directory, stage)
+        if type(transformer) is not type(shell.transformer):
+            raise ArtifactError(directory / CONFIG_FILE, f"describes a {type(shell.transformer).__name__}, not the "
+                                                         f"{type(transformer).__name__} given", stage)
+        return cls._completed(shell, transformer, directory, stage)
+
+    @classmethod
+    def _shell(cls, directory: Path, stage: str) -> Denoiser:
+        """The denoiser ``denoiser.json`` describes, built on the meta device (no memory, no random init): every
+        weight is replaced by ``_completed``."""
         config = read_json(directory / CONFIG_FILE, stage)
         kinds = {subclass.mode: subclass for subclass in Denoiser.__subclasses__()}
         if config.get("mode") not in kinds:
             raise ArtifactError(directory / CONFIG_FILE, f"mode must be one of {sorted(kinds)}", stage)
-        # the shell is built on the meta device (no memory, no random init): its weights are all replaced below
         with torch.device("meta"):
-            denoiser = kinds[config["mode"]]._from_config(config)
-        transformer = type(denoiser.transformer).from_pretrained(directory / MODEL_FOLDER, use_safetensors=True)
+            return kinds[config["mode"]]._from_config(config)
+
+    @staticmethod
+    def _completed(shell: Denoiser, transformer: nn.Module, directory: Path, stage: str) -> Denoiser:
         disable_label_dropout(transformer)
-        denoiser.transformer = transformer
-        denoiser._load_extra(directory, stage)
-        return denoiser.eval()
+        shell.transformer = transformer
+        shell._load_extra(directory, stage)
+        return shell.eval()
 
     @classmethod
     def _from_config(cls, config: dict) -> Denoiser:

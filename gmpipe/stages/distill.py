@@ -1,6 +1,7 @@
 """``distill``: few-step students of the trained denoiser, each trained through the shared loop, guidance folded
 in at a fixed w; one loop over the configured methods (``gmpipe.distill.methods``). Writes
-``models/student/<name>/`` (the latent diffusion layout of ``models/ldm/`` plus ``student.json``)."""
+``models/student/<name>/`` (the latent diffusion layout of ``models/ldm/`` plus ``student.json``; a diffusers pipeline
+folder too, with the teacher's copy of the autoencoder)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from gmpipe.errors import GmpipeError
 from gmpipe.fingerprint import Fingerprint, code_hashes, hash_tree, section_settings
 from gmpipe.latent_diffusion import OBJECTIVE, WEIGHTS, LatentDiffusion
 from gmpipe.paths import Paths
+from gmpipe.pipelines.latent_diffusion import VAE, save_pipeline_files
 from gmpipe.registry import DISTILL_METHODS
 from gmpipe.train.loop import make_accelerator, seed_everything
 
@@ -66,6 +68,7 @@ def _write_students(paths: Paths, config: DistillConfig, teacher: LatentDiffusio
                         "shift": config.time_shift}
             bundle = LatentDiffusion(student.model, student.objective, teacher.stats, teacher.conditioning, settings)
             bundle.save(folder, "distill", stats_file=paths.latents / STATS)
+            save_pipeline_files(folder, bundle, "distill", autoencoder=paths.ldm / VAE, autoencoder_stage="train_ldm")
             info = {"method": student.method, "steps": student.steps, "guidance_folded": w,
                     "time_shift": config.time_shift, "nfe_per_step": 1, "train_steps": student.train_steps,
                     "final_loss": student.final_loss, "teacher": str(paths.ldm)}

@@ -1,6 +1,6 @@
 """``train_ldm``: a latent denoiser trained on the generalized objective through the shared loop (EMA on).
-Writes ``models/ldm/`` (the latent diffusion layout, see :mod:`gmpipe.latent_diffusion`), a sample grid and loss
-curves."""
+Writes ``models/ldm/`` (the latent diffusion layout, see :mod:`gmpipe.latent_diffusion`, which is also a diffusers
+pipeline folder, :mod:`gmpipe.pipelines.latent_diffusion`), a sample grid and loss curves."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from gmpipe.fingerprint import Fingerprint, code_hashes, hash_tree, section_sett
 from gmpipe.generator import load_generator
 from gmpipe.latent_diffusion import LatentDiffusion, denoising_step
 from gmpipe.paths import Paths
+from gmpipe.pipelines.latent_diffusion import save_pipeline_files
 from gmpipe.seeds import seed_block
 from gmpipe.train.loop import make_accelerator, seed_everything, train
 
@@ -61,6 +62,7 @@ def run(config: TrainLDMConfig, compute: ComputeConfig, paths: Paths) -> dict:
     with atomic_dir(paths.ldm) as out:
         model = LatentDiffusion(result.ema.module.to("cpu"), objective, stats, conditioning, settings)
         model.save(out, "train_ldm", stats_file=paths.latents / STATS)
+        save_pipeline_files(out, model, "train_ldm", autoencoder=paths.vae)
         result.modules["denoiser"].to("cpu").save_pretrained(out / "denoiser_raw")
         (out / "training.json").write_text(json.dumps(
             {"steps": result.step, "config": config.model_dump(mode="json"),

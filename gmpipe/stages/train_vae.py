@@ -55,15 +55,16 @@ def build_loss(config: TrainVAEConfig) -> AutoencoderLoss:
         from gmpipe.nn.features import EffNetLite0Features
         from gmpipe.vae.perceptual import PerceptualLoss
 
-        if config.lpips_weights:
+        if config.lpips_backbone_weights:
             from gmpipe.nn.features import VGG16Features
 
-            for key in ("lpips_weights", "lpips_backbone_weights"):
-                if not Path(getattr(config, key)).is_file():
-                    raise GmpipeError(f"train_vae.{key}: {getattr(config, key)}: file not found")
+            heads = lpips_heads(config)
+            for key, path in (("lpips_weights", heads), ("lpips_backbone_weights", config.lpips_backbone_weights)):
+                if not Path(path).is_file():
+                    raise GmpipeError(f"train_vae.{key}: {path}: file not found")
             try:
                 trunk = VGG16Features(config.lpips_backbone_weights)
-                perceptual = PerceptualLoss.from_lpips_weights(config.lpips_weights, trunk)
+                perceptual = PerceptualLoss.from_lpips_weights(heads, trunk)
             except ValueError as exc:
                 raise GmpipeError(f"train_vae.lpips_weights: {exc}") from None
         else:
@@ -73,6 +74,20 @@ def build_loss(config: TrainVAEConfig) -> AutoencoderLoss:
         gan_weight=config.gan_weight, gan_loss=config.gan_loss, disc_start=config.disc_start,
         perceptual_loss=perceptual,
     )
+
+
+def lpips_heads(config: TrainVAEConfig) -> str:
+    """The LPIPS heads file: ``lpips_weights``, else the VGG heads of an installed ``lpips`` package."""
+    if config.lpips_weights:
+        return config.lpips_weights
+    from gmpipe.vae.perceptual import packaged_lpips_weights
+
+    packaged = packaged_lpips_weights("vgg")
+    if packaged is None:
+        raise GmpipeError("train_vae.lpips_backbone_weights: the LPIPS heads for the VGG-16 trunk are missing: set "
+                          "train_vae.lpips_weights to a vgg.pth, or install the lpips package (pip install --no-deps "
+                          "lpips ships the heads)")
+    return str(packaged)
 
 
 def loss_steps(vae, discriminator, loss: AutoencoderLoss, config: TrainVAEConfig,
@@ -109,9 +124,14 @@ def training_fingerprint(data: DataConfig, config: TrainVAEConfig, paths: Paths)
     settings = {**section_settings("data", data),
                 **section_settings("train_vae", config, exclude=(*RESUMABLE_KEYS, "eval_images"))}
     inputs = {paths.name(paths.prepared): hash_tree(paths.prepared), **code_hashes(__name__)}
-    for key in ("lpips_weights", "lpips_backbone_weights"):
-        if getattr(config, key) and Path(getattr(config, key)).is_file():
-            inputs[f"train_vae.{key}"] = hash_file(Path(getattr(config, key)))
+    files = {"lpips_weights": config.lpips_weights, "lpips_backbone_weights": config.lpips_backbone_weights}
+    if config.lpips_backbone_weights and not config.lpips_weights:
+        from gmpipe.vae.perceptual import packaged_lpips_weights
+
+        files["lpips_weights"] = packaged_lpips_weights("vgg")  # the installed package's heads define the loss too
+    for key, path in files.items():
+        if path and Path(path).is_file():
+            inputs[f"train_vae.{key}"] = hash_file(Path(path))
     return Fingerprint(settings, inputs)
 
 

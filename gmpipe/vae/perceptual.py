@@ -14,10 +14,15 @@ Learned LPIPS heads. ``load_lpips_layer_weights(path)`` reads a local LPIPS weig
 as safetensors or with ``torch.load(weights_only=True)``. The heads were fitted on one backbone's channels, so
 pass them only together with an extractor for that backbone (e.g. your own VGG-16 with the LPIPS layers); the
 channel counts are checked at the first call.
+
+The ``lpips`` package (``pip install lpips``) ships those heads, ``lpips/weights/v0.1/{vgg,alex,squeeze}.pth``;
+``packaged_lpips_weights`` finds them without importing the package (which imports torchvision), so an installed
+``lpips`` supplies the heads when no file is named. Only the VGG trunk has to come from a local file.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -56,6 +61,24 @@ def load_lpips_layer_weights(path: str | Path) -> list[torch.Tensor]:
     if sorted(by_layer) != list(range(len(by_layer))):
         raise ValueError(f"{path}: LPIPS layers {sorted(by_layer)} are not numbered 0..{len(by_layer) - 1}")
     return [by_layer[index] for index in range(len(by_layer))]
+
+
+LPIPS_PACKAGE = "lpips"
+LPIPS_VERSION = "v0.1"  # the heads LPIPS recommends (fitted on top of the trunk's ImageNet features)
+
+
+def packaged_lpips_weights(net: str = "vgg") -> Path | None:
+    """The LPIPS heads file the installed ``lpips`` package ships for ``net`` ("vgg", "alex" or "squeeze"), or None
+    when the package (or that file) is not there. The package is located, never imported."""
+    try:
+        spec = importlib.util.find_spec(LPIPS_PACKAGE)
+    except (ImportError, ValueError):
+        return None
+    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = Path(folder) / "weights" / LPIPS_VERSION / f"{net}.pth"
+        if path.is_file():
+            return path
+    return None
 
 
 def normalize_channels(features: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:

@@ -153,7 +153,9 @@ def test_save_and_load_give_identical_outputs(mode, tmp_path):
 
     saved = json.loads((tmp_path / "denoiser" / "denoiser.json").read_text())
     assert saved["mode"] == mode and saved["preset"] == {"width": 32, "depth": 2, "heads": 2, "patch_size": 2}
-    assert (tmp_path / "denoiser" / "model" / "diffusion_pytorch_model.safetensors").is_file()
+    # the denoiser folder is a diffusers model folder itself (what the diffusers pipeline folder loads)
+    diffusers_model = type(denoiser.transformer).from_pretrained(tmp_path / "denoiser")
+    assert diffusers_model.state_dict().keys() == denoiser.transformer.state_dict().keys()
     assert (tmp_path / "denoiser" / "null_text.safetensors").is_file() == (mode == "text")
 
     loaded = Denoiser.from_pretrained(tmp_path / "denoiser")
@@ -165,6 +167,13 @@ def test_save_and_load_give_identical_outputs(mode, tmp_path):
         torch.testing.assert_close(loaded(x_t, t, cond), denoiser(x_t, t, cond), rtol=0, atol=0)
         null = denoiser.null_condition(BATCH, like=cond)
         torch.testing.assert_close(loaded(x_t, t, null), denoiser(x_t, t, null), rtol=0, atol=0)
+    # folders written before kept the diffusers model in model/: they still load
+    (tmp_path / "denoiser" / "model").mkdir()
+    for name in ("config.json", "diffusion_pytorch_model.safetensors"):
+        (tmp_path / "denoiser" / name).rename(tmp_path / "denoiser" / "model" / name)
+    with torch.no_grad():
+        legacy = Denoiser.from_pretrained(tmp_path / "denoiser")
+        torch.testing.assert_close(legacy(x_t, t, cond), denoiser(x_t, t, cond), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("mode", ["class", "text"])

@@ -17,6 +17,7 @@ from gmpipe.errors import GmpipeError
 from gmpipe.generator import load_generator
 from gmpipe.nn.autoencoder import load_autoencoder
 from gmpipe.paths import Paths
+from gmpipe.pipelines.latent_diffusion import LatentDiffusionPipeline
 from gmpipe.seeds import SampleNoise
 from gmpipe.stages import cache_latents, distill, evaluate, prepare, train_ldm, train_vae
 from tests.conftest import smoke_params
@@ -81,6 +82,7 @@ def test_train_ldm_smoke_and_sample(trained_ldm, tmp_path):
                  "latent_stats.json", "training.json"):
         assert (paths.ldm / name).exists(), name
     assert (paths.reports / "train_ldm/samples.png").is_file()
+    _assert_pipeline_folder(paths.ldm, paths.vae)
     objective = json.loads((paths.ldm / "objective.json").read_text())
     assert objective["schedule"]["name"] == "rectified_flow" and objective["target"]["name"] == "velocity"
 
@@ -120,6 +122,21 @@ def test_every_conditioning_trains_and_generates(trained_vae, tmp_path, kind):
                  "--device", "cpu", "--out", str(out)]) == 0
     with np.load(out) as saved:
         assert saved["images"].shape == (2, 1, 32, 32) and saved["labels"].tolist() == [-1, -1]
+        saved_images = saved["images"]
+    # the diffusers pipeline of the same folder draws the same images (text: prompts; unconditional: a batch)
+    pipe = LatentDiffusionPipeline.from_pretrained(paths.ldm)
+    asked = {"prompt": ["a photo of a bag", "a photo of a bag"]} if kind == "text" else {"batch_size": 2}
+    drawn = pipe(**asked, num_inference_steps=1, generator=[torch.Generator().manual_seed(s) for s in (0, 1)])
+    np.testing.assert_array_equal(np.stack([np.array(image) for image in drawn.images]), saved_images[:, 0])
+
+
+def _assert_pipeline_folder(folder, vae) -> None:
+    """``folder`` is a diffusers pipeline folder too, with models/vae's autoencoder byte for byte."""
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == ["pipeline", "LatentDiffusionPipeline"] and (folder / "pipeline.py").is_file()
+    assert (folder / "scheduler" / "scheduler_config.json").is_file()
+    for name in ("config.json", "diffusion_pytorch_model.safetensors"):
+        assert (folder / "vae" / name).read_bytes() == (vae / name).read_bytes()
 
 
 def test_missing_upstream_names_the_stage(tmp_path):
@@ -147,6 +164,7 @@ def test_distill_writes_students_that_sample(distilled):
         steps = info["steps"][0]
         images, nfe = generator.generate([1, 2], seeds=[0, 1], steps=steps)
         assert nfe == steps and images.shape == (2, 1, 32, 32)  # guidance folded in: 1 evaluation per step
+        _assert_pipeline_folder(paths.student / name, paths.vae)
     reflow = json.loads((paths.student / "reflow" / "objective.json").read_text())
     assert reflow["schedule"]["name"] == "rectified_flow" and reflow["target"]["name"] == "velocity"
     table = json.loads((paths.reports / "distill/metrics.json").read_text())

@@ -67,7 +67,7 @@ def test_bad_architecture_for_image_size_is_a_clear_error():
         train_vae.build_models(params.data, params.train_vae)
 
 
-def test_true_lpips_from_local_vgg16_and_lpips_files(tmp_path):
+def test_true_lpips_from_local_vgg16_and_lpips_files(tmp_path, monkeypatch):
     """The LPIPS path for users who have the files: a VGG-16 trunk and LPIPS heads written by the test."""
     from safetensors.torch import save_file
     from torch import nn
@@ -100,6 +100,26 @@ def test_true_lpips_from_local_vgg16_and_lpips_files(tmp_path):
 
     with pytest.raises(Exception, match="go together"):
         parse_params(smoke_params(train_vae={"lpips_weights": str(tmp_path / "vgg.pth")}))
+
+    # The trunk alone takes the heads an installed lpips package ships (weights/v0.1/vgg.pth), found without
+    # importing the package (its import needs torchvision: this one refuses to be imported at all).
+    from gmpipe.vae import perceptual
+
+    package = tmp_path / "site" / "gmpipe_test_lpips"
+    (package / "weights" / "v0.1").mkdir(parents=True)
+    (package / "__init__.py").write_text("raise ImportError('lpips imports torchvision')\n")
+    torch.save(heads, package / "weights" / "v0.1" / "vgg.pth")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setattr(perceptual, "LPIPS_PACKAGE", "gmpipe_test_lpips")
+    trunk_only = parse_params(smoke_params(train_vae={"lpips_backbone_weights": str(tmp_path / "vgg16.safetensors")}))
+    packaged = train_vae.build_loss(trunk_only.train_vae).perceptual
+    for index, weight in enumerate(heads.values()):
+        torch.testing.assert_close(getattr(packaged, f"layer_weight_{index}"), weight.flatten())
+    fingerprint = train_vae.training_fingerprint(trunk_only.data, trunk_only.train_vae, Paths(tmp_path))
+    assert "train_vae.lpips_weights" in fingerprint.inputs  # the packaged heads define the trained model too
+    monkeypatch.setattr(perceptual, "LPIPS_PACKAGE", "gmpipe_test_no_such_package")
+    with pytest.raises(GmpipeError, match="lpips_backbone_weights: the LPIPS heads .* install the lpips package"):
+        train_vae.build_loss(trunk_only.train_vae)
     torch.save({"features.0.weight": torch.zeros(3)}, tmp_path / "bad.pth")
     bad = parse_params(smoke_params(train_vae={"lpips_weights": str(tmp_path / "vgg.pth"),
                                                "lpips_backbone_weights": str(tmp_path / "bad.pth")}))
