@@ -20,7 +20,7 @@ as a projected prefix through ``inputs_embeds``) is the documented extension, no
 from __future__ import annotations
 
 import inspect
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
@@ -29,43 +29,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from gmpipe.artifacts import load_model_folder, read_json, write_json
+from gmpipe.nn.presets import AR_PRESETS, ARPreset, get_ar_preset
 
 MODEL_FOLDER = "lm"
 CONFIG_FILE = "ar.json"
 
-
-@dataclass(frozen=True)
-class ARPreset:
-    """Transformer sizes: width (embedding size, = heads * head_dim), layers (blocks), heads."""
-
-    width: int
-    layers: int
-    heads: int
-
-    def __post_init__(self) -> None:
-        if min(self.width, self.layers, self.heads) < 1:
-            raise ValueError(f"autoregressive model sizes must be positive, got {self}")
-        if self.width % self.heads:
-            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
-
-
-AR_PRESETS: dict[str, ARPreset] = {
-    # Tests only: tens of thousands of parameters.
-    "tiny": ARPreset(width=32, layers=2, heads=2),
-    # CPU demos and smoke runs: about 0.8M parameters at L = 256.
-    "small": ARPreset(width=128, layers=4, heads=4),
-    # GPU runs.
-    "base": ARPreset(width=384, layers=8, heads=6),
-}
-
-
-def get_ar_preset(preset: str | ARPreset) -> ARPreset:
-    """A preset object, or the one registered under that name in ``AR_PRESETS``."""
-    if isinstance(preset, ARPreset):
-        return preset
-    if preset not in AR_PRESETS:
-        raise KeyError(f"unknown autoregressive preset {preset!r}; choose one of {sorted(AR_PRESETS)}")
-    return AR_PRESETS[preset]
+__all__ = ["AR_PRESETS", "ARFile", "ARPreset", "LatentAR", "build_causal_lm", "get_ar_preset"]
 
 
 class ARFile(BaseModel):
