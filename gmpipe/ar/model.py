@@ -12,6 +12,12 @@ A latent's tokens x_0..x_{L-1} are modelled as p(x | y) = prod_t p(x_t | x_<t, y
 doubles as the start token, so there is no separate BOS. Only the first ``bins`` logits are ever used: p(x_t | .)
 is the softmax over the value tokens alone, so no probability is spent on prefixes that never follow.
 
+The class enters twice: as the prefix (the start of the sequence) and, with ``class_every_position`` (the default
+for new models), added to the input embedding of every position (the prefix token's own embedding), so every
+position reads its class directly rather than through attention back to position 0. In short CPU runs that is what
+makes samples follow their class (README, "Autoregressive prior"). Both stay a proper autoregressive model: the
+class is known before x_0, so p(x | y) = prod_t p(x_t | x_<t, y) still holds exactly.
+
 GPT-2's learned absolute position embeddings tell each position which channel and which latent pixel it holds;
 that matters here because token j means a different value in each channel. Text conditioning (caption embeddings
 as a projected prefix through ``inputs_embeds``) is the documented extension, not built yet.
@@ -46,6 +52,7 @@ class ARFile(BaseModel):
     sequence_length: Annotated[int, Field(ge=1)]
     preset: dict
     dropout: Annotated[float, Field(ge=0, lt=1)]
+    class_every_position: bool = False  # folders written before it existed read the class at the prefix only
 
 
 def build_causal_lm(preset: ARPreset, vocab_size: int, positions: int, dropout: float = 0.0):
@@ -65,11 +72,12 @@ class LatentAR(nn.Module):
 
     ``forward(tokens (B, L), labels (B,)) -> value logits (B, L, bins)`` with teacher forcing: logits[:, t] give
     p(x_t | x_<t, y). labels are class indices in [0, num_classes]; ``null_label == num_classes`` is the null class.
-    ``next_logits`` runs positions incrementally on the key/value cache for sampling.
+    ``next_logits`` runs positions incrementally on the key/value cache for sampling. ``class_every_position``:
+    the class embedding is also added at every position (module docstring).
     """
 
     def __init__(self, bins: int, num_classes: int, sequence_length: int, preset: str | ARPreset = "small",
-                 dropout: float = 0.0) -> None:
+                 dropout: float = 0.0, class_every_position: bool = True) -> None:
         super().__init__()
         if bins < 2 or num_classes < 1 or sequence_length < 1:
             raise ValueError(f"need bins >= 2, num_classes >= 1, sequence_length >= 1 (got {bins}, {num_classes}, "
@@ -80,6 +88,7 @@ class LatentAR(nn.Module):
         self.sequence_length = sequence_length
         self.preset = get_ar_preset(preset)
         self.dropout = dropout
+        self.class_every_position = class_every_position
         self.lm = build_causal_lm(self.preset, self.vocab_size, sequence_length, dropout)
         # The cache keyword of the model's forward: ``cache`` in recent transformers, ``past_key_values`` before.
         self._cache_keyword = "cache" if "cache" in inspect.signature(self.lm.forward).parameters \
@@ -107,16 +116,28 @@ class LatentAR(nn.Module):
         """Value logits (B, L, bins): logits[:, t] parameterise p(x_t | x_<t, y) for tokens (B, L), labels (B,)."""
         if tokens.ndim != 2 or tokens.shape[1] != self.sequence_length:
             raise ValueError(f"expected tokens (B, {self.sequence_length}), got {tuple(tokens.shape)}")
-        logits = self.lm(input_ids=self.input_ids(tokens, labels), use_cache=False).logits
+        embeds = self.input_embeddings(self.input_ids(tokens, labels), labels)
+        logits = self.lm(inputs_embeds=embeds, use_cache=False).logits
         return logits[..., : self.bins]
 
-    def next_logits(self, input_ids: Tensor, cache=None) -> tuple[Tensor, object]:
-        """Value logits (B, bins) for the token after ``input_ids`` (B, n), and the updated key/value cache.
+    def input_embeddings(self, input_ids: Tensor, labels: Tensor) -> Tensor:
+        """Token embeddings (B, n, width) of ``input_ids`` (B, n), plus the embedding of the class prefix of
+        ``labels`` (B,) at every position when the model reads its class there (GPT-2 adds the positions)."""
+        table = self.lm.transformer.wte
+        embeds = table(input_ids)
+        if self.class_every_position:
+            embeds = embeds + table(self.prefix_tokens(labels).to(input_ids.device))  # (B, 1, width) on every row
+        return embeds
+
+    def next_logits(self, input_ids: Tensor, labels: Tensor, cache=None) -> tuple[Tensor, object]:
+        """Value logits (B, bins) for the token after ``input_ids`` (B, n) of sequences of class ``labels`` (B,),
+        and the updated key/value cache.
 
         With a cache holding the first positions, ``input_ids`` holds only the new ones (one position per sampling
         step, so each step costs one forward of one position); with ``cache=None`` it is the whole prefix.
         """
-        output = self.lm(input_ids=input_ids, use_cache=True, **{self._cache_keyword: cache})
+        embeds = self.input_embeddings(input_ids, labels)
+        output = self.lm(inputs_embeds=embeds, use_cache=True, **{self._cache_keyword: cache})
         cache = getattr(output, self._cache_keyword, None)
         return output.logits[:, -1, : self.bins], cache
 
@@ -129,7 +150,8 @@ class LatentAR(nn.Module):
 
     def to_config(self) -> dict:
         return {"bins": self.bins, "num_classes": self.num_classes, "sequence_length": self.sequence_length,
-                "preset": asdict(self.preset), "dropout": self.dropout}
+                "preset": asdict(self.preset), "dropout": self.dropout,
+                "class_every_position": self.class_every_position}
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write ``directory/lm`` (the transformers model, safetensors) and ``directory/ar.json``."""
@@ -153,7 +175,7 @@ class LatentAR(nn.Module):
         config = read_json(directory / CONFIG_FILE, stage, ARFile.model_validate)
         with torch.device("meta"):  # a shell without random init: its language model is replaced below
             model = cls(config.bins, config.num_classes, config.sequence_length, ARPreset(**config.preset),
-                        config.dropout)
+                        config.dropout, config.class_every_position)
         lm = GPT2LMHeadModel.from_pretrained(directory / MODEL_FOLDER, use_safetensors=True, local_files_only=True)
         if lm.config.vocab_size != model.vocab_size or lm.config.n_positions < config.sequence_length:
             raise ValueError(f"{MODEL_FOLDER}/config.json has vocab_size {lm.config.vocab_size} and n_positions "
