@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from gmpipe.artifacts import ArtifactError, read_json
 from gmpipe.conditioning import Conditioning, Request
@@ -86,6 +86,17 @@ class Generator:
         if len(requests) != len(seeds):
             raise ValueError(f"{len(requests)} requests but {len(seeds)} seeds: give one of each per sample")
         return list(requests)
+
+
+def validated_settings(schema: type[BaseModel], settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` checked against a family's ``sampling.json`` model; the first problem is one GmpipeError line
+    naming the setting (``temperature: Input should be greater than 0 (got 0.0)``)."""
+    try:
+        return schema.model_validate(dict(settings)).model_dump()
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"]) or "settings"
+        raise GmpipeError(f"{where}: {error['msg']} (got {error.get('input')!r})") from None
 
 
 def write_family(folder: Path, family: type[Generator], stage: str) -> None:

@@ -31,9 +31,8 @@ from gmpipe.artifacts import read_json
 from gmpipe.conditioning import Conditioning, Request
 from gmpipe.data.latents import LatentStats
 from gmpipe.diffusion import Objective, make_guided_model_fn
-from gmpipe.errors import GmpipeError
 from gmpipe.generator import DEFAULT_BATCH_SIZE, Generated, Generator, write_family
-from gmpipe.nn.autoencoder import load_autoencoder
+from gmpipe.nn.autoencoder import decode_latents, load_autoencoder
 from gmpipe.nn.denoiser import Denoiser
 from gmpipe.pixels import signed_to_uint8
 from gmpipe.registry import SAMPLERS
@@ -144,10 +143,7 @@ class LatentDiffusion(Generator):
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalized latents (B, c, h, w) -> images (B, C, H, W) in [-1, 1], on the CPU."""
-        if self.autoencoder is None:
-            raise GmpipeError("no autoencoder loaded: load the model with autoencoder=<the models/vae folder>")
-        z = self.stats.denormalize(latents).to(self.device)
-        return self.autoencoder.decode(z).sample.clamp(-1, 1).cpu()
+        return decode_latents(self.autoencoder, self.stats.denormalize(latents), self.device)
 
 
 def denoising_step(denoiser: Denoiser, objective: Objective, p_uncond: float, name: str = "denoiser") -> LossStep:

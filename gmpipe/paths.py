@@ -41,6 +41,14 @@ class Paths:
         return self.root / "models" / "student"
 
     @property
+    def ar(self) -> Path:
+        return self.root / "models" / "ar"
+
+    @property
+    def gan(self) -> Path:
+        return self.root / "models" / "gan"
+
+    @property
     def reports(self) -> Path:
         return self.root / "reports"
 

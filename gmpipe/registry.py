@@ -5,10 +5,10 @@ line offers; they are known without importing torch, so ``gmpipe check-params`` 
 imported the first time it is used. Adding a sampler, a schedule, a distillation method or a whole model family
 is: write it in its own module, add one line here.
 
-An entry is ``"package.module:attribute"``: a function (a sampler) or a class (a schedule, a conditioning, a
-model family). Value objects (schedules, targets, time densities, weightings) are frozen dataclasses whose config
-is ``{"name": <registered name>, **fields}`` (:meth:`Registry.config_of`), so an objective can be written next to a
-trained model and rebuilt from it (:meth:`Registry.from_config`).
+An entry is ``"package.module:attribute"``: a function (a sampler), a class (a schedule, a conditioning, a
+model family) or a constant (a GAN loss pair). Value objects (schedules, targets, time densities, weightings) are
+frozen dataclasses whose config is ``{"name": <registered name>, **fields}`` (:meth:`Registry.config_of`), so an
+objective can be written next to a trained model and rebuilt from it (:meth:`Registry.from_config`).
 """
 
 from __future__ import annotations
@@ -78,10 +78,11 @@ class Registry(Mapping[str, Any]):
         return self.create(params.pop("name"), **params)
 
     def name_of(self, value: Any) -> str:
-        """The name ``value`` (a registered function or class, or an instance of one) is registered under."""
+        """The name ``value`` (a registered function, class or constant, or an instance of a registered class) is
+        registered under."""
         target = value if inspect.isclass(value) or inspect.isroutine(value) else type(value)
         for name in self._entries:
-            if self[name] is target:
+            if self[name] is value or self[name] is target:
                 return name
         raise ValueError(f"{target.__qualname__} is not a registered {self.kind}")
 
@@ -144,7 +145,16 @@ CONDITIONINGS = Registry("conditioning", {
     "text": "gmpipe.conditioning:TextCaptions",
 })
 
+# Adversarial games of the latent GAN (gmpipe.gan.losses.AdversarialLoss: L_D and L_G together).
+GAN_LOSSES = Registry("GAN loss", {
+    "minimax": "gmpipe.gan.losses:MINIMAX",
+    "non_saturating": "gmpipe.gan.losses:NON_SATURATING",
+    "hinge": "gmpipe.gan.losses:HINGE",
+})
+
 # Model families: gmpipe.generator.Generator subclasses; a model folder's family.json names one.
 MODEL_FAMILIES = Registry("model family", {
     "latent_diffusion": "gmpipe.latent_diffusion:LatentDiffusion",
+    "autoregressive": "gmpipe.ar.family:AutoregressivePrior",
+    "latent_gan": "gmpipe.gan.family:LatentGAN",
 })

@@ -35,8 +35,8 @@ def test_a_model_folder_says_its_family(model, tmp_path):
     model.save(tmp_path / "copy", "train_ldm")
     assert json.loads((tmp_path / "copy" / FAMILY_FILE).read_text()) == {"family": "latent_diffusion",
                                                                          "stage": "train_ldm"}
-    (tmp_path / "copy" / FAMILY_FILE).write_text(json.dumps({"family": "latent_gan", "stage": "train_gan"}))
-    with pytest.raises(ArtifactError, match="unknown model family 'latent_gan'.*rerun the 'train_gan' stage"):
+    (tmp_path / "copy" / FAMILY_FILE).write_text(json.dumps({"family": "normalizing_flow", "stage": "train_flow"}))
+    with pytest.raises(ArtifactError, match="unknown model family 'normalizing_flow'.*rerun the 'train_flow' stage"):
         load_generator(tmp_path / "copy")
     with pytest.raises(ArtifactError, match="no trained model here.*run the 'distill' stage first"):
         load_generator(tmp_path, missing_stage="distill")

@@ -15,8 +15,10 @@ from gmpipe.config.distill import DistillConfig
 from gmpipe.config.evaluate import EvaluateConfig
 from gmpipe.config.objective import ObjectiveConfig
 from gmpipe.config.params import ParamsError, parse_params
+from gmpipe.config.train_ar import AR_CONDITIONINGS, TrainARConfig
+from gmpipe.config.train_gan import GAN_CONDITIONINGS, TrainGANConfig
 from gmpipe.config.train_ldm import TrainLDMConfig
-from gmpipe.nn.presets import DENOISER_PRESETS
+from gmpipe.nn.presets import AR_PRESETS, DENOISER_PRESETS, GAN_PRESETS
 from tests.conftest import REPO
 
 REGISTRIES = [value for value in vars(registry).values() if isinstance(value, registry.Registry)]
@@ -54,6 +56,12 @@ def test_params_accept_exactly_the_registered_names():
     assert set(registry.DETERMINISTIC_SAMPLERS) < set(registry.SAMPLERS)
     assert allowed(EvaluateConfig, "sweep_samplers") == registry.SAMPLERS.names
     assert allowed(ComputeConfig, "device") == DEVICES
+    assert allowed(TrainARConfig, "preset") == tuple(AR_PRESETS)
+    assert allowed(TrainGANConfig, "preset") == tuple(GAN_PRESETS)
+    assert allowed(TrainGANConfig, "loss") == registry.GAN_LOSSES.names
+    for model in (TrainARConfig, TrainGANConfig):  # the families refuse text conditioning with their own line
+        assert allowed(model, "conditioning") == registry.CONDITIONINGS.names
+    assert set(AR_CONDITIONINGS) == set(GAN_CONDITIONINGS) == set(registry.CONDITIONINGS) - {"text"}
     with pytest.raises(ParamsError) as caught:
         parse_params({"train_ldm": {"sampler": "warp"}, "distill": {"methods": ["magic"]}})
     names = "', '".join(registry.SAMPLERS.names[:-1])
@@ -68,6 +76,21 @@ def test_the_command_line_offers_the_registered_names():
     sample = build_parser()._subparsers._group_actions[0].choices["sample"]
     choices = {action.dest: action.choices for action in sample._actions if action.choices}
     assert tuple(choices["sampler"]) == registry.SAMPLERS.names and tuple(choices["device"]) == DEVICES
+
+
+def test_the_families_names_that_are_not_a_registry_match_the_library():
+    """The tokenizer's spacings and the posterior choice are typed in the train_ar section (the library that
+    defines them imports torch); they must stay the library's."""
+    from gmpipe.ar.data import Posterior
+    from gmpipe.ar.tokenizer import SPACINGS
+    from gmpipe.gan.losses import D_LOSSES, G_LOSSES, LOSS_KINDS
+
+    assert allowed(TrainARConfig, "spacing") == SPACINGS
+    assert allowed(TrainARConfig, "posterior") == typing.get_args(Posterior)
+    assert registry.GAN_LOSSES.names == LOSS_KINDS
+    for kind in LOSS_KINDS:
+        game = registry.GAN_LOSSES[kind]
+        assert game.discriminator is D_LOSSES[kind] and game.generator is G_LOSSES[kind]
 
 
 def test_the_consistency_sampler_is_registered_like_the_others():

@@ -15,6 +15,8 @@ PARAMS = {
     "prepare": {"max_per_class": 20},
     "train_vae": {"steps": 10, "checkpoint_every": 5, "disc_start": 5, "eval_images": 40, "perceptual_weight": 0.0},
     "train_ldm": {"steps": 10, "checkpoint_every": 5, "grid_per_class": 1},
+    "train_ar": {"steps": 6, "checkpoint_every": 3, "grid_per_class": 1, "nll_items": 10},
+    "train_gan": {"steps": 6, "checkpoint_every": 3, "grid_per_class": 1, "ppl_pairs": 2},
 }
 
 
@@ -76,3 +78,10 @@ def test_reruns_do_what_dvc_says(prefect_api, dvc_project):
     vae_after = _weights(root / "models/vae")
     assert any(not (vae_before[k] == vae_after[k]).all() for k in vae_before)
     assert "Data and pipelines are up to date" in run(["dvc", "status", "train_ldm"], root).stdout
+
+    # The other families are stages of the same graph, on the same latents.
+    log = run(["dvc", "repro", "train_ar", "train_gan"], root)
+    assert "Running stage 'train_ar'" in log.stdout and "Running stage 'train_gan'" in log.stdout
+    for family, folder in (("autoregressive", "models/ar"), ("latent_gan", "models/gan")):
+        assert json.loads((root / folder / "family.json").read_text())["family"] == family
+    assert "Data and pipelines are up to date" in run(["dvc", "status", "train_ar", "train_gan"], root).stdout

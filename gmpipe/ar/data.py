@@ -31,12 +31,14 @@ def normalized_latents(split: LatentSplit, stats: LatentStats, index: Tensor, po
 
 
 def make_token_batch_fn(split: LatentSplit, stats: LatentStats, tokenizer: LatentTokenizer,
-                        posterior: Posterior = "sample"):
-    """make_batch(index, device) -> (tokens (B, L), labels (B,)) for ``gmpipe.train.loop.train``."""
+                        posterior: Posterior = "sample", null_label: int | None = None):
+    """make_batch(index, device) -> (tokens (B, L), labels (B,)) for ``gmpipe.train.loop.train``. With
+    ``null_label`` every label is that one (an unconditional model: only the null class is ever trained)."""
 
     def make_batch(index: Tensor, device):
         tokens = tokenizer.encode(normalized_latents(split, stats, index, posterior))
-        return transfer(tokens, device), transfer(split.labels[index], device)
+        labels = split.labels[index] if null_label is None else torch.full((len(index),), null_label)
+        return transfer(tokens, device), transfer(labels, device)
 
     return make_batch
 

@@ -12,6 +12,12 @@ A latent's tokens x_0..x_{L-1} are modelled as p(x | y) = prod_t p(x_t | x_<t, y
 doubles as the start token, so there is no separate BOS. Only the first ``bins`` logits are ever used: p(x_t | .)
 is the softmax over the value tokens alone, so no probability is spent on prefixes that never follow.
 
+The class enters twice: as the prefix (the start of the sequence) and, with ``class_every_position`` (the default
+for new models), added to the input embedding of every position (the prefix token's own embedding), so every
+position reads its class directly rather than through attention back to position 0. In short CPU runs that is what
+makes samples follow their class (README, "Autoregressive prior"). Both stay a proper autoregressive model: the
+class is known before x_0, so p(x | y) = prod_t p(x_t | x_<t, y) still holds exactly.
+
 GPT-2's learned absolute position embeddings tell each position which channel and which latent pixel it holds;
 that matters here because token j means a different value in each channel. Text conditioning (caption embeddings
 as a projected prefix through ``inputs_embeds``) is the documented extension, not built yet.
@@ -20,7 +26,7 @@ as a projected prefix through ``inputs_embeds``) is the documented extension, no
 from __future__ import annotations
 
 import inspect
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
@@ -29,43 +35,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from gmpipe.artifacts import load_model_folder, read_json, write_json
+from gmpipe.nn.presets import AR_PRESETS, ARPreset, get_ar_preset
 
 MODEL_FOLDER = "lm"
 CONFIG_FILE = "ar.json"
 
-
-@dataclass(frozen=True)
-class ARPreset:
-    """Transformer sizes: width (embedding size, = heads * head_dim), layers (blocks), heads."""
-
-    width: int
-    layers: int
-    heads: int
-
-    def __post_init__(self) -> None:
-        if min(self.width, self.layers, self.heads) < 1:
-            raise ValueError(f"autoregressive model sizes must be positive, got {self}")
-        if self.width % self.heads:
-            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
-
-
-AR_PRESETS: dict[str, ARPreset] = {
-    # Tests only: tens of thousands of parameters.
-    "tiny": ARPreset(width=32, layers=2, heads=2),
-    # CPU demos and smoke runs: about 0.8M parameters at L = 256.
-    "small": ARPreset(width=128, layers=4, heads=4),
-    # GPU runs.
-    "base": ARPreset(width=384, layers=8, heads=6),
-}
-
-
-def get_ar_preset(preset: str | ARPreset) -> ARPreset:
-    """A preset object, or the one registered under that name in ``AR_PRESETS``."""
-    if isinstance(preset, ARPreset):
-        return preset
-    if preset not in AR_PRESETS:
-        raise KeyError(f"unknown autoregressive preset {preset!r}; choose one of {sorted(AR_PRESETS)}")
-    return AR_PRESETS[preset]
+__all__ = ["AR_PRESETS", "ARFile", "ARPreset", "LatentAR", "build_causal_lm", "get_ar_preset"]
 
 
 class ARFile(BaseModel):
@@ -77,6 +52,7 @@ class ARFile(BaseModel):
     sequence_length: Annotated[int, Field(ge=1)]
     preset: dict
     dropout: Annotated[float, Field(ge=0, lt=1)]
+    class_every_position: bool = False  # folders written before it existed read the class at the prefix only
 
 
 def build_causal_lm(preset: ARPreset, vocab_size: int, positions: int, dropout: float = 0.0):
@@ -96,11 +72,12 @@ class LatentAR(nn.Module):
 
     ``forward(tokens (B, L), labels (B,)) -> value logits (B, L, bins)`` with teacher forcing: logits[:, t] give
     p(x_t | x_<t, y). labels are class indices in [0, num_classes]; ``null_label == num_classes`` is the null class.
-    ``next_logits`` runs positions incrementally on the key/value cache for sampling.
+    ``next_logits`` runs positions incrementally on the key/value cache for sampling. ``class_every_position``:
+    the class embedding is also added at every position (module docstring).
     """
 
     def __init__(self, bins: int, num_classes: int, sequence_length: int, preset: str | ARPreset = "small",
-                 dropout: float = 0.0) -> None:
+                 dropout: float = 0.0, class_every_position: bool = True) -> None:
         super().__init__()
         if bins < 2 or num_classes < 1 or sequence_length < 1:
             raise ValueError(f"need bins >= 2, num_classes >= 1, sequence_length >= 1 (got {bins}, {num_classes}, "
@@ -111,6 +88,7 @@ class LatentAR(nn.Module):
         self.sequence_length = sequence_length
         self.preset = get_ar_preset(preset)
         self.dropout = dropout
+        self.class_every_position = class_every_position
         self.lm = build_causal_lm(self.preset, self.vocab_size, sequence_length, dropout)
         # The cache keyword of the model's forward: ``cache`` in recent transformers, ``past_key_values`` before.
         self._cache_keyword = "cache" if "cache" in inspect.signature(self.lm.forward).parameters \
@@ -138,16 +116,28 @@ class LatentAR(nn.Module):
         """Value logits (B, L, bins): logits[:, t] parameterise p(x_t | x_<t, y) for tokens (B, L), labels (B,)."""
         if tokens.ndim != 2 or tokens.shape[1] != self.sequence_length:
             raise ValueError(f"expected tokens (B, {self.sequence_length}), got {tuple(tokens.shape)}")
-        logits = self.lm(input_ids=self.input_ids(tokens, labels), use_cache=False).logits
+        embeds = self.input_embeddings(self.input_ids(tokens, labels), labels)
+        logits = self.lm(inputs_embeds=embeds, use_cache=False).logits
         return logits[..., : self.bins]
 
-    def next_logits(self, input_ids: Tensor, cache=None) -> tuple[Tensor, object]:
-        """Value logits (B, bins) for the token after ``input_ids`` (B, n), and the updated key/value cache.
+    def input_embeddings(self, input_ids: Tensor, labels: Tensor) -> Tensor:
+        """Token embeddings (B, n, width) of ``input_ids`` (B, n), plus the embedding of the class prefix of
+        ``labels`` (B,) at every position when the model reads its class there (GPT-2 adds the positions)."""
+        table = self.lm.transformer.wte
+        embeds = table(input_ids)
+        if self.class_every_position:
+            embeds = embeds + table(self.prefix_tokens(labels).to(input_ids.device))  # (B, 1, width) on every row
+        return embeds
+
+    def next_logits(self, input_ids: Tensor, labels: Tensor, cache=None) -> tuple[Tensor, object]:
+        """Value logits (B, bins) for the token after ``input_ids`` (B, n) of sequences of class ``labels`` (B,),
+        and the updated key/value cache.
 
         With a cache holding the first positions, ``input_ids`` holds only the new ones (one position per sampling
         step, so each step costs one forward of one position); with ``cache=None`` it is the whole prefix.
         """
-        output = self.lm(input_ids=input_ids, use_cache=True, **{self._cache_keyword: cache})
+        embeds = self.input_embeddings(input_ids, labels)
+        output = self.lm(inputs_embeds=embeds, use_cache=True, **{self._cache_keyword: cache})
         cache = getattr(output, self._cache_keyword, None)
         return output.logits[:, -1, : self.bins], cache
 
@@ -160,7 +150,8 @@ class LatentAR(nn.Module):
 
     def to_config(self) -> dict:
         return {"bins": self.bins, "num_classes": self.num_classes, "sequence_length": self.sequence_length,
-                "preset": asdict(self.preset), "dropout": self.dropout}
+                "preset": asdict(self.preset), "dropout": self.dropout,
+                "class_every_position": self.class_every_position}
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write ``directory/lm`` (the transformers model, safetensors) and ``directory/ar.json``."""
@@ -184,7 +175,7 @@ class LatentAR(nn.Module):
         config = read_json(directory / CONFIG_FILE, stage, ARFile.model_validate)
         with torch.device("meta"):  # a shell without random init: its language model is replaced below
             model = cls(config.bins, config.num_classes, config.sequence_length, ARPreset(**config.preset),
-                        config.dropout)
+                        config.dropout, config.class_every_position)
         lm = GPT2LMHeadModel.from_pretrained(directory / MODEL_FOLDER, use_safetensors=True, local_files_only=True)
         if lm.config.vocab_size != model.vocab_size or lm.config.n_positions < config.sequence_length:
             raise ValueError(f"{MODEL_FOLDER}/config.json has vocab_size {lm.config.vocab_size} and n_positions "

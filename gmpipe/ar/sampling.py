@@ -80,10 +80,10 @@ def sample_tokens(model: LatentAR, labels: Tensor, seeds: Sequence[int], guidanc
     guided = guidance != 0
     nfe_per_position = 2 if guided else 1
     uniforms = per_sample_uniforms(seeds, length).to(device)  # (B, L)
-    prefixes = model.prefix_tokens(labels.to(device))  # (B, 1)
+    rows = labels.to(device)  # (B,): the class of each row
     if guided:
-        null = torch.full_like(labels, model.null_label).to(device)
-        prefixes = torch.cat([prefixes, model.prefix_tokens(null)])  # (2B, 1): conditional rows first
+        rows = torch.cat([rows, torch.full_like(rows, model.null_label)])  # (2B,): conditional rows first
+    prefixes = model.prefix_tokens(rows)  # (B or 2B, 1)
     was_training = model.training
     model.eval()
     try:
@@ -91,9 +91,10 @@ def sample_tokens(model: LatentAR, labels: Tensor, seeds: Sequence[int], guidanc
         inputs, cache = prefixes, None
         for t in range(length):
             if use_cache:
-                logits, cache = model.next_logits(inputs, cache)  # inputs: the newest position only
+                logits, cache = model.next_logits(inputs, rows, cache)  # inputs: the newest position only
             else:
-                logits, _ = model.next_logits(torch.cat([prefixes, _repeat(tokens[:, :t], nfe_per_position)], 1))
+                logits, _ = model.next_logits(torch.cat([prefixes, _repeat(tokens[:, :t], nfe_per_position)], 1),
+                                              rows)
             if guided:
                 logits = guided_prediction(*logits.float().chunk(2), guidance)
             tokens[:, t] = sample_from_logits(logits, uniforms[:, t], temperature, top_k)

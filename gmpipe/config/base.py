@@ -72,6 +72,14 @@ def one_of(names: Iterable[str]) -> Any:
     return Literal[tuple(names)]
 
 
+def built_for(name: str, model: str, supported: tuple[str, ...]) -> str:
+    """``name`` (a registered name, e.g. a conditioning) when ``model`` is built for it; else a ValueError whose one
+    line says what it is built for (params report it as ``section.key: ...``)."""
+    if name not in supported:
+        raise ValueError(f"{model} is built for {' or '.join(supported)} only, not {name!r}")
+    return name
+
+
 Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
 PositiveFloat = Annotated[float, Field(gt=0.0)]
 PositiveInt = Annotated[int, Field(ge=1)]

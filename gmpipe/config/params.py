@@ -20,6 +20,8 @@ from gmpipe.config.data import DataConfig
 from gmpipe.config.distill import DistillConfig
 from gmpipe.config.evaluate import EvaluateConfig
 from gmpipe.config.prepare import PrepareConfig
+from gmpipe.config.train_ar import TrainARConfig
+from gmpipe.config.train_gan import TrainGANConfig
 from gmpipe.config.train_ldm import TrainLDMConfig
 from gmpipe.config.train_vae import TrainVAEConfig
 from gmpipe.errors import ParamsError
@@ -35,6 +37,8 @@ class Params(Section):
     cache_latents: CacheLatentsConfig = CacheLatentsConfig()
     train_ldm: TrainLDMConfig = TrainLDMConfig()
     distill: DistillConfig = DistillConfig()
+    train_ar: TrainARConfig = TrainARConfig()
+    train_gan: TrainGANConfig = TrainGANConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
 
 

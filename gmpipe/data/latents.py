@@ -108,6 +108,14 @@ class LatentSplit:
         mean, std = self.mean[index], self.std[index]
         return mean + std * torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
 
+    def subset(self, n: int | None, seed: int = 0) -> LatentSplit:
+        """n items chosen by a permutation seeded with ``seed``, kept in their stored order (all for None or
+        n >= N): a fixed evaluation set that does not depend on how the split happens to be sorted."""
+        if n is None or n >= len(self):
+            return self
+        index = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+        return LatentSplit(self.mean[index], self.std[index], self.labels[index], self.caption_index[index])
+
 
 def make_batch_fn(split: LatentSplit, stats: LatentStats,
                   conditions: Callable[[torch.Tensor], Any]) -> Callable[[torch.Tensor, torch.device | str], tuple]:

@@ -13,7 +13,8 @@ Discriminator losses are written as the mean of the real and the fake term (a fa
 cross-entropy form), so that the hinge and the cross-entropy losses start on similar scales. The factor only
 rescales D's gradient; Adam is invariant to it.
 
-Three selectable pairs, ``D_LOSSES[kind]`` and ``G_LOSSES[kind]`` with kind in ``LOSS_KINDS``:
+Three selectable pairs (``AdversarialLoss``, registered by kind in ``gmpipe.registry.GAN_LOSSES``, so params name
+them without importing torch), also as ``D_LOSSES[kind]`` and ``G_LOSSES[kind]`` with kind in ``LOSS_KINDS``:
 
     kind              L_D                                              L_G
     "minimax"         1/2 (E[-log D(x)] + E[-log(1 - D(G(z)))])        E[log(1 - D(G(z)))]
@@ -27,10 +28,11 @@ With l = logit, the derivative of L_G per fake logit (times the number of logits
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
-
-LOSS_KINDS = ("minimax", "non_saturating", "hinge")
 
 
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
@@ -72,8 +74,22 @@ def hinge_g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
     return -logits_fake.mean()
 
 
-D_LOSSES = {"minimax": non_saturating_d_loss, "non_saturating": non_saturating_d_loss, "hinge": hinge_d_loss}
-G_LOSSES = {"minimax": minimax_g_loss, "non_saturating": non_saturating_g_loss, "hinge": hinge_g_loss}
+@dataclass(frozen=True)
+class AdversarialLoss:
+    """One selectable game: the discriminator's loss L_D(l_real, l_fake) and the generator's L_G(l_fake)."""
+
+    discriminator: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    generator: Callable[[torch.Tensor], torch.Tensor]
+
+
+MINIMAX = AdversarialLoss(non_saturating_d_loss, minimax_g_loss)
+NON_SATURATING = AdversarialLoss(non_saturating_d_loss, non_saturating_g_loss)
+HINGE = AdversarialLoss(hinge_d_loss, hinge_g_loss)
+
+_GAMES = {"minimax": MINIMAX, "non_saturating": NON_SATURATING, "hinge": HINGE}
+LOSS_KINDS = tuple(_GAMES)
+D_LOSSES = {kind: game.discriminator for kind, game in _GAMES.items()}
+G_LOSSES = {kind: game.generator for kind, game in _GAMES.items()}
 
 
 def check_loss_kind(kind: str) -> str:

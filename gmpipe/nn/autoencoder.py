@@ -25,6 +25,7 @@ from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
 from gmpipe.artifacts import load_model_folder
+from gmpipe.errors import GmpipeError
 from gmpipe.pixels import uint8_to_signed
 
 
@@ -147,3 +148,13 @@ def encode_to_latents(vae: AutoencoderKL, images: np.ndarray, batch_size: int, d
         means.append(posterior.mean.float().cpu())
         stds.append(posterior.std.float().cpu())
     return torch.cat(means), torch.cat(stds)
+
+
+@torch.no_grad()
+def decode_latents(vae: AutoencoderKL | None, z: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Raw latents z (B, c, h, w) (as the encoder writes them, not normalized) -> images (B, C, H, W) in [-1, 1] on
+    the CPU; the autoencoder runs on ``device`` (where it already is). Every family that generates latents decodes
+    them here."""
+    if vae is None:
+        raise GmpipeError("no autoencoder loaded: load the model with autoencoder=<the models/vae folder>")
+    return vae.decode(z.to(device)).sample.clamp(-1, 1).cpu()

@@ -1,5 +1,6 @@
-"""Denoiser sizes as a small preset registry (``train_ldm.preset`` names one). Plain data, importable without torch,
-so params are checked against these names before any network is built."""
+"""Network sizes as small preset registries, one per model family (``train_ldm.preset``, ``train_ar.preset``,
+``train_gan.preset`` name one). Plain data, importable without torch, so params are checked against these names
+before any network is built."""
 
 from __future__ import annotations
 
@@ -44,3 +45,72 @@ def get_denoiser_preset(preset: str | DenoiserPreset) -> DenoiserPreset:
     if preset not in DENOISER_PRESETS:
         raise KeyError(f"unknown denoiser preset {preset!r}; choose one of {sorted(DENOISER_PRESETS)}")
     return DENOISER_PRESETS[preset]
+
+
+@dataclass(frozen=True)
+class ARPreset:
+    """Transformer sizes of the autoregressive prior: width (embedding size, = heads * head_dim), layers (blocks),
+    heads."""
+
+    width: int
+    layers: int
+    heads: int
+
+    def __post_init__(self) -> None:
+        if min(self.width, self.layers, self.heads) < 1:
+            raise ValueError(f"autoregressive model sizes must be positive, got {self}")
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+
+
+AR_PRESETS: dict[str, ARPreset] = {
+    # Tests only: tens of thousands of parameters.
+    "tiny": ARPreset(width=32, layers=2, heads=2),
+    # CPU demos and smoke runs: about 0.8M parameters at L = 256.
+    "small": ARPreset(width=128, layers=4, heads=4),
+    # GPU runs.
+    "base": ARPreset(width=384, layers=8, heads=6),
+}
+
+
+def get_ar_preset(preset: str | ARPreset) -> ARPreset:
+    """A preset object, or the one registered under that name in ``AR_PRESETS``."""
+    if isinstance(preset, ARPreset):
+        return preset
+    if preset not in AR_PRESETS:
+        raise KeyError(f"unknown autoregressive preset {preset!r}; choose one of {sorted(AR_PRESETS)}")
+    return AR_PRESETS[preset]
+
+
+@dataclass(frozen=True)
+class GANPreset:
+    """Sizes of the latent GAN (``gmpipe.gan``): the generator's noise dimension d_z, class embedding dimension d_y
+    and width, and the discriminator's width."""
+
+    z_dim: int
+    embed_dim: int
+    width: int
+    disc_width: int
+
+    def __post_init__(self) -> None:
+        if min(self.z_dim, self.embed_dim, self.width, self.disc_width) < 1:
+            raise ValueError(f"GAN sizes must be positive, got {self}")
+
+
+GAN_PRESETS: dict[str, GANPreset] = {
+    # Tests only: a few thousand parameters per network.
+    "tiny": GANPreset(z_dim=16, embed_dim=8, width=16, disc_width=16),
+    # CPU demos: about 0.3M parameters per network on 4x8x8 latents with 10 classes.
+    "small": GANPreset(z_dim=64, embed_dim=32, width=64, disc_width=64),
+    # GPU runs.
+    "base": GANPreset(z_dim=128, embed_dim=64, width=128, disc_width=128),
+}
+
+
+def get_gan_preset(preset: str | GANPreset) -> GANPreset:
+    """A preset object, or the one registered under that name in ``GAN_PRESETS``."""
+    if isinstance(preset, GANPreset):
+        return preset
+    if preset not in GAN_PRESETS:
+        raise KeyError(f"unknown GAN preset {preset!r}; choose one of {sorted(GAN_PRESETS)}")
+    return GAN_PRESETS[preset]

@@ -28,7 +28,7 @@ def _hand_nll_sums(model, tokens, labels) -> list[float]:
     """sum_t -log p(x_t | x_<t, y) per sequence, from the language model's raw logits, one term at a time."""
     with torch.no_grad():
         ids = torch.cat([labels[:, None] + model.bins, tokens[:, :-1]], dim=1)
-        raw = model.lm(input_ids=ids).logits.double()  # (B, L, vocab): every token, prefixes included
+        raw = model.lm(inputs_embeds=model.input_embeddings(ids, labels)).logits.double()  # (B, L, vocab)
     sums = []
     for b in range(len(tokens)):
         total = 0.0

@@ -49,16 +49,18 @@ def test_incremental_logits_on_the_cache_equal_teacher_forcing():
     model = random_model(BINS, CLASSES, LENGTH)
     tokens, labels = _tokens(3), torch.tensor([0, 1, 3])
     full = model(tokens, labels)
-    logits, cache = model.next_logits(model.prefix_tokens(labels))
+    logits, cache = model.next_logits(model.prefix_tokens(labels), labels)
     steps = [logits]
     for t in range(LENGTH - 1):
-        logits, cache = model.next_logits(tokens[:, t : t + 1], cache)
+        logits, cache = model.next_logits(tokens[:, t : t + 1], labels, cache)
         steps.append(logits)
     torch.testing.assert_close(torch.stack(steps, dim=1), full, rtol=1e-4, atol=1e-5)
 
 
-def test_save_and_load_give_the_same_model(tmp_path):
+@pytest.mark.parametrize("class_every_position", [True, False])
+def test_save_and_load_give_the_same_model(tmp_path, class_every_position):
     model = random_model(BINS, CLASSES, LENGTH)
+    model.class_every_position = class_every_position
     model.save_pretrained(tmp_path / "ar")
     loaded = LatentAR.from_pretrained(tmp_path / "ar")
     assert not loaded.training and loaded.to_config() == model.to_config()

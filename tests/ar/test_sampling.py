@@ -30,7 +30,8 @@ def _hand_sampler(model, labels, seeds, guidance, temperature=1.0):
     def logits_under(prefix_label, tokens):
         ids = torch.tensor([[prefix_label + model.bins, *tokens]])
         with torch.no_grad():
-            return model.lm(input_ids=ids).logits[0, -1, : model.bins].double()
+            embeds = model.input_embeddings(ids, torch.tensor([prefix_label]))  # the class at every position too
+            return model.lm(inputs_embeds=embeds).logits[0, -1, : model.bins].double()
 
     uniforms = per_sample_uniforms(seeds, LENGTH)
     rows = []
@@ -63,7 +64,7 @@ def test_sampler_equals_the_hand_rolled_guided_sampler(guidance):
 def test_zero_guidance_is_conditional_sampling_in_one_pass():
     model = random_model(BINS, CLASSES, LENGTH)
     batch_sizes = []
-    model.lm.register_forward_pre_hook(lambda module, args, kwargs: batch_sizes.append(kwargs["input_ids"].shape[0]),
+    model.lm.register_forward_pre_hook(lambda module, args, kwargs: batch_sizes.append(kwargs["inputs_embeds"].shape[0]),
                                        with_kwargs=True)
     sample_tokens(model, LABELS, SEEDS, guidance=0.0)
     assert batch_sizes == [len(LABELS)] * LENGTH
@@ -76,7 +77,7 @@ def test_zero_guidance_is_conditional_sampling_in_one_pass():
 def test_the_cache_gives_the_same_samples_with_one_position_per_step(guidance):
     model = random_model(BINS, CLASSES, LENGTH)
     lengths = []
-    model.lm.register_forward_pre_hook(lambda module, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]),
+    model.lm.register_forward_pre_hook(lambda module, args, kwargs: lengths.append(kwargs["inputs_embeds"].shape[1]),
                                        with_kwargs=True)
     cached, _ = sample_tokens(model, LABELS, SEEDS, guidance=guidance, top_k=4)
     assert lengths == [1] * LENGTH

@@ -34,7 +34,10 @@ def test_training_reaches_the_entropy_of_the_source_and_resumes(tmp_path):
 
     result = run()
     losses = [record["ar/bits_per_token"] for record in result.history]
-    assert losses[-1] < 0.5 * losses[0]
+    # Training batches drop the class a quarter of the time: their entropy is 3/4 0.5 + 1/4 0.625 = 0.53 bits per
+    # token, from about 1 bit in the first interval.
+    mixed_bits = 0.75 * PAIR_COPY_BITS_PER_TOKEN + 0.25 * UNCONDITIONAL_BITS_PER_TOKEN
+    assert losses[0] > 0.9 and losses[-1] == pytest.approx(mixed_bits, abs=0.02)
     model = result.modules["ar"]
     # Under the true model every sequence costs exactly 0.5 bits per token (the draws are uniform over 2 tokens and
     # the copies certain), so a fitted model's test cross-entropy is 0.5 + KL >= 0.5 up to the sampling noise of a
