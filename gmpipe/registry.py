@@ -143,4 +143,5 @@ CONDITIONINGS = Registry("conditioning", {
 # Model families: gmpipe.generator.Generator subclasses; a model folder's family.json names one.
 MODEL_FAMILIES = Registry("model family", {
     "latent_diffusion": "gmpipe.latent_diffusion:LatentDiffusion",
+    "vae_prior": "gmpipe.vae.prior:VAEPrior",
 })

@@ -1,5 +1,7 @@
 """``train_vae``: a KL autoencoder (diffusers ``AutoencoderKL``) trained on the ELBO with a perceptual loss and a
-patch discriminator on the decoder, through the shared training loop. Writes ``models/vae/``."""
+patch discriminator on the decoder, through the shared training loop. Writes ``models/vae/``, which is also a
+``vae_prior`` model folder (``gmpipe.vae.prior``: the autoencoder decoding z ~ N(0, I)), and its test negative ELBO
+in bits per dimension into the metrics."""
 
 from __future__ import annotations
 
@@ -11,26 +13,31 @@ import numpy as np
 import torch
 
 from gmpipe.artifacts import atomic_dir, write_json
+from gmpipe.conditioning import Unconditional
 from gmpipe.config.compute import ComputeConfig
 from gmpipe.config.data import DataConfig
 from gmpipe.config.loop import RESUMABLE_KEYS
 from gmpipe.config.train_vae import TrainVAEConfig
-from gmpipe.data.prepared import load_split
+from gmpipe.data.prepared import load_manifest, load_split
 from gmpipe.device import transfer
 from gmpipe.errors import GmpipeError
 from gmpipe.eval.autoencoder import autoencoder_metrics, reconstruct
 from gmpipe.eval.grids import save_grid
 from gmpipe.fingerprint import Fingerprint, code_hashes, hash_file, hash_tree, section_settings
-from gmpipe.nn.autoencoder import build_autoencoder, check_image_size, decoder_last_layer
+from gmpipe.nn.autoencoder import build_autoencoder, check_image_size, decoder_last_layer, downsampling_factor
 from gmpipe.nn.discriminator import PatchDiscriminator
 from gmpipe.paths import Paths
 from gmpipe.pixels import signed_to_uint8, uint8_to_signed
+from gmpipe.seeds import seed_block
 from gmpipe.train.loop import make_accelerator, seed_everything, train
 from gmpipe.train.step import LossStep
 from gmpipe.vae.autoencoder_loss import AutoencoderLoss
+from gmpipe.vae.prior import VAEPrior, fit_decoder_std, negative_elbo, prior_file
 from gmpipe.vae.sampled_reconstruction import SampledReconstruction
 
 DISCRIMINATOR_FILE = "discriminator.safetensors"
+# Seed blocks (gmpipe.seeds.seed_block) of the posterior samples behind the decoder scale and the test ELBO.
+DECODER_STD_SEEDS, ELBO_SEEDS = 0, 1
 
 SECTIONS = ("data", "train_vae", "compute")
 
@@ -122,6 +129,26 @@ def mean_over_processes(accelerator) -> Callable[[torch.Tensor], torch.Tensor] |
     return lambda tensor: accelerator.reduce(tensor, reduction="mean")
 
 
+def vae_prior(vae, data: DataConfig, config: TrainVAEConfig, fit_name: str, fit_split, test_split, paths: Paths,
+              device):
+    """The trained autoencoder as a ``vae_prior`` generator, its decoder scale fitted on ``fit_split`` (named
+    ``fit_name``: the validation images, or the training images when there are none), and its negative ELBO on
+    ``eval_images`` test images (gmpipe.vae.prior)."""
+    rng = np.random.default_rng(config.loop.seed)
+    fit_images = fit_split.images[rng.permutation(len(fit_split))[: config.eval_images]]
+    std = fit_decoder_std(vae, fit_images, seed_block(config.loop.seed, DECODER_STD_SEEDS, len(fit_images)),
+                          device=device)
+    factor = downsampling_factor(vae)
+    latent_shape = (config.latent_channels, data.image_size // factor, data.image_size // factor)
+    described = prior_file((data.channels, data.image_size, data.image_size), latent_shape, std,
+                           fit_name)
+    test_images = test_split.images[rng.permutation(len(test_split))[: config.eval_images]]
+    likelihood = negative_elbo(vae, test_images, seed_block(config.loop.seed, ELBO_SEEDS, len(test_images)), std,
+                               device=device)
+    conditioning = Unconditional(load_manifest(paths.prepared)["class_names"])
+    return VAEPrior(vae, described, conditioning, device=device), likelihood
+
+
 def run(data: DataConfig, config: TrainVAEConfig, compute: ComputeConfig, paths: Paths) -> dict:
     train_split = load_split(paths.prepared, "train")
     test_split = load_split(paths.prepared, "test")
@@ -158,14 +185,17 @@ def run(data: DataConfig, config: TrainVAEConfig, compute: ComputeConfig, paths:
                                   n=config.eval_images, seed=config.loop.seed, device=device)
     metrics["step"] = result.step
     val = load_split(paths.prepared, "val")
+    fit_name, fit_split = ("val", val) if len(val) else ("train", train_split)
+    prior, likelihood = vae_prior(final, data, config, fit_name, fit_split, test_split, paths, device)
+    metrics.update(test_nelbo_bits_per_dim=likelihood.bits, test_nelbo_standard_error=likelihood.standard_error,
+                   test_nelbo_n=likelihood.n, **{f"test_nelbo_{k}": v for k, v in likelihood.parts.items()})
     shown = uint8_to_signed(val.images[:16] if len(val) else test_split.images[:16])
     reconstructions, _ = reconstruct(final, shown, device=device)
-    final = final.to("cpu")
 
     from safetensors.torch import save_file
 
     with atomic_dir(paths.vae) as out:
-        final.save_pretrained(out, safe_serialization=True)
+        prior.save(out, "train_vae")  # the autoencoder (diffusers format) and the vae_prior family files
         save_file({k: v.detach().cpu().contiguous() for k, v in result.modules["discriminator"].state_dict().items()},
                   out / DISCRIMINATOR_FILE)
         (out / "discriminator.json").write_text(json.dumps(
