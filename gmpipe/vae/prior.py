@@ -83,13 +83,14 @@ def discretized_gaussian_log_prob(images: Tensor, mean: Tensor, std: float | Ten
     tail), so far-off pixels keep a finite, accurate log-probability. images: uint8 (B, C, H, W); mean: (B, C, H, W)
     on the [-1, 1] scale.
     """
-    x = uint8_to_signed(images).double().to(mean.device)
+    images = torch.as_tensor(images).to(mean.device)
+    x = images.double() / 127.5 - 1.0  # gmpipe.pixels' convention, in float64: the levels are exact
     mean = mean.double()
     std = torch.as_tensor(std, dtype=torch.float64, device=mean.device)
     upper = (x + BIN_HALF_WIDTH - mean) / std
     lower = (x - BIN_HALF_WIDTH - mean) / std
-    upper = torch.where(images.to(mean.device) == LEVELS - 1, torch.full_like(upper, math.inf), upper)
-    lower = torch.where(images.to(mean.device) == 0, torch.full_like(lower, -math.inf), lower)
+    upper = torch.where(images == LEVELS - 1, torch.full_like(upper, math.inf), upper)
+    lower = torch.where(images == 0, torch.full_like(lower, -math.inf), lower)
     # Phi(b) - Phi(a) = Phi(-a) - Phi(-b): reflect bins above the mean into the lower tail.
     above = lower > 0
     upper, lower = torch.where(above, -lower, upper), torch.where(above, -upper, lower)
