@@ -311,7 +311,7 @@ def family_table(teacher_rows: list[dict], sweep_rows: list[dict], student_rows:
 def machine() -> dict:
     """Where the speeds were measured: CPUs, torch threads and the 1-minute load average when evaluate started."""
     return {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+            "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
 
 
 def _code_version(root: Path) -> str:
