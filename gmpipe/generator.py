@@ -144,12 +144,14 @@ def write_family(folder: Path, family: type[Generator], stage: str) -> None:
 
 def find_model_folders(models: str | Path) -> list[Path]:
     """Every model folder under ``models`` (``models/``): the folders with a ``family.json`` one or two levels
-    down (``models/ldm``, ``models/student/reflow``), in path order."""
+    down (``models/ldm``, ``models/student/reflow``), in path order. Hidden folders (an interrupted atomic write's
+    ``.NAME.tmp-...``) are not models."""
     models = Path(models)
     if not models.is_dir():
         return []
     found = [*models.glob(f"*/{FAMILY_FILE}"), *models.glob(f"*/*/{FAMILY_FILE}")]
-    return sorted(file.parent for file in found if file.is_file())
+    return sorted(file.parent for file in found if file.is_file()
+                  and not any(part.startswith(".") for part in file.relative_to(models).parts))
 
 
 def load_generator(folder: str | Path, *, autoencoder: str | Path | None = None,
