@@ -6,9 +6,9 @@ p(z) = N(0, I) over latents (c, h, w) in the autoencoder's own (raw, un-normaliz
 
 Sampling: z_i ~ N(0, T^2 I) from sample i's own seed (T = ``temperature``; 1 is the prior itself), x_i = D(z_i):
 one network evaluation per image. This is what a VAE generates without a learned prior. Trained with a small KL
-weight, the encoder's latents sit far from N(0, I) (they carry detail the KL would have taxed), so most prior
-draws decode to no garment at all; latent diffusion (or an autoregressive prior) learns the latents' real density
-instead.
+weight, the encoder's latents need not look like N(0, I) (they carry detail the KL would have taxed), so prior
+draws land where the decoder has seen few latents; at full KL weight they do look like N(0, I), but the decoder
+has learnt to blur. Latent diffusion (or an autoregressive prior) learns the latents' real density instead.
 
 Likelihood: the negative ELBO (Kingma & Welling 2014, eq. 10; ``gmpipe.vae.elbo``), an upper bound on -log P(x):
 
