@@ -20,13 +20,12 @@ A model folder says which family it belongs to, and which stage writes it, in ``
 
 A family that defines a density may also answer ``likelihood`` (held-out images in, a :class:`Likelihood` out: its
 negative log-likelihood, or a bound on it, in bits per dimension of the space it models, with the caveat that
-comes with the number); the base class answers None. :func:`find_model_folders` lists every model folder under
-``models/``, so callers discover models by their ``family.json``, never by name.
+comes with the number); the base class answers None. ``gmpipe.family_file.find_model_folders`` lists every model
+folder under ``models/``, so callers discover models by their ``family.json``, never by name.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -35,14 +34,13 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict
 
 from gmpipe.artifacts import ArtifactError, read_json
 from gmpipe.conditioning import Conditioning, Request
 from gmpipe.errors import GmpipeError
+from gmpipe.family_file import FAMILY_FILE, FamilyFile, write_family_file
 from gmpipe.registry import MODEL_FAMILIES
 
-FAMILY_FILE = "family.json"
 DEFAULT_BATCH_SIZE = 256
 
 
@@ -83,14 +81,6 @@ class Likelihood:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-class FamilyFile(BaseModel):
-    """``family.json``: the model family (a ``MODEL_FAMILIES`` name) and the stage that writes the folder."""
-
-    model_config = ConfigDict(extra="allow", strict=True)
-    family: str
-    stage: str
 
 
 class Generator:
@@ -137,21 +127,8 @@ class Generator:
 
 
 def write_family(folder: Path, family: type[Generator], stage: str) -> None:
-    """Record in ``folder`` which family its model belongs to and which stage writes it."""
-    (Path(folder) / FAMILY_FILE).write_text(json.dumps({"family": MODEL_FAMILIES.name_of(family), "stage": stage},
-                                                       indent=2))
-
-
-def find_model_folders(models: str | Path) -> list[Path]:
-    """Every model folder under ``models`` (``models/``): the folders with a ``family.json`` one or two levels
-    down (``models/ldm``, ``models/student/reflow``), in path order. Hidden folders (an interrupted atomic write's
-    ``.NAME.tmp-...``) are not models."""
-    models = Path(models)
-    if not models.is_dir():
-        return []
-    found = [*models.glob(f"*/{FAMILY_FILE}"), *models.glob(f"*/*/{FAMILY_FILE}")]
-    return sorted(file.parent for file in found if file.is_file()
-                  and not any(part.startswith(".") for part in file.relative_to(models).parts))
+    """Record in ``folder`` which family its model belongs to and which stage writes it (``gmpipe.family_file``)."""
+    write_family_file(folder, MODEL_FAMILIES.name_of(family), stage)
 
 
 def load_generator(folder: str | Path, *, autoencoder: str | Path | None = None,

@@ -14,7 +14,8 @@ from gmpipe.artifacts import ArtifactError
 from gmpipe.data.latents import LatentStats
 from gmpipe.diffusion import make_guided_model_fn
 from gmpipe.errors import GmpipeError
-from gmpipe.generator import FAMILY_FILE, Generated, Generator, find_model_folders, load_generator
+from gmpipe.family_file import find_model_folders
+from gmpipe.generator import FAMILY_FILE, Generated, Generator, load_generator
 from gmpipe.latent_diffusion import LatentDiffusion
 from gmpipe.pixels import signed_to_uint8
 from gmpipe.registry import MODEL_FAMILIES, SAMPLERS

@@ -1,7 +1,7 @@
 """``evaluate``: measure every model that exists against the real test set, sweep NFE and guidance, write
 ``reports/metrics.json`` (DVC metrics), plot data (DVC plots), grids, the generated samples, and a report.
 
-Models are found by their ``family.json`` under ``models/`` (``gmpipe.generator.find_model_folders``), whatever
+Models are found by their ``family.json`` under ``models/`` (``gmpipe.family_file.find_model_folders``), whatever
 their family: the teacher (``models/ldm``) gets the guidance and NFE sweeps, each student (a folder with
 ``student.json``) its designed step counts, every other model its own default settings; each that defines a
 density also its test likelihood. All of them meet in one family table (``gmpipe.eval.families``).
@@ -33,7 +33,8 @@ from gmpipe.eval import families, report
 from gmpipe.eval.autoencoder import autoencoder_metrics
 from gmpipe.eval.generated import Reference
 from gmpipe.eval.grids import save_grid
-from gmpipe.generator import Generator, Likelihood, find_model_folders, load_generator
+from gmpipe.family_file import find_model_folders
+from gmpipe.generator import Generator, Likelihood, load_generator
 from gmpipe.nn.autoencoder import load_autoencoder
 from gmpipe.paths import Paths
 from gmpipe.pixels import uint8_to_signed

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from gmpipe.conditioning import Unconditional
 from gmpipe.generator import load_generator
 from gmpipe.nn.autoencoder import build_autoencoder_preset
-from gmpipe.vae.prior import VAEPrior, discretized_gaussian_log_prob, fit_decoder_std, negative_elbo, prior_file
+from gmpipe.vae.density import PriorFile, discretized_gaussian_log_prob, fit_decoder_std
+from gmpipe.vae.prior import VAEPrior, negative_elbo
 
 
 def _hand_log_prob(levels: np.ndarray, mean: np.ndarray, std: float) -> float:
@@ -99,7 +99,8 @@ def test_negative_elbo_in_bits_per_dim_matches_a_hand_computation():
 def prior(tmp_path_factory) -> VAEPrior:
     torch.manual_seed(0)
     vae = build_autoencoder_preset("tiny", 1).eval()  # f = 2: 8x8 images, 4x4x4 latents
-    return VAEPrior(vae, prior_file((1, 8, 8), (4, 4, 4), 0.1, "val"), Unconditional(["a", "b"]))
+    return VAEPrior(vae, PriorFile(image_shape=[1, 8, 8], latent_shape=[4, 4, 4], decoder_std=0.1,
+                                   decoder_std_fitted_on="val", class_names=["a", "b"]))
 
 
 def test_vae_prior_samples_depend_only_on_their_seed(prior, tmp_path):
