@@ -17,12 +17,18 @@ A model folder says which family it belongs to, and which stage writes it, in ``
 (``{"family": "latent_diffusion", "stage": "train_ldm"}``); the families are registered by name in
 ``gmpipe.registry.MODEL_FAMILIES``. A family is a :class:`Generator` subclass with ``load``, ``generate`` and
 ``save``; adding one is its own module plus one registry line.
+
+A family that defines a density may also answer ``likelihood`` (held-out images in, a :class:`Likelihood` out: its
+negative log-likelihood, or a bound on it, in bits per dimension of the space it models, with the caveat that
+comes with the number); the base class answers None. ``gmpipe.family_file.find_model_folders`` lists every model
+folder under ``models/``, so callers discover models by their ``family.json``, never by name.
 """
 
 from __future__ import annotations
 
-import json
+import math
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -33,9 +39,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from gmpipe.artifacts import ArtifactError, read_json
 from gmpipe.conditioning import Conditioning, Request
 from gmpipe.errors import GmpipeError
+from gmpipe.family_file import FAMILY_FILE, FamilyFile, write_family_file
 from gmpipe.registry import MODEL_FAMILIES
 
-FAMILY_FILE = "family.json"
 DEFAULT_BATCH_SIZE = 256
 
 
@@ -44,12 +50,38 @@ class Generated(NamedTuple):
     nfe: int  # network evaluations per image
 
 
-class FamilyFile(BaseModel):
-    """``family.json``: the model family (a ``MODEL_FAMILIES`` name) and the stage that writes the folder."""
+@dataclass(frozen=True)
+class Likelihood:
+    """A model's negative log-likelihood of held-out data (or an upper bound on it), lower is better.
 
-    model_config = ConfigDict(extra="allow", strict=True)
-    family: str
-    stage: str
+    ``bits``: the mean over the ``n`` items of -log2 p(item) / dims, in ``unit`` ("bits/dim" or "bits/token") of
+    ``space`` (what one dimension is: pixels, normalized latents, tokens; numbers in different spaces are not
+    comparable). ``standard_error``: of that mean, across items (an estimator's own noise included, since each item
+    carries its own draw). ``kind``: "exact", "upper bound" or "estimate". ``method``: how it was computed, in a
+    few words. ``caveat``: what the number does not say. ``parts``: further figures (the terms of a bound, the same
+    quantity in another space).
+    """
+
+    bits: float
+    standard_error: float
+    n: int
+    unit: str
+    space: str
+    kind: str
+    method: str
+    caveat: str
+    parts: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def from_items(cls, bits_per_item: torch.Tensor, **described: Any) -> Likelihood:
+        """The mean and its standard error over per-item values (N,) (0 for a single item)."""
+        values = bits_per_item.detach().double().cpu()
+        n = len(values)
+        error = float(values.std() / math.sqrt(n)) if n > 1 else 0.0
+        return cls(bits=float(values.mean()), standard_error=error, n=n, **described)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 class Generator:
@@ -70,6 +102,13 @@ class Generator:
                  batch_size: int = DEFAULT_BATCH_SIZE, **settings: Any) -> Generated:
         """``len(seeds)`` images, sample i for requests[i] (None: no request for any sample) from seeds[i]."""
         raise NotImplementedError
+
+    def likelihood(self, images: np.ndarray, requests: Sequence[Request] | None, seeds: Sequence[int], *,
+                   batch_size: int = DEFAULT_BATCH_SIZE) -> Likelihood | None:
+        """The model's negative log-likelihood of uint8 ``images`` (N, C, H, W) (held-out data), item i under
+        requests[i] (its class, for conditional models) with any random draw from seeds[i]; None for a family
+        that defines no density (the default)."""
+        return None
 
     def resolve_settings(self, overrides: dict[str, Any]) -> dict[str, Any]:
         """The model's settings with ``overrides`` (None values ignored); a setting it does not have is an error."""
@@ -100,9 +139,8 @@ def validated_settings(schema: type[BaseModel], settings: dict[str, Any]) -> dic
 
 
 def write_family(folder: Path, family: type[Generator], stage: str) -> None:
-    """Record in ``folder`` which family its model belongs to and which stage writes it."""
-    (Path(folder) / FAMILY_FILE).write_text(json.dumps({"family": MODEL_FAMILIES.name_of(family), "stage": stage},
-                                                       indent=2))
+    """Record in ``folder`` which family its model belongs to and which stage writes it (``gmpipe.family_file``)."""
+    write_family_file(folder, MODEL_FAMILIES.name_of(family), stage)
 
 
 def load_generator(folder: str | Path, *, autoencoder: str | Path | None = None,

@@ -29,16 +29,21 @@ class Paths:
         return self.root / "data" / "latents"
 
     @property
+    def models(self) -> Path:
+        """Every trained model folder is under here (each with its ``family.json``)."""
+        return self.root / "models"
+
+    @property
     def vae(self) -> Path:
-        return self.root / "models" / "vae"
+        return self.models / "vae"
 
     @property
     def ldm(self) -> Path:
-        return self.root / "models" / "ldm"
+        return self.models / "ldm"
 
     @property
     def student(self) -> Path:
-        return self.root / "models" / "student"
+        return self.models / "student"
 
     @property
     def ar(self) -> Path:

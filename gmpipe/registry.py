@@ -157,4 +157,5 @@ MODEL_FAMILIES = Registry("model family", {
     "latent_diffusion": "gmpipe.latent_diffusion:LatentDiffusion",
     "autoregressive": "gmpipe.ar.family:AutoregressivePrior",
     "latent_gan": "gmpipe.gan.family:LatentGAN",
+    "vae_prior": "gmpipe.vae.prior:VAEPrior",
 })

@@ -42,8 +42,17 @@ def test_all_problems_reported_at_once():
 
 
 def test_shipped_params_files_are_valid():
-    for file in (REPO / "params.yaml", REPO / "configs" / "smoke.yaml"):
+    for file in (REPO / "params.yaml", REPO / "configs" / "smoke.yaml", REPO / "configs" / "plain_vae.yaml"):
         assert isinstance(load_params(file), Params)
+
+
+def test_plain_vae_preset_is_the_demo_with_the_plain_elbo():
+    """configs/plain_vae.yaml is a complete params file: the demo's, with the autoencoder's loss the ELBO alone."""
+    plain, demo = load_params(REPO / "configs" / "plain_vae.yaml"), load_params(REPO / "params.yaml")
+    changed = {name for name in Params.model_fields if getattr(plain, name) != getattr(demo, name)}
+    assert changed == {"train_vae"}
+    loss = {"rec_loss": "l2", "kl_weight": 1.0, "perceptual_weight": 0.0, "gan_weight": 0.0}
+    assert plain.train_vae == demo.train_vae.model_copy(update=loss)
 
 
 def test_empty_file_is_an_error(tmp_path):

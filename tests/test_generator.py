@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from gmpipe.artifacts import ArtifactError
+from gmpipe.data.latents import LatentStats
 from gmpipe.diffusion import make_guided_model_fn
 from gmpipe.errors import GmpipeError
+from gmpipe.family_file import find_model_folders
 from gmpipe.generator import FAMILY_FILE, Generated, Generator, load_generator
 from gmpipe.latent_diffusion import LatentDiffusion
 from gmpipe.pixels import signed_to_uint8
@@ -109,3 +111,31 @@ def test_settings_are_the_models_own_unless_given(model):
         model.generate([0], [1], temperature=0.7)
     with pytest.raises(ValueError, match="2 requests but 1 seeds"):
         model.generate([0, 1], [1])
+
+
+def test_model_folders_are_found_by_their_family_file(tmp_path):
+    """models/NAME and models/GROUP/NAME with a family.json are model folders; anything else, or hidden (an
+    interrupted atomic write), is not."""
+    for folder in ("ldm", "vae", "student/reflow", "student/consistency", ".ldm.tmp-host-1-ab", "student/.x.old-1",
+                   "student/plain/deeper"):
+        (tmp_path / "models" / folder).mkdir(parents=True)
+        (tmp_path / "models" / folder / FAMILY_FILE).write_text("{}")
+    (tmp_path / "models" / "notes").mkdir()
+    found = find_model_folders(tmp_path / "models")
+    assert [f.relative_to(tmp_path / "models").as_posix() for f in found] == [
+        "ldm", "student/consistency", "student/reflow", "vae"]
+    assert find_model_folders(tmp_path / "nothing") == []
+
+
+def test_the_ode_likelihood_depends_only_on_each_items_seed_and_reports_raw_latents(model, monkeypatch):
+    images = np.random.default_rng(0).integers(0, 256, (3, 1, 8, 8), dtype=np.uint8)
+    whole = model.likelihood(images, [0, 1, 0], [4, 5, 2**40], batch_size=2)
+    alone = [model.likelihood(images[i : i + 1], [request], [seed]).bits
+             for i, (request, seed) in enumerate(zip([0, 1, 0], [4, 5, 2**40], strict=True))]
+    assert whole.bits == pytest.approx(np.mean(alone), rel=1e-5)
+    assert (whole.n, whole.unit, whole.kind) == (3, "bits/dim", "estimate") and whole.standard_error > 0
+    assert whole.parts["raw_latent_bits_per_dim"] == pytest.approx(whole.bits)  # scale 1: the same space
+    # normalized = 2 z: log p(z) = log p(normalized) + D log 2, one bit per dimension less in raw latents
+    monkeypatch.setattr(model, "stats", LatentStats((0.0,) * 4, (2.0,) * 4))
+    scaled = model.likelihood(images, [0, 1, 0], [4, 5, 2**40])
+    assert scaled.parts["raw_latent_bits_per_dim"] == pytest.approx(scaled.bits - 1.0)

@@ -19,6 +19,7 @@ class EvaluateConfig(Section):
     ``sweep_samples`` for each point of the NFE and guidance sweeps. ``fid_module`` (``package.module:factory``)
     and ``fid_weights`` (a local safetensors or weights-only file) add true FID on that network (e.g. an
     Inception-v3 returning 2048-d pool features); EfficientNet-Lite0 distances are always reported as fd_effnet.
+    ``likelihood_samples`` test images for the test likelihood of every model whose family defines one (0: off).
     """
 
     seed: Seed = 0
@@ -26,10 +27,11 @@ class EvaluateConfig(Section):
     sweep_samples: Annotated[int, Field(ge=10)] = 500
     feature_image_size: Annotated[int, Field(ge=32, le=512)] = 64
     batch_size: Annotated[int, Field(ge=1)] = 250
-    sweep_samplers: list[one_of(SAMPLERS)] = ["euler", "heun", "ddim", "ddpm"]
+    sweep_samplers: list[one_of(SAMPLERS)] = ["euler", "heun", "ddim", "ddpm", "sde"]
     sweep_steps: list[Steps] = [1, 2, 4, 8, 16, 32, 50]
     guidance_sweep: list[Annotated[float, Field(ge=0.0, le=50.0)]] = [0.0, 0.5, 1.0, 2.0, 3.0, 5.0]
     student_steps: list[Steps] = [1, 2, 4]
+    likelihood_samples: Annotated[int, Field(ge=0, le=100_000)] = 256
     classifier_steps: Annotated[int, Field(ge=1)] = 1500
     classifier_batch_size: Annotated[int, Field(ge=1)] = 128
     kid_subsets: Annotated[int, Field(ge=1)] = 50

@@ -35,6 +35,7 @@ from torch import Tensor
 from gmpipe.diffusion.noise import standard_normal, standard_uniform
 from gmpipe.diffusion.objective import Objective
 from gmpipe.diffusion.times import as_time
+from gmpipe.seeds import SampleNoise
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]
 Trace = Literal["exact", "hutchinson"]
@@ -96,17 +97,21 @@ def prior_log_prob(objective: Objective, x_1: Tensor) -> Tensor:
 
 
 def draw_probes(
-    num_probes: int, like: Tensor, probe: Probe = "rademacher", generator: torch.Generator | None = None
+    num_probes: int, like: Tensor, probe: Probe = "rademacher", generator: torch.Generator | SampleNoise | None = None
 ) -> Tensor:
     """(K, B, ...) Hutchinson probes with E[eps eps^T] = I: Rademacher (+-1, the lower-variance choice) or
-    standard normal."""
-    shape = (num_probes, *like.shape)
+    standard normal. With a ``SampleNoise`` generator, sample i's K probes come from its own stream (so its
+    estimate does not depend on the batch it is in)."""
+    per_sample = isinstance(generator, SampleNoise)
+    shape = (like.shape[0], num_probes, *like.shape[1:]) if per_sample else (num_probes, *like.shape)
     if probe == "rademacher":
         uniform = standard_uniform(shape, generator=generator, device=like.device, dtype=like.dtype)
-        return torch.where(uniform < 0.5, -torch.ones_like(uniform), torch.ones_like(uniform))
-    if probe == "gaussian":
-        return standard_normal(shape, generator=generator, device=like.device, dtype=like.dtype)
-    raise ValueError(f"unknown probe {probe!r}; choose 'rademacher' or 'gaussian'")
+        probes = torch.where(uniform < 0.5, -torch.ones_like(uniform), torch.ones_like(uniform))
+    elif probe == "gaussian":
+        probes = standard_normal(shape, generator=generator, device=like.device, dtype=like.dtype)
+    else:
+        raise ValueError(f"unknown probe {probe!r}; choose 'rademacher' or 'gaussian'")
+    return probes.transpose(0, 1) if per_sample else probes
 
 
 def velocity_and_divergence(
@@ -148,7 +153,7 @@ def ode_log_likelihood(
     num_probes: int = 4,
     probe: Probe = "rademacher",
     integrator: Integrator = "rk4",
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | SampleNoise | None = None,
 ) -> ODELikelihood:
     """log p_0(x) = log p_1(x_1) + integral_{t_min}^1 div v(x_t, t) dt along the probability-flow ODE from the
     data x to noise (module docstring; Song et al. 2021, appendix D.2), integrated with `num_steps` fixed steps
@@ -157,7 +162,8 @@ def ode_log_likelihood(
     model_fn(x_t (B, ...), t (B,)) -> prediction in objective.target (for a conditional model, a closure over
     the conditions gives log p(x | y)). x: (B, ...) data in the space the model was trained on (normalized
     latents: see `normalization_log_det`). trace: "exact" (D VJPs per call, small D) or "hutchinson" with
-    num_probes probes of kind `probe` drawn once from `generator`. Returns an ODELikelihood.
+    num_probes probes of kind `probe` drawn once from `generator` (a torch.Generator, or a SampleNoise for
+    per-sample probes). Returns an ODELikelihood.
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")

@@ -1,6 +1,11 @@
 """``evaluate``: measure every model that exists against the real test set, sweep NFE and guidance, write
 ``reports/metrics.json`` (DVC metrics), plot data (DVC plots), grids, the generated samples, and a report.
 
+Models are found by their ``family.json`` under ``models/`` (``gmpipe.family_file.find_model_folders``), whatever
+their family: the teacher (``models/ldm``) gets the guidance and NFE sweeps, each student (a folder with
+``student.json``) its designed step counts, every other model its own default settings; each that defines a
+density also its test likelihood. All of them meet in one family table (``gmpipe.eval.families``).
+
 Whatever upstream model is missing is named in the report and skipped, never a crash. Every distance comes
 with its n; models are compared only at equal n against the same real images.
 """
@@ -8,7 +13,10 @@ with its n; models are compared only at equal n against the same real images.
 from __future__ import annotations
 
 import csv
+import os
 import subprocess
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,20 +29,22 @@ from gmpipe.data.prepared import load_manifest, load_split
 from gmpipe.device import resolve_device
 from gmpipe.distill.student import read_student_info, student_folders
 from gmpipe.errors import GmpipeError
-from gmpipe.eval import report
+from gmpipe.eval import families, report
 from gmpipe.eval.autoencoder import autoencoder_metrics
 from gmpipe.eval.generated import Reference
 from gmpipe.eval.grids import save_grid
-from gmpipe.generator import load_generator
+from gmpipe.family_file import find_model_folders
+from gmpipe.generator import Generator, Likelihood, load_generator
 from gmpipe.nn.autoencoder import load_autoencoder
 from gmpipe.paths import Paths
 from gmpipe.pixels import uint8_to_signed
+from gmpipe.registry import MODEL_FAMILIES
 from gmpipe.seeds import seed_block
 
 SECTIONS = ("evaluate", "compute.device")
 # Seed blocks (gmpipe.seeds.seed_block): the sweeps share one block (every sweep point sees the same noise), the
-# headline samples of every model another.
-SWEEP_SEEDS, HEADLINE_SEEDS = 0, 1
+# headline samples of every model another, the random draws of the test likelihoods a third.
+SWEEP_SEEDS, HEADLINE_SEEDS, LIKELIHOOD_SEEDS = 0, 1, 2
 
 
 def _out(paths: Paths) -> Path:
@@ -124,10 +134,57 @@ def measure(reference: Reference, images: np.ndarray, labels: list[int] | None, 
     return reference.measure(uint8_to_signed(images), torch.tensor(labels) if labels else None, **options)
 
 
+def timed_generate(generator: Generator, labels: list[int] | None, seeds: list[int], batch_size: int,
+                   **settings) -> tuple[np.ndarray, int, float]:
+    """``generator.generate`` and its images per second on this machine (sampling and decoding, wall clock)."""
+    start = time.perf_counter()
+    images, nfe = generator.generate(labels, seeds, batch_size=batch_size, **settings)
+    return images, nfe, len(seeds) / max(time.perf_counter() - start, 1e-9)
+
+
+def made_with(generator: Generator, **overrides) -> dict:
+    """What a row records of the model that made it: its family and the settings it ran with."""
+    return {"family": MODEL_FAMILIES.name_of(generator), "settings": generator.resolve_settings(overrides)}
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """The test images every likelihood is measured on: uint8 (n, C, H, W), their labels and one seed each."""
+
+    images: np.ndarray
+    labels: list[int]
+    seeds: list[int]
+
+
+def held_out_images(config: EvaluateConfig, paths: Paths) -> HeldOut | None:
+    """``likelihood_samples`` test images (a seeded choice), or None when likelihoods are switched off (0)."""
+    if config.likelihood_samples == 0:
+        return None
+    test = load_split(paths.prepared, "test")
+    order = np.random.default_rng(config.seed).permutation(len(test))[: config.likelihood_samples]
+    return HeldOut(test.images[order], test.labels[order].tolist(),
+                   seed_block(config.seed, LIKELIHOOD_SEEDS, len(order)))
+
+
+def held_out_likelihood(generator: Generator, held_out: HeldOut | None, batch_size: int) -> dict | None:
+    """The model's test likelihood (``Generator.likelihood``) with the seconds it took, or None when its family
+    defines none (or likelihoods are off). Conditional models score each image under its own class."""
+    if held_out is None:
+        return None
+    requests = held_out.labels if generator.conditioning.conditional else None
+    start = time.perf_counter()
+    likelihood: Likelihood | None = generator.likelihood(held_out.images, requests, held_out.seeds,
+                                                         batch_size=batch_size)
+    if likelihood is None:
+        return None
+    return {**likelihood.to_dict(), "seconds": time.perf_counter() - start}
+
+
 def evaluate_teacher(config: EvaluateConfig, paths: Paths, reference: Reference, class_names: list[str],
-                     real_accuracy: float, student_ws: set[float], device: torch.device):
+                     real_accuracy: float, student_ws: set[float], held_out: HeldOut | None, device: torch.device):
     """Guidance sweep, then the NFE sweep at the chosen w, then the teacher at n_samples with its default
-    sampler and steps: at the chosen w (the headline) and at every w a student was distilled at."""
+    sampler and steps: at the chosen w (the headline) and at every w a student was distilled at; then its test
+    likelihood."""
     generator = load_generator(paths.ldm, autoencoder=paths.vae, device=device)
     conditional = generator.conditioning.conditional
     default = generator.settings
@@ -138,9 +195,9 @@ def evaluate_teacher(config: EvaluateConfig, paths: Paths, reference: Reference,
 
     guidance_rows = []
     for w in tqdm(config.guidance_sweep if conditional else [0.0], desc="evaluate: guidance sweep", unit="w"):
-        images, nfe = generator.generate(labels, sweep_seeds, batch_size=config.batch_size, guidance=w)
+        images, nfe, speed = timed_generate(generator, labels, sweep_seeds, config.batch_size, guidance=w)
         row = {"model": "teacher", "sampler": default["sampler"], "steps": default["steps"], "w": w, "nfe": nfe,
-               **measure(reference, images, labels)}
+               **measure(reference, images, labels), "images_per_second": speed, **made_with(generator, guidance=w)}
         row["samples"] = save_samples(samples_dir, f"teacher_w{w:g}", images, labels, model="teacher",
                                       sampler=default["sampler"], steps=default["steps"], w=w)
         guidance_rows.append(row)
@@ -149,10 +206,10 @@ def evaluate_teacher(config: EvaluateConfig, paths: Paths, reference: Reference,
     nfe_rows = []
     grid = [(sampler, steps) for sampler in config.sweep_samplers for steps in config.sweep_steps]
     for sampler, steps in tqdm(grid, desc="evaluate: NFE sweep", unit="setting"):
-        images, nfe = generator.generate(labels, sweep_seeds, batch_size=config.batch_size, sampler=sampler,
-                                         steps=steps, guidance=best_w)
+        chosen = {"sampler": sampler, "steps": steps, "guidance": best_w}
+        images, nfe, speed = timed_generate(generator, labels, sweep_seeds, config.batch_size, **chosen)
         row = {"model": "teacher", "sampler": sampler, "steps": steps, "w": best_w, "nfe": nfe,
-               **measure(reference, images, labels, with_pr=False)}
+               **measure(reference, images, labels), "images_per_second": speed, **made_with(generator, **chosen)}
         nfe_rows.append(row)
 
     n = min(config.n_samples, len(reference.features))
@@ -160,14 +217,16 @@ def evaluate_teacher(config: EvaluateConfig, paths: Paths, reference: Reference,
     head_seeds = seed_block(config.seed, HEADLINE_SEEDS, n)
     by_w = {}
     for w in sorted({best_w} | (student_ws if conditional else set())):
-        images, nfe = generator.generate(head_labels, head_seeds, batch_size=config.batch_size, guidance=w)
+        images, nfe, speed = timed_generate(generator, head_labels, head_seeds, config.batch_size, guidance=w)
         row = {"model": "teacher", "sampler": default["sampler"], "steps": default["steps"], "w": w, "nfe": nfe,
-               **measure(reference, images, head_labels)}
+               **measure(reference, images, head_labels), "images_per_second": speed,
+               **made_with(generator, guidance=w)}
         row["samples"] = save_samples(samples_dir, f"teacher_n{n}_w{w:g}", images, head_labels, model="teacher",
                                       sampler=default["sampler"], steps=default["steps"], w=w)
         _grid(images, head_labels, len(class_names), _out(paths) / "grids" / f"teacher_w{w:g}.png")
         by_w[w] = row
-    return by_w[best_w], by_w, guidance_rows, nfe_rows
+    likelihood = held_out_likelihood(generator, held_out, config.batch_size)
+    return by_w[best_w], by_w, guidance_rows, nfe_rows, likelihood
 
 
 def _grid(images: np.ndarray, labels, num_classes: int, path: Path, per_class: int = 10) -> None:
@@ -183,6 +242,8 @@ def _grid(images: np.ndarray, labels, num_classes: int, path: Path, per_class: i
 
 def evaluate_students(config: EvaluateConfig, paths: Paths, reference: Reference, class_names: list[str],
                       device: torch.device) -> list:
+    """Every student at the step counts it was distilled for (those of ``student_steps``, else its first). A
+    few-step student's network is trained at its own step times only, so its ODE defines no density to report."""
     rows = []
     n = min(config.n_samples, len(reference.features))
     seeds = seed_block(config.seed, HEADLINE_SEEDS, n)
@@ -192,15 +253,66 @@ def evaluate_students(config: EvaluateConfig, paths: Paths, reference: Reference
         labels = balanced_labels(n, len(class_names)) if generator.conditioning.conditional else None
         designed = [s for s in config.student_steps if s in info.steps] or info.steps[:1]
         for steps in designed:
-            images, nfe = generator.generate(labels, seeds, batch_size=config.batch_size, steps=steps)
+            images, nfe, speed = timed_generate(generator, labels, seeds, config.batch_size, steps=steps)
             row = {"model": f"student:{folder.name}", "method": info.method,
                    "sampler": generator.settings["sampler"], "steps": steps, "nfe": nfe, "w": info.guidance_folded,
-                   **measure(reference, images, labels)}
+                   **measure(reference, images, labels), "images_per_second": speed,
+                   **made_with(generator, steps=steps)}
             row["samples"] = save_samples(_out(paths) / "samples", f"{folder.name}_{steps}step", images, labels,
                                           model=folder.name, sampler=row["sampler"], steps=steps, w=row["w"])
             rows.append(row)
             _grid(images, labels, len(class_names), _out(paths) / "grids" / f"{folder.name}_{steps}step.png")
     return rows
+
+
+def other_model_folders(paths: Paths) -> list[Path]:
+    """Every model folder under ``models/`` that is neither the teacher nor a student, whatever its family (the
+    autoencoder's own ``vae_prior`` folder, an autoregressive prior, a GAN, ...)."""
+    students = set(student_folders(paths.student))
+    return [folder for folder in find_model_folders(paths.models) if folder != paths.ldm and folder not in students]
+
+
+def evaluate_model(config: EvaluateConfig, paths: Paths, folder: Path, reference: Reference,
+                   class_names: list[str], held_out: HeldOut | None, device: torch.device) -> tuple[dict, dict | None]:
+    """A model at its own default settings, at n_samples (class-balanced labels if it is conditional), and its
+    test likelihood if its family defines one."""
+    name = folder.relative_to(paths.models).as_posix()
+    generator = load_generator(folder, autoencoder=paths.vae, device=device)
+    n = min(config.n_samples, len(reference.features))
+    labels = balanced_labels(n, len(class_names)) if generator.conditioning.conditional else None
+    images, nfe, speed = timed_generate(generator, labels, seed_block(config.seed, HEADLINE_SEEDS, n),
+                                        config.batch_size)
+    row = {"model": name, "nfe": nfe, **measure(reference, images, labels), "images_per_second": speed,
+           **made_with(generator)}
+    file_name = name.replace("/", "_")
+    row["samples"] = save_samples(_out(paths) / "samples", f"{file_name}_n{n}", images, labels, model=name,
+                                  family=row["family"], settings=families.describe_settings(row["settings"]))
+    _grid(images, labels, len(class_names), _out(paths) / "grids" / f"{file_name}.png")
+    return row, held_out_likelihood(generator, held_out, config.batch_size)
+
+
+def family_table(teacher_rows: list[dict], sweep_rows: list[dict], student_rows: list[dict], model_rows: list[dict],
+                 floor: dict, likelihoods: dict[str, dict | None]) -> list[dict]:
+    """The rows of the family table (``gmpipe.eval.families``): the teacher at its default sampler (each w it was
+    measured at), the teacher with each sweep sampler at its default step count (or the sweep's largest), every
+    student at its designed steps, every other model; each with the floor at its n and its model's likelihood."""
+    chosen_sweep = []
+    if sweep_rows and teacher_rows:
+        default_steps = teacher_rows[0]["steps"]
+        swept = sorted({row["steps"] for row in sweep_rows})
+        steps = default_steps if default_steps in swept else swept[-1]
+        chosen_sweep = [row for row in sweep_rows if row["steps"] == steps]
+    table = []
+    for row in [*teacher_rows, *chosen_sweep, *student_rows, *model_rows]:
+        table.append(families.family_row(row["family"], row["model"], row["settings"], row, floor[str(row["n"])],
+                                         row["images_per_second"], likelihoods.get(row["model"])))
+    return table
+
+
+def machine() -> dict:
+    """Where the speeds were measured: CPUs, torch threads and the 1-minute load average when evaluate started."""
+    return {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
 
 
 def _code_version(root: Path) -> str:
@@ -229,10 +341,11 @@ def run(config: EvaluateConfig, device: str, paths: Paths) -> dict:
     notes = [f"no {name} in {folder}: run the '{stage}' stage to evaluate it"
              for name, folder, stage in upstream if not folder.is_dir()]
     torch.manual_seed(config.seed)
+    metrics: dict = {"machine": {**machine(), "device": str(device)}}
     reference, real = build_reference(config, paths, class_names, device)
-    metrics: dict = {"classifier": {"test_accuracy": real["classifier_test_accuracy"],
-                                    "test_n": real["classifier_test_n"]},
-                     "floor": real["floor"]}
+    metrics.update({"classifier": {"test_accuracy": real["classifier_test_accuracy"],
+                                   "test_n": real["classifier_test_n"]},
+                    "floor": real["floor"]})
     if paths.vae.is_dir():
         from gmpipe.nn.features import EffNetLite0Features
 
@@ -240,14 +353,17 @@ def run(config: EvaluateConfig, device: str, paths: Paths) -> dict:
         metrics["vae"] = autoencoder_metrics(load_autoencoder(paths.vae).to(device), test.images, train.images,
                                              EffNetLite0Features(config.feature_image_size).to(device),
                                              n=min(config.n_samples, len(test)), seed=config.seed, device=device)
-    guidance_rows, nfe_rows, student_rows = [], [], []
+    held_out = held_out_images(config, paths)
+    likelihoods: dict[str, dict | None] = {}
+    guidance_rows, nfe_rows, student_rows, teacher_rows, model_rows = [], [], [], [], []
     if paths.vae.is_dir() and paths.ldm.is_dir():
         student_ws = {read_student_info(f).guidance_folded for f in student_folders(paths.student)}
-        headline, teacher_by_w, guidance_rows, nfe_rows = evaluate_teacher(
-            config, paths, reference, class_names, real["classifier_test_accuracy"], student_ws, device)
+        headline, teacher_by_w, guidance_rows, nfe_rows, likelihoods["teacher"] = evaluate_teacher(
+            config, paths, reference, class_names, real["classifier_test_accuracy"], student_ws, held_out, device)
         floor = real["floor"][str(headline["n"])]["fd_effnet"]
         for row in teacher_by_w.values():
             row["fd_ratio_to_floor"] = row["fd_effnet"] / max(floor, 1e-12)
+        teacher_rows = [teacher_by_w[w] for w in sorted(teacher_by_w, key=lambda w: w != headline["w"])]
         metrics["teacher"] = headline
         metrics["teacher_by_w"] = {f"w{w:g}": row for w, row in teacher_by_w.items()}
         student_rows = evaluate_students(config, paths, reference, class_names, device)
@@ -257,6 +373,16 @@ def run(config: EvaluateConfig, device: str, paths: Paths) -> dict:
             row["teacher_w"] = teacher["w"]
             row["fd_ratio_to_floor"] = row["fd_effnet"] / max(floor, 1e-12)
         metrics["students"] = {f"{r['model'].split(':', 1)[1]}_{r['steps']}step": r for r in student_rows}
+        metrics["targets"] = {"sde_vs_euler": families.sde_target(nfe_rows)}
+    if paths.vae.is_dir():  # every other family decodes with the autoencoder (the VAE prior is the autoencoder)
+        for folder in tqdm(other_model_folders(paths), desc="evaluate: other models", unit="model"):
+            row, likelihoods[folder.relative_to(paths.models).as_posix()] = evaluate_model(
+                config, paths, folder, reference, class_names, held_out, device)
+            model_rows.append(row)
+        metrics["models"] = {row["model"]: row for row in model_rows}
+    metrics["likelihoods"] = {name: value for name, value in likelihoods.items() if value is not None}
+    table = family_table(teacher_rows, nfe_rows, student_rows, model_rows, real["floor"], likelihoods)
+    metrics["families"] = {families.row_key(row): row for row in table}
     metrics["notes"] = notes
 
     out = _out(paths)
@@ -268,13 +394,17 @@ def run(config: EvaluateConfig, device: str, paths: Paths) -> dict:
                                                     "fd_effnet", "kid", "accuracy"])
     _write_csv(plots / "guidance_sweep.csv", guidance_rows, ["w", "n", "nfe", "fd_effnet", "kid", "accuracy",
                                                              "precision", "recall"])
+    n_headline = min(config.n_samples, real["n_reference"])
+    headline_rows = [row for row in table if row["n"] == n_headline]
+    _write_csv(plots / "families.csv", headline_rows, ["model", "family", "settings", "nfe", "n", "fd_effnet",
+                                                       "fd_minus_floor", "images_per_second"])
     write_json(paths.reports / "metrics.json", _finite(metrics))
-    write_report(paths, config, metrics, guidance_rows, nfe_curve, student_rows)
+    write_report(paths, config, metrics, guidance_rows, nfe_curve, student_rows, table, n_headline)
     return {
-        "read": [str(paths.prepared), str(paths.vae), str(paths.ldm), str(paths.student)],
+        "read": [str(paths.prepared), *(str(f) for f in find_model_folders(paths.models))],
         "wrote": [str(paths.reports / "metrics.json"), str(paths.reports / "report.html"), str(out)],
         "notes": notes,
-        "markdown": summary_table(metrics),
+        "markdown": summary_table(metrics, table),
     }
 
 
@@ -289,32 +419,75 @@ def _finite(value):
     return value
 
 
-def summary_table(metrics: dict) -> str:
-    rows = list(metrics.get("teacher_by_w", {}).values())
-    rows += list(metrics.get("students", {}).values())
-    lines = ["| model | sampler | steps | NFE | w | n | FD-EffNetLite0 | x floor | x teacher | accuracy |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['sampler']} | {r['steps']} | {r['nfe']} | {r['w']:g} | {r['n']} | "
-                     f"{r['fd_effnet']:.2f} | {r.get('fd_ratio_to_floor', float('nan')):.2f} | "
-                     f"{r.get('fd_ratio_to_teacher', float('nan')):.2f} | {r.get('accuracy', float('nan')):.3f} |")
+def likelihood_lines(likelihoods: dict[str, dict]) -> list[str]:
+    """One line per model with a test likelihood: value, error, what it is, its caveat."""
+    lines = []
+    for name, value in likelihoods.items():
+        parts = "".join(f"; {key.replace('_', ' ')} {number:.4g}" for key, number in value["parts"].items())
+        lines.append(f"- {name}: {value['bits']:.4f} +- {value['standard_error']:.4f} {value['unit']} of "
+                     f"{value['space']} ({value['kind']}; {value['method']}; n = {value['n']}{parts}; "
+                     f"{value['seconds']:.1f} s). Caveat: {value['caveat']}.")
+    return lines
+
+
+def sde_line(target: dict) -> str:
+    if not target.get("measured"):
+        return f"Reverse-SDE sampler vs Euler: not measured ({target.get('reason', 'no teacher')})."
+    verdict = "met" if target["met"] else "not met"
+    return (f"Reverse-SDE sampler vs Euler at {target['steps']} steps (NFE {target['nfe']}, n = {target['n']}): FD "
+            f"{target['fd_sde']:.1f} vs {target['fd_euler']:.1f}, ratio {target['ratio']:.3f} (target <= "
+            f"{target['target_ratio']:g}: {verdict}).")
+
+
+def summary_table(metrics: dict, table: list[dict]) -> str:
+    """The Prefect artifact: the family table, then the autoencoder, the likelihoods, the targets, the notes."""
+    lines = ["Every model, one row per setting it was measured at (FD-EffNetLite0 against as many real test images; "
+             "floor: train vs test images at the same n; images/s include decoding, on this machine "
+             f"({metrics['machine']['cpus']} CPUs, load {metrics['machine']['load_average_1min']}):", "",
+             families.markdown_table(table)]
     vae = metrics.get("vae")
     if vae:
         lines += ["", f"Autoencoder (n={vae['n']}): PSNR {vae['psnr']:.2f} dB, SSIM {vae['ssim']:.3f}, "
                   f"FD ratio to floor {vae['fd_ratio']:.2f}"]
+    if metrics.get("likelihoods"):
+        lines += ["", "Test likelihoods (lower is better; different spaces are not comparable):"]
+        lines += likelihood_lines(metrics["likelihoods"])
+    if "targets" in metrics:
+        lines += ["", sde_line(metrics["targets"]["sde_vs_euler"])]
     lines += ["", f"Classifier test accuracy: {metrics['classifier']['test_accuracy']:.3f}"]
     lines += [f"- {note}" for note in metrics.get("notes", [])]
     return "\n".join(lines)
 
 
-def write_report(paths: Paths, config: EvaluateConfig, metrics: dict, guidance_rows, nfe_curve, student_rows):
+def write_report(paths: Paths, config: EvaluateConfig, metrics: dict, guidance_rows, nfe_curve, student_rows,
+                 table: list[dict], n_headline: int):
     sections = []
     if metrics.get("notes"):
         sections.append(("Not evaluated", "<ul>" + "".join(f"<li>{n}</li>" for n in metrics["notes"]) + "</ul>"))
+    machine_info = metrics["machine"]
+    sections.append(("Every model, one table",
+                     "<p>One row per model and setting. FD-EffNetLite0 against as many real test images (n); floor: "
+                     "train vs test images at the same n; images/s: generation including decoding on this machine "
+                     f"({machine_info['cpus']} CPUs, {machine_info['torch_threads']} torch threads, 1-minute load "
+                     f"{machine_info['load_average_1min']} at the start); likelihood: the model's own test "
+                     "likelihood, in the unit and space below (not comparable across spaces).</p>"
+                     + report.html_table(table, families.COLUMNS)))
+    series = families.fd_vs_nfe_series(row for row in table if row["n"] == n_headline)
+    if series:
+        sections.append((f"Quality vs network evaluations, every family (n = {n_headline})",
+                         report.svg_line_plot(series, "network evaluations per image (log2)",
+                                              f"FD-EffNetLite0 (n={n_headline})", log_x=True)))
+    if metrics.get("likelihoods"):
+        sections.append(("Test likelihoods", "<ul>" + "".join(f"<li>{report.html.escape(line[2:])}</li>"
+                                                              for line in likelihood_lines(metrics["likelihoods"]))
+                         + "</ul>"))
+    if "targets" in metrics:
+        line = sde_line(metrics["targets"]["sde_vs_euler"])
+        sections.append(("Reverse-SDE sampler", f"<p>{report.html.escape(line)}</p>"))
     headline = list(metrics.get("teacher_by_w", {}).values()) + student_rows
     columns = ["model", "sampler", "steps", "nfe", "w", "n", "fd_effnet", "fd_ratio_to_floor", "fd_ratio_to_teacher",
                "kid", "precision", "recall", "accuracy"]
-    sections.append(("Generated samples vs the real test set", report.html_table(headline, columns)))
+    sections.append(("Teacher and students vs the real test set", report.html_table(headline, columns)))
     floor_rows = [{"n": n, **{k: v for k, v in row.items() if k != "n"}} for n, row in metrics["floor"].items()]
     sections.append(("Real-data floor (train vs test images)", report.html_table(floor_rows, ["n", "fd_effnet",
                                                                                            "kid", "precision",

@@ -19,6 +19,7 @@ from gmpipe.diffusion import (
     ode_log_likelihood,
 )
 from gmpipe.diffusion.likelihood import draw_probes, prior_log_prob, velocity_and_divergence
+from gmpipe.seeds import SampleNoise
 
 PAIRS = [("rectified_flow", "velocity"), ("vp_linear", "epsilon"), ("vp_cosine", "v_prediction")]
 
@@ -170,6 +171,22 @@ def test_rademacher_probes_are_exact_for_a_diagonal_jacobian(toy):
                                    generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(one_probe.log_likelihood, exact.log_likelihood)
     assert one_probe.standard_error.isnan().all()  # one probe: no spread to measure
+
+
+def test_per_sample_probes_do_not_depend_on_the_batch(toy):
+    """With a SampleNoise generator each sample draws its probes from its own stream: its estimate is the same
+    alone as inside a batch."""
+    objective = _objective("rectified_flow", "velocity")
+    x = _data(toy, 3)
+    for probe in ("rademacher", "gaussian"):
+        batch = draw_probes(4, x, probe, SampleNoise([10, 11, 12]))
+        alone = draw_probes(4, x[2:], probe, SampleNoise([12]))
+        assert batch.shape == (4, 3, 3) and torch.equal(batch[:, 2:], alone)
+    together = ode_log_likelihood(toy.model_fn(objective), objective, x, num_steps=4, num_probes=3,
+                                  generator=SampleNoise([10, 11, 12]))
+    single = ode_log_likelihood(toy.model_fn(objective), objective, x[1:2], num_steps=4, num_probes=3,
+                                generator=SampleNoise([11]))
+    torch.testing.assert_close(together.log_likelihood[1:2], single.log_likelihood)
 
 
 def test_bits_per_dim_and_nfe(toy):

@@ -4,17 +4,22 @@ every output is written, and `gmpipe sample` loads the result."""
 from __future__ import annotations
 
 import json
+import math
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from gmpipe.cli import main
+from gmpipe.conditioning import ClassLabels, Conditioning
 from gmpipe.config.params import parse_params
 from gmpipe.data.latents import STATS, LatentStats, load_split, load_texts
+from gmpipe.data.prepared import load_manifest
 from gmpipe.data.prepared import load_split as load_prepared
 from gmpipe.errors import GmpipeError
-from gmpipe.generator import load_generator
+from gmpipe.generator import Generator, load_generator, write_family
 from gmpipe.nn.autoencoder import load_autoencoder
 from gmpipe.paths import Paths
 from gmpipe.pipelines.latent_diffusion import LatentDiffusionPipeline
@@ -175,9 +180,46 @@ def test_distill_writes_students_that_sample(distilled):
     assert again["students"] == summary["students"]
 
 
-def test_evaluate_writes_metrics_plots_samples_and_report(distilled):
+class NoiseImages(Generator):
+    """A model family evaluate has never heard of (registered by the test only): class-conditional uniform noise,
+    each image from its own seed."""
+
+    def __init__(self, conditioning, shape) -> None:
+        self.conditioning, self.shape, self.settings = conditioning, tuple(shape), {"level": 1.0}
+
+    @classmethod
+    def load(cls, folder, stage, *, autoencoder=None, device="cpu"):
+        return cls(Conditioning.load(folder, stage), json.loads((folder / "shape.json").read_text()))
+
+    def generate(self, requests, seeds, *, batch_size=256, **settings):
+        self.conditioning.encode(self.requests_for(requests, seeds))  # checks the labels
+        level = self.resolve_settings(settings)["level"]
+        images = (SampleNoise(seeds).rand((len(seeds), *self.shape)) * 255 * level).to(torch.uint8).numpy()
+        return images, 1
+
+
+def add_noise_family(paths: Paths, monkeypatch) -> Path:
+    """models/noise/: a model folder of the NoiseImages family, found by its family.json alone."""
+    from gmpipe.registry import MODEL_FAMILIES
+
+    monkeypatch.setitem(MODEL_FAMILIES._entries, "noise_images", f"{__name__}:NoiseImages")
+    folder = paths.models / "noise"
+    folder.mkdir(parents=True)
+    (folder / "shape.json").write_text("[1, 32, 32]")
+    ClassLabels(load_manifest(paths.prepared)["class_names"]).save(folder)
+    write_family(folder, NoiseImages, "make_noise")
+    return folder
+
+
+def test_evaluate_writes_metrics_plots_samples_and_report(distilled, monkeypatch):
+    """Every model folder (found by family.json, the test's own family included) is measured and appears in the one
+    family table, in metrics.json, the report and the summary."""
     params, paths, _ = distilled
-    summary = evaluate.run(params.evaluate, params.compute.device, paths)
+    noise = add_noise_family(paths, monkeypatch)
+    try:
+        summary = evaluate.run(params.evaluate, params.compute.device, paths)
+    finally:
+        shutil.rmtree(noise)  # the module's project is shared with the tests after this one
     metrics = json.loads((paths.reports / "metrics.json").read_text())
     n = params.evaluate.n_samples
     assert metrics["teacher"]["n"] == n and str(n) in metrics["floor"]
@@ -189,7 +231,7 @@ def test_evaluate_writes_metrics_plots_samples_and_report(distilled):
     out = paths.reports / "evaluate"
     sweep = (out / "plots/nfe_sweep.csv").read_text().splitlines()
     assert sweep[0].startswith("curve,model,sampler,steps,nfe")
-    assert sum(line.startswith("teacher") for line in sweep) == 2 * 2
+    assert sum(line.startswith("teacher") for line in sweep) == 3 * 2  # samplers x steps of the smoke sweep
     assert len((out / "plots/guidance_sweep.csv").read_text().splitlines()) == 1 + 2
     assert set(metrics["teacher_by_w"]) >= {"w1"}  # the teacher at the students' folded w, at equal n
     assert metrics["students"]["reflow_1step"]["teacher_w"] == 1.0
@@ -200,6 +242,36 @@ def test_evaluate_writes_metrics_plots_samples_and_report(distilled):
     html = (paths.reports / "report.html").read_text()
     assert "<svg" in html and "data:image/png;base64" in html and "http" not in html.replace("http://www.w3.org", "")
     assert "| teacher |" in summary["markdown"]
+
+    # One family table: a row per model folder present (the teacher also per w and per sweep sampler).
+    table = list(metrics["families"].values())
+    folders = {"ldm": "teacher", "vae": "vae", "noise": "noise",
+               **{f"student/{f.name}": f"student:{f.name}" for f in paths.student.iterdir()}}
+    assert {row["model"] for row in table} == set(folders.values())
+    assert {row["family"] for row in table} == {"latent_diffusion", "vae_prior", "noise_images"}
+    sweep_samplers = {row["sampler"] for row in table if row["model"] == "teacher" and row["n"] == 40}
+    assert sweep_samplers == set(params.evaluate.sweep_samplers) and "sde" in sweep_samplers
+    for row in table:
+        values = [row[c] for c in ("fd_effnet", "floor_fd_effnet", "fd_minus_floor", "kid", "precision", "recall",
+                                   "images_per_second", "nfe")]
+        assert all(math.isfinite(value) for value in values), row
+        assert row["fd_effnet"] > 0 and row["images_per_second"] > 0 and 0 <= row["recall"] <= 1, row
+        assert row["floor_fd_effnet"] == metrics["floor"][str(row["n"])]["fd_effnet"]
+        assert (row["accuracy"] is not None) == (row["model"] != "vae")  # the VAE prior is unconditional
+    likelihoods = metrics["likelihoods"]
+    assert set(likelihoods) == {"teacher", "vae"}  # noise and the students define no density
+    assert likelihoods["vae"]["kind"] == "upper bound" and likelihoods["teacher"]["kind"] == "estimate"
+    assert all(math.isfinite(value["bits"]) and value["n"] == params.evaluate.likelihood_samples
+               for value in likelihoods.values())
+    assert metrics["models"]["noise"]["nfe"] == 1 and metrics["models"]["vae"]["nfe"] == 1
+    assert metrics["targets"]["sde_vs_euler"]["measured"] is False  # the smoke sweep stops at NFE 8
+    for family in ("latent_diffusion", "vae_prior", "noise_images"):
+        assert f"| {family} |" in summary["markdown"]
+    assert "Test likelihoods" in summary["markdown"] and "Every model, one table" in html
+    plotted = (out / "plots/families.csv").read_text().splitlines()
+    assert plotted[0] == "model,family,settings,nfe,n,fd_effnet,fd_minus_floor,images_per_second"
+    assert {line.split(",")[0] for line in plotted[1:]} == set(folders.values())
+    assert (out / "grids/noise.png").is_file() and (out / f"samples/vae_n{n}.npz").is_file()
 
 
 def test_evaluate_names_missing_models(tmp_path):

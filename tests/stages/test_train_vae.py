@@ -1,4 +1,4 @@
-"""A smoke run of the train_vae stage writes every output, and the model reloads with diffusers."""
+"""A smoke run of the train_vae stage writes every output, and the model reloads with diffusers and as the VAE prior."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from gmpipe.config.params import parse_params
 from gmpipe.errors import GmpipeError
+from gmpipe.generator import load_generator
 from gmpipe.nn.discriminator import PatchDiscriminator
 from gmpipe.paths import Paths
 from gmpipe.stages import prepare, train_vae
@@ -33,6 +34,12 @@ def test_smoke_run_writes_every_output_and_resumes(tmp_path):
     metrics = json.loads((paths.reports / "train_vae/metrics.json").read_text())
     assert {"psnr", "ssim", "kl", "fd_effnet_recon", "fd_effnet_floor", "fd_ratio", "n"} <= set(metrics)
     assert metrics["psnr"] > 5 and metrics["n"] == 100
+    # The folder is also the VAE prior generator; its test negative ELBO is reported with its terms.
+    assert metrics["test_nelbo_n"] == 100 and metrics["test_nelbo_bits_per_dim"] == pytest.approx(
+        metrics["test_nelbo_reconstruction_bits_per_dim"] + metrics["test_nelbo_kl_bits_per_dim"])
+    prior = load_generator(paths.vae)
+    assert prior.settings == {"temperature": 1.0} and prior.prior.decoder_std == metrics["test_nelbo_decoder_std"]
+    assert prior.generate(None, [0, 1])[0].shape == (2, 1, 32, 32)
     assert (paths.reports / "train_vae/reconstructions.png").stat().st_size > 0
     curves = paths.reports / "train_vae/live/plots/metrics"
     assert (curves / "vae/nll.tsv").is_file() and (curves / "discriminator/discriminator.tsv").is_file()
