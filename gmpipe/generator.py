@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ValidationError
 
 from gmpipe.artifacts import ArtifactError, read_json
 from gmpipe.conditioning import Conditioning, Request

@@ -348,9 +348,12 @@ class Run:
 
 
 def prepare_modules(config: LoopConfig, steps: list[LossStep], device: torch.device) -> None:
-    """Every LossStep's module on the training device, with gradient checkpointing where asked and supported."""
+    """Every LossStep's module on the training device (channels-last when asked), with gradient checkpointing where
+    asked and supported."""
     for s in steps:
         s.module.to(device)
+        if config.channels_last:
+            s.module.to(memory_format=torch.channels_last)
         if config.gradient_checkpointing and hasattr(s.module, "enable_gradient_checkpointing"):
             s.module.enable_gradient_checkpointing()
 
@@ -491,5 +494,7 @@ def train(
         end_of_step(run, step + 1, progress)
     progress.close()
     run.log.close()
+    for module in [*run.unwrapped.values(), *([run.ema.module] if run.ema is not None else [])]:
+        module.to(memory_format=torch.contiguous_format)  # what the caller saves or evaluates: the default layout
     return TrainResult(step=max(config.steps, run.start_step), resumed_from=run.start_step, modules=run.unwrapped,
                        ema=run.ema, history=run.log.history)

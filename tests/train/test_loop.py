@@ -226,3 +226,29 @@ def test_bf16_autocast_and_compile_run_on_cpu(tmp_path):
     assert result.step == 4 and all(torch.isfinite(p).all() for p in result.modules["model"].parameters())
     compiled = _run(tmp_path / "compiled", _config(steps=3, compile=True))
     assert compiled.step == 3 and latest_checkpoint(tmp_path / "compiled/ckpt").name == "step-00000003"
+
+
+def test_channels_last_trains_the_same_convolution_and_hands_back_the_default_layout(tmp_path):
+    """channels_last changes the memory layout only: the same seed gives the same weights (to float rounding), the
+    checkpoint resumes into either layout, and the modules (and EMA) come back contiguous for saving."""
+    images = torch.randn(64, 2, 8, 8, generator=torch.Generator().manual_seed(2))
+
+    def conv_step(model):
+        def loss(batch, step, context, modules):
+            value = (modules["model"](batch) - batch.flip(1)).square().mean()
+            return value, {"mse": value.detach()}
+        return LossStep("model", model, loss)
+
+    def run(folder, channels_last, steps=4):
+        torch.manual_seed(3)
+        model = nn.Sequential(nn.Conv2d(2, 8, 3, padding=1), nn.SiLU(), nn.Conv2d(8, 2, 3, padding=1))
+        return train(_config(steps=steps, channels_last=channels_last), [conv_step(model)], len(images),
+                     lambda index, device: images[index].to(device), tmp_path / folder, ema_of="model")
+
+    plain, fast = run("plain", False), run("fast", True)
+    for a, b in zip(plain.modules["model"].parameters(), fast.modules["model"].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        assert b.is_contiguous()
+    assert all(p.is_contiguous() for p in fast.ema.module.parameters())
+    resumed = run("fast", False, steps=6)  # a layout switch is no new run: it continues
+    assert resumed.resumed_from == 4 and resumed.step == 6
