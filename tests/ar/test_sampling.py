@@ -64,8 +64,8 @@ def test_sampler_equals_the_hand_rolled_guided_sampler(guidance):
 def test_zero_guidance_is_conditional_sampling_in_one_pass():
     model = random_model(BINS, CLASSES, LENGTH)
     batch_sizes = []
-    model.lm.register_forward_pre_hook(lambda module, args, kwargs: batch_sizes.append(kwargs["inputs_embeds"].shape[0]),
-                                       with_kwargs=True)
+    record = lambda module, args, kwargs: batch_sizes.append(kwargs["inputs_embeds"].shape[0])  # noqa: E731
+    model.lm.register_forward_pre_hook(record, with_kwargs=True)
     sample_tokens(model, LABELS, SEEDS, guidance=0.0)
     assert batch_sizes == [len(LABELS)] * LENGTH
     batch_sizes.clear()
