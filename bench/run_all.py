@@ -15,7 +15,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import command, data_throughput, hardware_use, latent_caching, orchestration, sampling, trainer_overhead
+from bench import (
+    command,
+    conv_layout,
+    data_throughput,
+    hardware_use,
+    latent_caching,
+    orchestration,
+    sampling,
+    trainer_overhead,
+)
 from bench.report import machine_info, markdown_table, ratio_lines, section_markdown
 
 SECTIONS: dict[str, Callable[..., dict]] = {
@@ -25,6 +34,7 @@ SECTIONS: dict[str, Callable[..., dict]] = {
     "sampling": sampling.run,
     "orchestration": orchestration.run,
     "data": data_throughput.run,
+    "conv_layout": conv_layout.run,
 }
 
 

@@ -107,11 +107,14 @@ def loop_seconds_per_step(config: TrainLDMConfig, step: LossStep, n_items: int, 
 def bare_seconds_per_step(config: TrainLDMConfig, step: LossStep, n_items: int, make_batch, warmup: int,
                           measured: int, clip_and_ema: bool = False) -> float:
     """Steady-state seconds per step of a plain PyTorch loop: random batch, same loss, AdamW with the same
-    hyperparameters; with ``clip_and_ema`` also gradient clipping and gmpipe's EMA, as the loop does."""
+    hyperparameters and implementation (fused), the loop's memory layout (``channels_last``); with
+    ``clip_and_ema`` also gradient clipping and gmpipe's EMA, as the loop does."""
     model = step.module
     loop = config.loop
+    if loop.channels_last:
+        model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=loop.lr, betas=(loop.beta1, loop.beta2),
-                                  weight_decay=loop.weight_decay)
+                                  weight_decay=loop.weight_decay, fused=True)
     ema = EMA(model, loop.ema_decay, loop.ema_warmup) if clip_and_ema else None
     stamps = []
     for index in range(warmup + measured + 1):

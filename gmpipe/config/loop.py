@@ -40,8 +40,10 @@ class LoopConfig(Section):
     compile: bool = False
     gradient_checkpointing: bool = False
     # 4-D weights and the activations of the convolutions that read them in channels-last layout: the same math,
-    # faster convolutions (oneDNN on CPU, cuDNN on GPU); the saved weights are in PyTorch's default layout.
-    channels_last: bool = True
+    # often faster convolutions on GPUs with tensor cores; the saved weights are in PyTorch's default layout. Off by
+    # default: on the 2-core CPU the demo's train_vae step ran at 0.94x (1 thread) and 0.99x (2 threads) the speed
+    # of the default layout (python -m bench.conv_layout).
+    channels_last: bool = False
     nonfinite: Literal["stop", "skip"] = "stop"
 
     @model_validator(mode="after")
