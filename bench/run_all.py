@@ -23,6 +23,7 @@ from bench import (
     latent_caching,
     orchestration,
     sampling,
+    scale_plan,
     trainer_overhead,
 )
 from bench.report import machine_info, markdown_table, ratio_lines, section_markdown
@@ -35,6 +36,7 @@ SECTIONS: dict[str, Callable[..., dict]] = {
     "orchestration": orchestration.run,
     "data": data_throughput.run,
     "conv_layout": conv_layout.run,
+    "scale_plan": scale_plan.run,
 }
 
 
