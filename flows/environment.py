@@ -40,6 +40,11 @@ def configure(root: str | Path = ".") -> str | None:
     return None
 
 
+def private_home() -> Path:
+    """gmpipe's private Prefect home, as :func:`configure` set it when no API was configured."""
+    return Path(os.environ["PREFECT_HOME"])
+
+
 def use_api(api_url: str) -> None:
     """Report to ``api_url`` (a server gmpipe started), here and in every child process."""
     _update_environment({"PREFECT_API_URL": api_url})
