@@ -232,8 +232,8 @@ def follow_stage(stage: str, progress: ReproProgress) -> str | State:
         progress.put_back(event)
         if event[0] == "interrupted":
             return Cancelled(message="not run: the pipeline was interrupted")
-        _, code, reason = event
-        return Failed(message=f"dvc repro failed before this stage (exit {code}): {reason}" if code else
+        _, code, reason = event  # e.g. a missing dependency: DVC refuses the stage before it starts
+        return Failed(message=f"dvc repro failed (exit {code}): {reason}" if code else
                       "dvc repro finished without running or skipping this stage")
     _, outcome, name = event
     if name != stage:
