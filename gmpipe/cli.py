@@ -318,11 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
     stage.set_defaults(func=cmd_stage)
 
     pipe = sub.add_parser(
-        "pipeline", help="run the stages in DVC order through `dvc repro` as one Prefect flow",
-        description="Each selected stage runs through `dvc repro --single-item`, so stages that are up to "
-        "date are skipped. Reports to the Prefect API you configured (PREFECT_API_URL, your active profile, "
-        "`prefect cloud login`); with none, starts a local Prefect server on 127.0.0.1 for the run. "
-        "Ctrl-C stops the running stage (exit 130; SIGTERM: 143).",
+        "pipeline", help="run the stages in DVC order through one `dvc repro` as one Prefect flow",
+        description="The selected stages run through one `dvc repro --single-item STAGE...`, so stages that are up "
+        "to date are skipped; each has a task run in the pipeline's flow run, with the stage's own flow run inside. "
+        "Reports to the Prefect API you configured (PREFECT_API_URL, your active profile, `prefect cloud login`); "
+        "with none, uses the project's running Prefect server (`gmpipe server status`) or starts a local one on "
+        "127.0.0.1 for the run. Ctrl-C stops the running stage (exit 130; SIGTERM: 143).",
     )
     pipe.add_argument("stages", nargs="*", help="stages to run (default: all)")
     pipe.add_argument("--force", action="store_true", help="rerun the selected stages even if up to date")
