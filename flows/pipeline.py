@@ -186,15 +186,17 @@ def push_outputs(remote: str, root: str = ".") -> None:
     run_dvc(["push", "--remote", remote], root)
 
 
-# DVC's lines for a stage of `dvc repro` (3.x): it runs, it is up to date, or its outputs come from the run cache.
+# DVC's lines for a stage of `dvc repro` (3.x): it runs, it is up to date (or its outputs come from the run cache),
+# or it is frozen (`dvc freeze`: its outputs are checked, it never runs).
 STAGE_RAN = re.compile(r"^Running stage '([^']+)':")
 STAGE_UP_TO_DATE = re.compile(r"^Stage '([^']+)' (?:didn't change, skipping|is cached - skipping)")
+STAGE_FROZEN = re.compile(r"^Verifying outputs in frozen stage: '([^']+)'")
 
 
 class ReproProgress:
-    """What one ``dvc repro`` of several stages says, in order: ``("stage", "ran" | "up to date", name)`` for each
-    stage it starts or skips, then ``("exit", code, reason)`` once dvc has exited, or ``("interrupted",)``. Fed from
-    dvc's output (:meth:`read_line`), read by the stage task runs (:meth:`next`)."""
+    """What one ``dvc repro`` of several stages says, in order: ``("stage", "ran" | "up to date" | "frozen", name)``
+    for each stage it starts or skips, then ``("exit", code, reason)`` once dvc has exited, or ``("interrupted",)``.
+    Fed from dvc's output (:meth:`read_line`), read by the stage task runs (:meth:`next`)."""
 
     def __init__(self):
         self._events: queue.Queue[tuple] = queue.Queue()
@@ -205,6 +207,8 @@ class ReproProgress:
             self._events.put(("stage", "ran", match.group(1)))
         elif match := STAGE_UP_TO_DATE.match(line):
             self._events.put(("stage", "up to date", match.group(1)))
+        elif match := STAGE_FROZEN.match(line):
+            self._events.put(("stage", "frozen", match.group(1)))
 
     def exited(self, code: int, reason: str | None = None) -> None:
         self._events.put(("exit", code, reason))
@@ -238,7 +242,7 @@ def follow_stage(stage: str, progress: ReproProgress) -> str | State:
     _, outcome, name = event
     if name != stage:
         return Failed(message=f"dvc reported stage '{name}' where '{stage}' was due")
-    if outcome == "up to date":
+    if outcome != "ran":
         return outcome
     after = progress.next()
     progress.put_back(after)

@@ -34,10 +34,11 @@ def test_stages_that_ran_or_were_up_to_date_complete():
     progress = progress_after("Stage 'prepare' didn't change, skipping", "Running stage 'train_vae':",
                               "> gmpipe stage train_vae", "Updating lock file 'dvc.lock'",
                               "Stage 'cache_latents' is cached - skipping run, checking out outputs",
-                              "Running stage 'train_ldm':", "Use `dvc push` to send your updates to remote storage.",
-                              exit_code=0)
-    assert outcomes(progress, ["prepare", "train_vae", "cache_latents", "train_ldm"]) == [
-        "up to date", "ran", "up to date", "ran"]
+                              "WARNING: stage: 'train_ldm' is frozen. Its dependencies are not going to be reproduced.",
+                              "Verifying outputs in frozen stage: 'train_ldm'", "Running stage 'distill':",
+                              "Use `dvc push` to send your updates to remote storage.", exit_code=0)
+    assert outcomes(progress, ["prepare", "train_vae", "cache_latents", "train_ldm", "distill"]) == [
+        "up to date", "ran", "up to date", "frozen", "ran"]
 
 
 def test_the_stage_dvc_stopped_at_fails_with_the_reason():
