@@ -1,6 +1,6 @@
 """`gmpipe stage` with no Prefect API configured: the project's shared server, started by the first stage, reused by
-the next (through `dvc repro` too), kept while a process holds its lease, and gone once idle; a server never
-outlives its keeper."""
+the next (through `dvc repro` too) and by `gmpipe pipeline`, kept while a process holds its lease, and gone once
+idle; a server never outlives its keeper."""
 
 from __future__ import annotations
 
@@ -55,6 +55,14 @@ def test_stages_share_one_project_server_that_stops_once_idle(dvc_project, tmp_p
         assert f"View at {api_url.removesuffix('/api')}/runs/flow-run/" in output
         runs = _flow_runs(api_url)
         assert len(runs) == 2 and {run["state_type"] for run in runs} == {"COMPLETED"}
+
+        pipeline = subprocess.run(["gmpipe", "pipeline", "prepare"], cwd=root, env=env, capture_output=True,
+                                  text=True, timeout=300)  # uses the running server rather than starting its own
+        assert pipeline.returncode == 0, pipeline.stdout[-3000:] + pipeline.stderr[-3000:]
+        assert f"using the project's Prefect server at {api_url}" in pipeline.stdout
+        assert "starting a local server" not in pipeline.stdout
+        assert "| prepare | up to date |" in pipeline.stdout
+        assert len(_flow_runs(api_url)) == 3
         status = subprocess.run(["gmpipe", "server", "status"], cwd=root, env=env, capture_output=True, text=True)
         assert status.stdout.strip() == f"the project's Prefect server runs at {api_url} (keeper pid {record['pid']})"
 
