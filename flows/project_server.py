@@ -23,7 +23,6 @@ dies with the keeper (``PR_SET_PDEATHSIG``), so even a keeper killed with SIGKIL
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import json
 import os
@@ -34,7 +33,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from flows.server import free_port, stop, wait_healthy
+from flows.server import die_with_parent, free_port, stop, wait_healthy
 
 IDLE_MINUTES_ENV = "GMPIPE_SERVER_IDLE_MINUTES"
 DEFAULT_IDLE_MINUTES = 10.0
@@ -173,11 +172,6 @@ def stop_server(home: str | Path, timeout: float = 30.0) -> bool:
     return True
 
 
-def _die_with_parent() -> None:
-    """In the server's process, between fork and exec: SIGTERM when the keeper dies (``PR_SET_PDEATHSIG`` = 1)."""
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
-
-
 class _Stop(Exception):
     pass
 
@@ -199,7 +193,7 @@ def keep(home: Path, port: int, idle: float) -> int:
             server = subprocess.Popen(
                 [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                preexec_fn=_die_with_parent)
+                preexec_fn=die_with_parent)
             wait_healthy(api_url, timeout=STARTUP_TIMEOUT, process=server)
             _write_record(home, record | {"ready": True})
             last_used = time.monotonic()

@@ -78,14 +78,15 @@ def test_stages_share_one_project_server_that_stops_once_idle(dvc_project, tmp_p
 
 
 def test_a_server_dies_with_its_keeper(tmp_path):
-    """SIGKILL to a keeper (nothing of it runs on the way out): the process it started as the server gets SIGTERM
-    from the kernel (PR_SET_PDEATHSIG) and exits, instead of running on as an orphan."""
+    """SIGKILL to a keeper, or to a pipeline that started its own server (nothing of it runs on the way out): the
+    process it started as the server (in a session of its own) gets SIGTERM from the kernel (PR_SET_PDEATHSIG) and
+    exits, instead of running on as an orphan."""
     pid_file = tmp_path / "child"
     keeper = textwrap.dedent(f"""
         import subprocess, sys, time
-        from flows.project_server import _die_with_parent
+        from flows.server import die_with_parent
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True,
-                                 preexec_fn=_die_with_parent)
+                                 preexec_fn=die_with_parent)
         open({str(pid_file)!r}, "w").write(str(child.pid))
         time.sleep(600)
     """)
