@@ -16,13 +16,15 @@ import os
 from pathlib import Path
 
 PRIVATE_HOME = ".prefect"
-# Set by the pipeline for the ``dvc repro`` it runs: the stage flow that dvc starts becomes a child of this task run.
-PARENT_TASK_RUN = "GMPIPE_PREFECT_PARENT_TASK_RUN_ID"
+# Set by the pipeline for the one ``dvc repro`` it runs: a JSON mapping of stage name to the id of the pipeline's task
+# run for that stage, so that the stage flow dvc starts becomes a child of its own stage's task run.
+PARENT_TASK_RUNS = "GMPIPE_PREFECT_PARENT_TASK_RUNS"
 
 
 def configure(root: str | Path = ".") -> str | None:
     """The API URL the user configured, or None after switching this process and its children to gmpipe's private
-    home under ``root`` (a flow then runs on Prefect's temporary server unless :func:`use_api` names one)."""
+    home under ``root`` (a flow then runs on Prefect's temporary server unless :func:`use_api` names a server gmpipe
+    started: the pipeline's own, or the project's shared one, :mod:`flows.project_server`)."""
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     from prefect.settings import get_current_settings
 
@@ -36,6 +38,11 @@ def configure(root: str | Path = ".") -> str | None:
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     })
     return None
+
+
+def private_home() -> Path:
+    """gmpipe's private Prefect home, as :func:`configure` set it when no API was configured."""
+    return Path(os.environ["PREFECT_HOME"])
 
 
 def use_api(api_url: str) -> None:

@@ -1,4 +1,6 @@
-"""The whole pipeline as one Prefect flow: each stage through ``dvc repro``, so DVC decides what is up to date.
+"""The whole pipeline as one Prefect flow: one ``dvc repro`` of the chosen stages, so DVC decides what is up to date,
+with a Prefect task run per stage that follows that stage through DVC's output (the stage's own flow run is its
+child).
 
 A run holds the workspace lock for its whole length (two runs on one workspace would otherwise race on
 ``params.yaml``, ``dvc.lock`` and the outputs, and DVC's own repo lock makes the second ``dvc repro`` fail rather
@@ -8,11 +10,16 @@ than wait). When a DVC remote is configured, the run pulls from it first and pus
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import fcntl
+import json
 import os
-import subprocess
+import queue
+import re
 import sys
+import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from pathlib import Path
@@ -20,10 +27,13 @@ from pathlib import Path
 import yaml
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
-from prefect.context import TaskRunContext
-from prefect.states import Failed, State
+from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
+from prefect.context import FlowRunContext
+from prefect.states import Cancelled, Crashed, Failed, State
+from prefect.task_engine import run_task_sync
 
-from flows.environment import PARENT_TASK_RUN
+from flows.environment import PARENT_TASK_RUNS
 from flows.overrides import restore_after_killed_run
 from flows.processes import run_streaming
 
@@ -92,30 +102,43 @@ def dvc_stage_order(root: str | Path = ".") -> list[str]:
         return list(yaml.safe_load(handle)["stages"])
 
 
-def _dvc_environment() -> dict[str, str]:
+def _dvc_environment(parent_task_runs: dict[str, uuid.UUID] | None = None) -> dict[str, str]:
     """This interpreter's scripts folder first on PATH: a worker started as ``.venv/bin/prefect worker start``
-    without an activated venv still finds ``dvc`` and the ``gmpipe`` command that dvc.yaml runs. Inside a task run,
-    its id, so that the stage flow ``dvc`` starts becomes a child of this task run."""
+    without an activated venv still finds ``dvc`` and the ``gmpipe`` command that dvc.yaml runs. With
+    ``parent_task_runs`` (stage -> task run id), so that the stage flow ``dvc`` starts becomes a child of its stage's
+    task run."""
     scripts = str(Path(sys.executable).parent)
     env = dict(os.environ, PATH=os.pathsep.join([scripts, os.environ.get("PATH", os.defpath)]))
-    env.pop(PARENT_TASK_RUN, None)
-    task_run = TaskRunContext.get()
-    if task_run is not None:
-        env[PARENT_TASK_RUN] = str(task_run.task_run.id)
+    env.pop(PARENT_TASK_RUNS, None)
+    if parent_task_runs:
+        env[PARENT_TASK_RUNS] = json.dumps({stage: str(run_id) for stage, run_id in parent_task_runs.items()})
     return env
 
 
 class DvcFailed(RuntimeError):
     """A dvc command exited non-zero; the message is the one line that says why."""
 
+    def __init__(self, what: str, code: int, reason: str):
+        super().__init__(f"{what} failed (exit {code}): {reason}")
+        self.code, self.reason = code, reason
 
-def run_dvc(arguments: list[str], root: str | Path) -> list[str]:
+
+def run_dvc(arguments: list[str], root: str | Path, on_line: Callable[[str], None] | None = None,
+            parent_task_runs: dict[str, uuid.UUID] | None = None) -> list[str]:
     """Run ``dvc ARGUMENTS`` in ``root``, its output into the flow log one finished line at a time (a progress
-    bar's redraws make one line); raise :class:`DvcFailed` on failure. An interrupt stops dvc and its stage first."""
+    bar's redraws make one line) and to ``on_line``; raise :class:`DvcFailed` on failure. An interrupt stops dvc and
+    its stage first."""
     command = ["dvc", *arguments]
-    code, lines = run_streaming(command, lambda line: print(line, flush=True), cwd=root, env=_dvc_environment())
+    print(f"$ {' '.join(command)}", flush=True)
+
+    def relay(line: str) -> None:
+        print(line, flush=True)
+        if on_line is not None:
+            on_line(line)
+
+    code, lines = run_streaming(command, relay, cwd=root, env=_dvc_environment(parent_task_runs))
     if code != 0:
-        raise DvcFailed(f"{' '.join(command)} failed (exit {code}): {_failure_reason(lines)}")
+        raise DvcFailed(' '.join(command), code, _failure_reason(lines))
     return lines
 
 
@@ -141,10 +164,14 @@ def dvc_remote(root: str | Path = ".") -> str | None:
             url = str((Path(root) / Path(url).expanduser()).resolve())
         run_dvc(["remote", "add", "--local", "--force", ENV_REMOTE_NAME, url], root)
         return ENV_REMOTE_NAME
-    result = subprocess.run(["dvc", "remote", "default"], cwd=root, env=_dvc_environment(), capture_output=True,
-                            text=True)
-    name = result.stdout.strip()
-    return name if result.returncode == 0 and name else None
+    # DVC's own config reader (every level, as `dvc remote default` reads them), in this process: a `dvc` command
+    # would cost a second (mostly DVC's imports) on every run, remote or not.
+    from dvc.config import Config, ConfigError
+
+    try:
+        return Config(dvc_dir=str(Path(root) / ".dvc"))["core"].get("remote") or None
+    except ConfigError as exc:
+        raise DvcFailed("reading DVC's config", 1, str(exc)) from None
 
 
 @task(name="dvc-pull", task_run_name="dvc pull -r {remote}")
@@ -159,16 +186,124 @@ def push_outputs(remote: str, root: str = ".") -> None:
     run_dvc(["push", "--remote", remote], root)
 
 
-@task(name="dvc-repro", task_run_name="dvc repro {stage}")
-def repro_stage(stage: str, root: str = ".", force: bool = False) -> str | State:
-    """``dvc repro -s STAGE``: runs the stage only when its deps, params or code changed. A failure is a Failed
-    state with the one line that says why (the stage's own run holds the details), not a traceback."""
+# DVC's lines for a stage of `dvc repro` (3.x): it runs, it is up to date (or its outputs come from the run cache),
+# or it is frozen (`dvc freeze`: its outputs are checked, it never runs).
+STAGE_RAN = re.compile(r"^Running stage '([^']+)':")
+STAGE_UP_TO_DATE = re.compile(r"^Stage '([^']+)' (?:didn't change, skipping|is cached - skipping)")
+STAGE_FROZEN = re.compile(r"^Verifying outputs in frozen stage: '([^']+)'")
+
+
+class ReproProgress:
+    """What one ``dvc repro`` of several stages says, in order: ``("stage", "ran" | "up to date" | "frozen", name)``
+    for each stage it starts or skips, then ``("exit", code, reason)`` once dvc has exited, or ``("interrupted",)``.
+    Fed from dvc's output (:meth:`read_line`), read by the stage task runs (:meth:`next`)."""
+
+    def __init__(self):
+        self._events: queue.Queue[tuple] = queue.Queue()
+        self._held: tuple | None = None
+
+    def read_line(self, line: str) -> None:
+        if match := STAGE_RAN.match(line):
+            self._events.put(("stage", "ran", match.group(1)))
+        elif match := STAGE_UP_TO_DATE.match(line):
+            self._events.put(("stage", "up to date", match.group(1)))
+        elif match := STAGE_FROZEN.match(line):
+            self._events.put(("stage", "frozen", match.group(1)))
+
+    def exited(self, code: int, reason: str | None = None) -> None:
+        self._events.put(("exit", code, reason))
+
+    def interrupted(self) -> None:
+        self._events.put(("interrupted",))
+
+    def next(self) -> tuple:
+        event, self._held = self._held or self._events.get(), None
+        return event
+
+    def put_back(self, event: tuple) -> None:
+        """The next :meth:`next` returns ``event`` again (it belongs to the stage after)."""
+        self._held = event
+
+
+@task(name="dvc-repro", task_run_name="dvc repro {stage}", cache_policy=NO_CACHE)
+def follow_stage(stage: str, progress: ReproProgress) -> str | State:
+    """``stage`` inside the pipeline's one ``dvc repro``: from the line where dvc starts it (or says it is up to date)
+    until dvc moves on to the next stage or exits. DVC stops at the first stage that fails, so moving on means this
+    one succeeded. A failure is a Failed state with the one line that says why (the stage's own run holds the
+    details), not a traceback."""
+    event = progress.next()
+    if event[0] != "stage":
+        progress.put_back(event)
+        if event[0] == "interrupted":
+            return Cancelled(message="not run: the pipeline was interrupted")
+        _, code, reason = event  # e.g. a missing dependency: DVC refuses the stage before it starts
+        return Failed(message=f"dvc repro failed (exit {code}): {reason}" if code else
+                      "dvc repro finished without running or skipping this stage")
+    _, outcome, name = event
+    if name != stage:
+        return Failed(message=f"dvc reported stage '{name}' where '{stage}' was due")
+    if outcome != "ran":
+        return outcome
+    after = progress.next()
+    progress.put_back(after)
+    if after[0] == "interrupted":
+        return Crashed(message="the pipeline was interrupted while this stage ran")
+    if after[0] == "stage" or after[1] == 0:  # dvc moved on to the next stage, or finished
+        return "ran"
+    return Failed(message=f"dvc repro failed (exit {after[1]}): {after[2]}")
+
+
+def repro_stages(stages: list[str], root: str = ".", force: bool = False) -> dict[str, str] | State:
+    """``dvc repro --single-item STAGE...`` once, ``stages`` in dependency order (DVC runs single-item targets in the
+    order given), with a task run per stage created before dvc starts, so that each stage's flow run can be its
+    child. Returns each stage's outcome, or a Failed state naming the first stage that failed; stages after it are
+    marked Cancelled (not run), and after an interrupt the stage that ran is marked Crashed."""
+    flow_run = FlowRunContext.get().flow_run
+    with get_client(sync_client=True) as client:
+        task_runs = {stage: client.create_task_run(follow_stage, flow_run.id, dynamic_key=stage,
+                                                   name=f"dvc repro {stage}") for stage in stages}
+    progress = ReproProgress()
+    outcome: dict[str, str] = {}
+    failure: list[str] = []
+    started: list[str] = []
+
+    def follow_all() -> None:
+        for stage in stages:
+            started.append(stage)
+            state = run_task_sync(follow_stage, task_run=task_runs[stage],
+                                  parameters={"stage": stage, "progress": progress}, return_type="state")
+            if not state.is_completed():
+                failure.append(f"stage {stage}: {state.message}")
+                return
+            outcome[stage] = state.result()
+
+    follower = threading.Thread(target=contextvars.copy_context().run, args=(follow_all,), daemon=True)
+    follower.start()
+    command = ["repro", "--single-item", *stages] + (["--force"] if force else [])
     try:
-        lines = run_dvc(["repro", "--single-item", stage] + (["--force"] if force else []), root)
+        run_dvc(command, root, on_line=progress.read_line, parent_task_runs={s: r.id for s, r in task_runs.items()})
+        progress.exited(0)
     except DvcFailed as exc:
-        return Failed(message=str(exc))
-    skipped = any("didn't change, skipping" in line or "is cached - skipping" in line for line in lines)
-    return "up to date" if skipped else "ran"
+        progress.exited(exc.code, exc.reason)
+    except BaseException:
+        progress.interrupted()
+        follower.join(timeout=10)
+        with contextlib.suppress(Exception):  # the interrupt, not a report that failed on the way out, is the news
+            _cancel(task_runs, started, "the pipeline was interrupted")
+        raise
+    follower.join()
+    if failure:
+        _cancel(task_runs, started, failure[0])
+        return Failed(message=failure[0])
+    return outcome
+
+
+def _cancel(task_runs: dict, started: list[str], why: str) -> None:
+    """Mark the stage task runs that never started Cancelled: they did not run, because of ``why``."""
+    with get_client(sync_client=True) as client:
+        for stage, task_run in task_runs.items():
+            if stage not in started:
+                client.set_task_run_state(task_run.id, Cancelled(message=f"not run: {why}"), force=True)
 
 
 @flow(name="pipeline", log_prints=True)
@@ -187,12 +322,9 @@ def pipeline(stages: list[str] | None = None, root: str = ".", force: bool = Fal
             pull_outputs(remote, root)
         else:
             print(f"no DVC remote configured ({REMOTE_ENV} or `dvc remote add -d`): nothing pulled or pushed")
-        outcome = {}
-        for stage in selected:
-            state = repro_stage(stage, root, force, return_state=True)
-            if not state.is_completed():
-                return Failed(message=f"stage {stage}: {state.message}")
-            outcome[stage] = state.result()
+        outcome = repro_stages(selected, root, force)
+        if isinstance(outcome, State):
+            return outcome
         if remote:
             push_outputs(remote, root)
     table = "\n".join(f"| {stage} | {what} |" for stage, what in outcome.items())

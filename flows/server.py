@@ -4,6 +4,7 @@ run is interrupted, and only after this process has sent it what it still had qu
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import socket
@@ -32,6 +33,18 @@ def wait_healthy(api_url: str, timeout: float = 120.0, process: subprocess.Popen
                     return
         time.sleep(0.5)
     raise TimeoutError(f"Prefect server at {api_url} not healthy after {timeout:.0f} s")
+
+
+# Looked up here, not in the forked child, where loading a library could wait on a lock another thread held.
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """For ``preexec_fn``, between fork and exec: the server gets SIGTERM when the process that started it dies
+    (``PR_SET_PDEATHSIG``), so a run killed with SIGKILL, which cannot stop it, leaves no server behind. The kernel
+    watches the thread that started it: start servers from one that outlives them (the main thread)."""
+    _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def stop(process: subprocess.Popen, grace: float = 15.0) -> None:
@@ -65,7 +78,7 @@ def local_server(host: str = "127.0.0.1", port: int | None = None, log_file: Pat
     log = open(log_file, "ab") if log_file else subprocess.DEVNULL
     process = subprocess.Popen(
         [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent,
     )
     try:
         wait_healthy(api_url, process=process)

@@ -19,7 +19,7 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from prefect.states import Failed
 from tqdm import tqdm
 
-from flows.environment import PARENT_TASK_RUN
+from flows.environment import PARENT_TASK_RUNS
 from flows.processes import run_streaming
 from gmpipe.config.params import Params, ParamsError, load_params
 from gmpipe.errors import GmpipeError
@@ -122,39 +122,35 @@ STAGE_FLOWS = {stage: _make_flow(stage) for stage in STAGES}
 
 
 def run_stage(stage: str, params_file: str = "params.yaml", root: str = "."):
-    """Run one stage flow; return its final Prefect state (never raises for a user error). With
-    ``GMPIPE_PREFECT_PARENT_TASK_RUN_ID`` set (by the pipeline's ``dvc repro`` task), the flow run is that task
-    run's child."""
-    stage_flow = STAGE_FLOWS[stage]
-    parameters = {"params_file": params_file, "root": root}
-    parent = _parent_task_run()
-    if parent is None:
-        return stage_flow(**parameters, return_state=True)
+    """Run one stage flow; return its final Prefect state (never raises for a user error). Under the pipeline
+    (``GMPIPE_PREFECT_PARENT_TASK_RUNS`` names a task run for this stage), the flow run is that task run's child."""
     from prefect.client.orchestration import get_client
     from prefect.flow_engine import run_flow_sync
     from prefect.states import Pending
 
+    stage_flow = STAGE_FLOWS[stage]
+    parameters = {"params_file": params_file, "root": root}
     with get_client(sync_client=True) as client:
+        # The flow run is created here rather than by calling the flow: that path serializes the parameters with
+        # FastAPI's encoder, whose import alone costs 0.3 s per stage, for two strings.
         flow_run = client.create_flow_run(stage_flow, parameters=parameters, state=Pending(),
-                                          parent_task_run_id=parent)
+                                          parent_task_run_id=_parent_task_run(stage, client))
     return run_flow_sync(stage_flow, flow_run=flow_run, parameters=parameters, return_type="state")
 
 
-def _parent_task_run() -> uuid.UUID | None:
-    """The pipeline task run named by the environment, if it exists on the API in use (a value inherited from
-    elsewhere, e.g. a shell that ran the pipeline, is ignored with a note)."""
-    value = os.environ.get(PARENT_TASK_RUN, "").strip()
+def _parent_task_run(stage: str, client) -> uuid.UUID | None:
+    """The pipeline's task run for ``stage`` named by the environment, if it exists on the API in use (a value
+    inherited from elsewhere, e.g. a shell that ran the pipeline, is ignored with a note)."""
+    value = os.environ.get(PARENT_TASK_RUNS, "").strip()
     if not value:
         return None
-    from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
 
     try:
-        parent = uuid.UUID(value)
-        with get_client(sync_client=True) as client:
-            client.read_task_run(parent)
-    except (ValueError, ObjectNotFound):
-        print(f"gmpipe: {PARENT_TASK_RUN}={value!r} names no task run on this Prefect API; "
+        parent = uuid.UUID(json.loads(value)[stage])
+        client.read_task_run(parent)
+    except (ValueError, TypeError, KeyError, ObjectNotFound):
+        print(f"gmpipe: {PARENT_TASK_RUNS}={value!r} names no task run of stage '{stage}' on this Prefect API; "
               "running the stage as a flow run of its own", file=sys.stderr)
         return None
     return parent

@@ -140,13 +140,23 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
     try:
         with sigterm_as_interrupt():
-            if environment.configure(args.root) and (problem := environment.unreachable_reason()):
-                return _fail(problem)
+            server = None
+            if environment.configure(args.root):
+                if problem := environment.unreachable_reason():
+                    return _fail(problem)
+            else:
+                server = _project_server(environment.private_home())
             from flows.stages import run_stage
+            from gmpipe.stages.runner import stage_module
 
+            stage_module(args.name)  # the stage's own imports (torch...) while a server that was just started starts
+            if server is not None:
+                environment.use_api(server.api_url())
             state = run_stage(args.name, args.params, args.root)
     except KeyboardInterrupt as interrupt:
         return _fail(f"stage '{args.name}' interrupted", exit_code(interrupt))
+    except RuntimeError as exc:  # the project's Prefect server did not start; its log is named
+        return _fail(str(exc))
     finally:
         # The process ends next: without this, collecting the objects of torch, transformers and diffusers at exit
         # takes seconds (3.3 s against 0.5 s after importing the train_vae stage, measured), which every stage run
@@ -155,6 +165,17 @@ def cmd_stage(args: argparse.Namespace) -> int:
     if state.is_failed():
         return _fail(f"stage '{args.name}' failed: {state.message}")
     return 0
+
+
+def _project_server(home: Path):
+    """With no Prefect API configured: the project's shared server, started now (without waiting) if none runs."""
+    from flows.project_server import ProjectServer, idle_seconds
+
+    server = ProjectServer(home).start()
+    if server.started_here:
+        print(f"gmpipe: no Prefect API configured; starting the project's Prefect server (log: {home / 'server.log'}); "
+              f"it stops after {idle_seconds() / 60:g} idle minutes, or with 'gmpipe server stop'", flush=True)
+    return server
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
@@ -186,7 +207,14 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
                 return _fail(problem) if problem else _run_pipeline(args)
             if args.no_server:
                 return _run_pipeline(args)
+            from flows.project_server import ProjectServer
             from flows.server import local_server
+
+            if shared := ProjectServer.running(environment.private_home()):
+                environment.use_api(shared.api_url())
+                print(f"gmpipe: no Prefect API configured; using the project's Prefect server at {shared.api_url()}",
+                      flush=True)
+                return _run_pipeline(args)
 
             log_file = Path(args.root) / environment.PRIVATE_HOME / "server.log"
             log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -197,6 +225,23 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
                 return _run_pipeline(args)
     except KeyboardInterrupt as interrupt:
         return _fail("pipeline interrupted; its stage was stopped", exit_code(interrupt))
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from flows import project_server
+    from flows.environment import PRIVATE_HOME
+
+    home = Path(os.environ.get("PREFECT_HOME") or Path(args.root).resolve() / PRIVATE_HOME)
+    record = project_server.status(home)
+    if args.action == "status":
+        print(f"the project's Prefect server runs at {record['api_url']} (keeper pid {record['pid']})" if record
+              else f"no project Prefect server runs in {home}")
+        return 0
+    if project_server.stop_server(home):
+        print(f"stopped the project's Prefect server at {record['api_url']}")
+    else:
+        print(f"no project Prefect server runs in {home}")
+    return 0
 
 
 def _run_pipeline(args: argparse.Namespace) -> int:
@@ -273,11 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
     stage.set_defaults(func=cmd_stage)
 
     pipe = sub.add_parser(
-        "pipeline", help="run the stages in DVC order through `dvc repro` as one Prefect flow",
-        description="Each selected stage runs through `dvc repro --single-item`, so stages that are up to "
-        "date are skipped. Reports to the Prefect API you configured (PREFECT_API_URL, your active profile, "
-        "`prefect cloud login`); with none, starts a local Prefect server on 127.0.0.1 for the run. "
-        "Ctrl-C stops the running stage (exit 130; SIGTERM: 143).",
+        "pipeline", help="run the stages in DVC order through one `dvc repro` as one Prefect flow",
+        description="The selected stages run through one `dvc repro --single-item STAGE...`, so stages that are up "
+        "to date are skipped; each has a task run in the pipeline's flow run, with the stage's own flow run inside. "
+        "Reports to the Prefect API you configured (PREFECT_API_URL, your active profile, `prefect cloud login`); "
+        "with none, uses the project's running Prefect server (`gmpipe server status`) or starts a local one on "
+        "127.0.0.1 for the run. Ctrl-C stops the running stage (exit 130; SIGTERM: 143).",
     )
     pipe.add_argument("stages", nargs="*", help="stages to run (default: all)")
     pipe.add_argument("--force", action="store_true", help="rerun the selected stages even if up to date")
@@ -285,6 +331,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help="with no Prefect API configured, use Prefect's temporary per-process server")
     pipe.add_argument("--root", default=".", help="project root (the DVC repo); default: here")
     pipe.set_defaults(func=cmd_pipeline)
+
+    server = sub.add_parser(
+        "server", help="the project's shared Prefect server that `gmpipe stage` starts when no Prefect API is set",
+        description="With no Prefect API configured, the first `gmpipe stage` starts a Prefect server on 127.0.0.1 "
+        "for the project (database in .prefect/) and later stages reuse it; it stops itself after "
+        "GMPIPE_SERVER_IDLE_MINUTES (default 10) minutes unused.")
+    server.add_argument("action", choices=("status", "stop"), help="show where it runs, or stop it now")
+    server.add_argument("--root", default=".", help="project root; default: here")
+    server.set_defaults(func=cmd_server)
 
     sample = sub.add_parser("sample", help="write images from a trained model (a grid PNG or an .npz of uint8)")
     sample.add_argument("--model", default="models/ldm", help="trained denoiser folder (default: models/ldm)")

@@ -103,3 +103,20 @@ def kill_session(session: int) -> None:
                 os.kill(int(stat.parent.name), signal.SIGKILL)
         except (OSError, ValueError, IndexError):
             continue
+
+
+def task_runs_of(flow_run_id) -> dict:
+    """The task runs of a flow run, by name, as the API has them once each is in a final state (task run states
+    reach the server as events, a moment after the run set them)."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    deadline = time.monotonic() + 20
+    with get_client(sync_client=True) as client:
+        while True:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            if all(run.state is not None and run.state.is_final() for run in runs) or time.monotonic() > deadline:
+                return {run.name: run for run in runs}
+            time.sleep(0.5)

@@ -6,6 +6,7 @@ import ast
 import json
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -98,9 +99,10 @@ def test_dvc_yaml_lists_the_modules_each_stage_imports():
 
 def test_pipeline_reports_to_the_profile_server_with_stage_runs_as_children_and_progress(prefect_api, dvc_project,
                                                                                            tmp_path):
-    """A user whose active Prefect profile names a server: `gmpipe pipeline` reports there and starts none; each
-    stage's flow run is a child of the pipeline's `dvc repro STAGE` task run; training progress is a progress
-    artifact and one log line per log interval, and a tqdm bar is one line, not one per redraw."""
+    """A user whose active Prefect profile names a server: `gmpipe pipeline` reports there and starts none; it runs
+    one `dvc repro` for both stages, and each stage's flow run is a child of the pipeline's `dvc repro STAGE` task
+    run; training progress is a progress artifact and one log line per log interval, and a tqdm bar is one line,
+    not one per redraw."""
     from tests.flows.runs import (
         artifacts_of,
         child_flow_runs,
@@ -108,6 +110,7 @@ def test_pipeline_reports_to_the_profile_server_with_stage_runs_as_children_and_
         flow_run_id_in,
         log_lines,
         task_run_name,
+        task_runs_of,
         unconfigured_env,
     )
 
@@ -144,6 +147,48 @@ def test_pipeline_reports_to_the_profile_server_with_stage_runs_as_children_and_
     bars = [line for line in relayed if re.search(r"\d+/12 \[", line)]  # tqdm: "6/12 [00:03<00:03, 1.6step/s]"
     assert len(bars) <= 1, bars
     assert len(relayed) < 60, "\n".join(relayed)
+    assert [line for line in relayed if line.startswith("$ dvc")] == ["$ dvc repro --single-item prepare train_vae"]
+    tasks = task_runs_of(pipeline_id)
+    assert sorted(tasks) == ["dvc repro prepare", "dvc repro train_vae"]
+    assert all(task.state.is_completed() for task in tasks.values())
+    assert [line for line in result.stdout.splitlines() if line.startswith("| ")] == [
+        "| stage | outcome |", "| prepare | ran |", "| train_vae | ran |"]
+
+
+def test_a_failed_stage_fails_the_pipeline_and_the_stages_after_it_are_marked_not_run(prefect_api, dvc_project,
+                                                                                       tmp_path):
+    """prepare fails inside the pipeline's one `dvc repro prepare train_vae`: the run fails with the stage's own
+    line, the prepare task run is Failed, train_vae's is Cancelled as not run, and train_vae never started."""
+    from tests.flows.runs import child_flow_runs, flow_name, flow_run_id_in, task_runs_of
+
+    (tmp_path / "empty").mkdir()
+    root = dvc_project(smoke_params(data={"path": str(tmp_path / "empty")}))
+    result = run(["gmpipe", "pipeline", "prepare", "train_vae"], root, check=False)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("gmpipe: error: pipeline failed: stage prepare: dvc repro failed (exit ") and \
+        "Fashion-MNIST file not found" in last, result.stderr[-2000:]
+    pipeline_id = flow_run_id_in(result.stdout + result.stderr, "pipeline")
+    tasks = task_runs_of(pipeline_id)
+    assert tasks["dvc repro prepare"].state.is_failed()
+    assert tasks["dvc repro train_vae"].state.is_cancelled()
+    assert tasks["dvc repro train_vae"].state.message.startswith("not run: stage prepare: ")
+    assert [flow_name(child) for child in child_flow_runs(pipeline_id)] == ["prepare"]
+    assert not (root / "models").exists()
+
+
+def test_gmpipe_stage_imports_only_what_it_needs(prefect_api, dvc_project):
+    """`gmpipe stage prepare` loads neither torch nor the model libraries nor DVC nor Prefect's server side; the
+    command line itself loads no Prefect at all."""
+    root = dvc_project(smoke_params(prepare={"max_per_class": 2}))
+    heavy = ("torch", "diffusers", "transformers", "accelerate", "dvc", "fastapi", "sqlalchemy", "uvicorn", "scipy")
+    report = (f"import sys; print(sorted(m for m in {heavy!r} if m in sys.modules), "
+              "sorted(m for m in ('prefect',) if m in sys.modules))")
+    cli_only = run([sys.executable, "-c", f"import gmpipe.cli; {report}"], root)
+    assert cli_only.stdout.split() == ["[]", "[]"]
+    stage = run([sys.executable, "-c", f"from gmpipe.cli import main; assert main(['stage', 'prepare']) == 0; "
+                                       f"{report}"], root)
+    assert stage.stdout.strip().splitlines()[-1] == "[] ['prefect']", stage.stdout[-2000:]
 
 
 def test_a_configured_api_that_does_not_answer_is_one_line(dvc_project, tmp_path):
