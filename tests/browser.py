@@ -41,7 +41,8 @@ class Opened:
 def chromium() -> str:
     found = shutil.which("chromium") or shutil.which("chromium-browser")
     if not found:
-        raise AssertionError("chromium is not installed: run .ci/setup.sh (apt-get install chromium)")
+        raise AssertionError("chromium is not installed: `make test` installs it "
+                             "(GMPIPE_SETUP_BROWSER=yes bash .ci/setup.sh)")
     return found
 
 

@@ -96,7 +96,8 @@ def side_by_side(items: list[str]) -> str:
     return '<div class="figures">' + "".join(f"<div>{item}</div>" for item in items) + "</div>"
 
 
-def html_table(rows: list[dict], columns: list[str] | None = None) -> str:
+def html_table(rows: list[dict], columns: list[str] | None = None, headers: dict[str, str] | None = None) -> str:
+    """One row per mapping, in ``columns`` (default: every key seen), headed by ``headers`` where given."""
     if not rows:
         return "<p><em>nothing measured</em></p>"
     columns = columns or list(dict.fromkeys(k for row in rows for k in row))
@@ -106,9 +107,9 @@ def html_table(rows: list[dict], columns: list[str] | None = None) -> str:
             return f"{value:.4g}"
         return html.escape("" if value is None else str(value))
 
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    head = "".join(f"<th>{html.escape((headers or {}).get(c, c))}</th>" for c in columns)
     body = "".join("<tr>" + "".join(f"<td>{cell(row.get(c))}</td>" for c in columns) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f'<div class="wide"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
 def embedded_png(path: Path, alt: str) -> str:
@@ -118,9 +119,10 @@ def embedded_png(path: Path, alt: str) -> str:
 
 def write_html(path: Path, title: str, sections: list[tuple[str, str]]) -> None:
     """``sections``: (heading, HTML body) pairs, in order."""
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
-             "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
-             "text-align:right}th{background:#f4f4f4}img{image-rendering:pixelated;max-width:100%}"
+    style = ("body{font-family:sans-serif;max-width:1240px;margin:1.5em auto;padding:0 1em;color:#222}"
+             "table{border-collapse:collapse;margin:.5em 0;font-size:12px}td,th{border:1px solid #ccc;"
+             "padding:2px 6px;text-align:right}th{background:#f4f4f4}img{image-rendering:pixelated;max-width:100%}"
+             ".wide{overflow-x:auto}"
              "pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:12px}"
              ".figures{display:flex;flex-wrap:wrap;gap:8px}.better{color:#1a7f37}.worse{color:#c0392b}")
     body = "".join(f"<h2>{html.escape(h)}</h2>\n{content}\n" for h, content in sections)

@@ -480,14 +480,17 @@ def _read_csv(path: Path) -> list[dict]:
 
 
 def _change_cell(old: float | None, new: float | None, change: float | None, higher_is_better: bool) -> str:
+    """This run's value and its change since the previous run (green better, red worse); the previous value in the
+    cell's tooltip."""
     if new is None and old is None:
         return "<td>-</td>"
     text = "-" if new is None else f"{new:.4g}"
     if change is not None:
-        better = change > 0 if higher_is_better else change < 0
-        css = "better" if better and change else "worse" if change else ""
-        text += f' <span class="{css}">({change:+.3g})</span>'
-    return f"<td>{text}<br><small>was {'-' if old is None else f'{old:.4g}'}</small></td>"
+        css = "" if not change else "better" if (change > 0) == higher_is_better else "worse"
+        text += f' <small class="{css}">{change:+.3g}</small>'
+    elif new is not None:
+        text += ' <small>new</small>'
+    return f'<td title="previous: {"-" if old is None else f"{old:.6g}"}">{text}</td>'
 
 
 def comparison_section(metrics: dict, previous: CommittedRun) -> str:
@@ -503,8 +506,8 @@ def comparison_section(metrics: dict, previous: CommittedRun) -> str:
                       + _change_cell(old, new, None if old is None or new is None else new - old, higher)
                       + "</tr>" for name, old, new, higher in previous_run.summary_changes(metrics, previous.metrics))
     return (f"<p>Beside the metrics committed in <code>{report.html.escape(previous.commit)}</code> "
-            f"({report.html.escape(previous.description)}): what <code>dvc metrics diff</code> compares. Each cell: "
-            "this run, the change, and the committed value below it.</p>"
+            f"({report.html.escape(previous.description)}), what <code>dvc metrics diff</code> compares: this run's "
+            "value and its change (green: better, red: worse; the previous value in each cell's tooltip).</p>"
             f"<table>{head}{body}</table><table>{summary}</table>")
 
 
@@ -539,11 +542,6 @@ def write_report(paths: Paths, n_headline: int) -> None:
     sections = []
     if metrics.get("notes"):
         sections.append(("Not evaluated", "<ul>" + "".join(f"<li>{n}</li>" for n in metrics["notes"]) + "</ul>"))
-    previous = previous_run.committed_metrics(paths.root)
-    sections.append(("This run beside the previous one",
-                     comparison_section(metrics, previous) if previous else
-                     "<p>No committed <code>reports/metrics.json</code> to compare with (commit it after a run, "
-                     "with <code>dvc.lock</code>, and the next report shows both).</p>"))
     machine_info = metrics["machine"]
     sections.append(("Every model, one table",
                      "<p>One row per model and setting. FD-EffNetLite0 against as many real test images (n); floor: "
@@ -551,7 +549,7 @@ def write_report(paths: Paths, n_headline: int) -> None:
                      f"({machine_info['cpus']} CPUs, {machine_info['torch_threads']} torch threads, 1-minute load "
                      f"{machine_info['load_average_1min']} at the start); likelihood: the model's own test "
                      "likelihood, in the unit and space below (not comparable across spaces).</p>"
-                     + report.html_table(table, families.COLUMNS)))
+                     + report.html_table(table, families.COLUMNS, families.HEADERS)))
     figures = []
     series = families.fd_vs_nfe_series(row for row in table if row["n"] == n_headline)
     if series:
@@ -575,11 +573,16 @@ def write_report(paths: Paths, n_headline: int) -> None:
             report.svg_line_plot(quality, "guidance weight w", "fraction")])))
     grids = sorted((_out(paths) / "grids").glob("*.png"))
     if grids:
-        sections.append(("Samples (one row per class)",
-                         "".join(f"<h3>{g.stem}</h3>{report.embedded_png(g, g.stem)}" for g in grids)))
+        sections.append(("Samples (one row per class)", report.side_by_side(
+            [f"<h3>{report.html.escape(g.stem)}</h3>{report.embedded_png(g, g.stem)}" for g in grids])))
     training = training_section(paths)
     if training:
         sections.append(("Training", training))
+    previous = previous_run.committed_metrics(paths.root)
+    sections.append(("This run beside the previous one",
+                     comparison_section(metrics, previous) if previous else
+                     "<p>No committed <code>reports/metrics.json</code> to compare with (commit it after a run, "
+                     "with <code>dvc.lock</code>, and the next report shows both).</p>"))
     if metrics.get("likelihoods"):
         sections.append(("Test likelihoods", "<ul>" + "".join(f"<li>{report.html.escape(line[2:])}</li>"
                                                               for line in likelihood_lines(metrics["likelihoods"]))
