@@ -24,7 +24,7 @@ demo: setup
 	@. $(VENV)/bin/activate && gmpipe pipeline
 
 test:
-	@GMPIPE_SETUP_DATA=no bash .ci/setup.sh
+	@GMPIPE_SETUP_DATA=no GMPIPE_SETUP_BROWSER=yes bash .ci/setup.sh
 	@. $(VENV)/bin/activate && python -m pytest $(PYTEST_ARGS)
 
 smoke: setup

@@ -58,6 +58,21 @@ if [ "${GMPIPE_SETUP_DATA:-yes}" != no ] && [ "$data_path" = "$FASHION_MNIST_DIR
         || { "${SUDO[@]}" apt-get update -qq && "${SUDO[@]}" apt-get install -y -qq dataset-fashion-mnist; }
 fi
 
+# Headless Chromium for the report's browser test (tests/stages/test_latent_stages.py opens reports/report.html), for
+# `make test` only (GMPIPE_SETUP_BROWSER=yes; the demo does not need a browser):
+# Debian's `chromium` package when it is missing, as root or with passwordless sudo; otherwise one line saying how.
+if [ "${GMPIPE_SETUP_BROWSER:-no}" = yes ] && ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then
+    if [ "$(id -u)" = 0 ]; then SUDO=(); elif sudo -n true 2>/dev/null; then SUDO=(sudo); else SUDO=(none); fi
+    if [ "${SUDO[0]:-}" = none ] || ! command -v apt-get >/dev/null; then
+        say "chromium is missing (the report's browser test needs it); install it with your package manager:"
+        say "    sudo apt-get update && sudo apt-get install -y chromium    (macOS: brew install --cask chromium)"
+    else
+        say "installing the Debian package chromium (headless browser for the report test)"
+        "${SUDO[@]}" apt-get install -y -qq chromium >/dev/null 2>&1 \
+            || { "${SUDO[@]}" apt-get update -qq && "${SUDO[@]}" apt-get install -y -qq chromium; }
+    fi
+fi
+
 # DVC inside a fresh clone: site cache in the repo, no analytics (also in .dvc/config). The site cache path is
 # absolute and per clone (.dvc/config.local): DVC resolves a relative one against the working directory, which
 # `dvc exp run --queue` / `--temp` change to a temporary copy of the repo ("unable to open database file").

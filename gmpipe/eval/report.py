@@ -27,31 +27,54 @@ def _ticks(low: float, high: float, count: int = 5) -> list[float]:
     return [start + i * step for i in range(int((high - start) / step) + 1)]
 
 
+def log2_ticks(low: float, high: float, pixels: float, min_gap: float = 34.0) -> list[float]:
+    """Powers of two in [low, high] (values, not logs) for an axis ``pixels`` wide, thinned to every 2nd, 4th, ...
+    power so that neighbouring labels are at least ``min_gap`` pixels apart (1, 4, 16, 64 rather than a crowd)."""
+    first, last = math.ceil(math.log2(low)), math.floor(math.log2(high))
+    if last < first:
+        return [low]
+    per_power = pixels / max(math.log2(high) - math.log2(low), 1e-9)
+    stride = 1
+    while stride * per_power < min_gap:
+        stride *= 2
+    return [2.0**k for k in range(first, last + 1) if (k - first) % stride == 0]
+
+
 def svg_line_plot(series: dict[str, list[tuple[float, float]]], x_label: str, y_label: str,
-                  log_x: bool = False, width: int = 520, height: int = 300) -> str:
-    """Polylines with markers, one per named series of (x, y) points; a log2 x axis when ``log_x``."""
+                  log_x: bool = False, width: int = 420, height: int = 260, title: str | None = None) -> str:
+    """Polylines with markers, one per named series of (x, y) points, the legend on the right; a log2 x axis
+    labelled at sparse powers of two when ``log_x``. ``width`` is the plotting area plus the axis labels; the
+    legend adds what its longest name needs."""
     points = [(x, y) for values in series.values() for x, y in values if y is not None and math.isfinite(y)]
     if not points:
         return "<p><em>no data</em></p>"
     fx = (lambda v: math.log2(v)) if log_x else (lambda v: v)
     xs, ys = [fx(x) for x, _ in points], [y for _, y in points]
     x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-    y0, y1 = min(0.0, min(ys)), max(ys) * 1.05 if max(ys) > 0 else 1.0
-    left, right, top, bottom = 60, 130, 15, 45
-    pw, ph = width - left - right, height - top - bottom
+    y_low, y_high = min(ys), max(ys)
+    pad = 0.05 * (y_high - y_low) if y_high > y_low else max(abs(y_high), 1.0) * 0.05
+    y0, y1 = (0.0 if y_low >= 0 and y_low < 0.5 * y_high else y_low - pad), y_high + pad
+    left, top, bottom = 62, 26 if title else 12, 42
+    legend = 18 + 6.4 * max(len(name) for name in series) if len(series) > 1 else 10
+    pw, ph = width - left - 10, height - top - bottom
+    total_width = int(width + legend)
     sx = lambda v: left + (fx(v) - x0) / (x1 - x0) * pw  # noqa: E731
     sy = lambda v: top + ph - (v - y0) / (y1 - y0) * ph  # noqa: E731
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-size="11" '
-           f'font-family="sans-serif"><rect width="100%" height="100%" fill="white"/>',
-           f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" stroke="#333"/>',
-           f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + ph}" stroke="#333"/>']
-    x_ticks = sorted({x for x, _ in points}) if log_x else _ticks(x0, x1)
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{total_width}" height="{height}" font-size="11" '
+           f'font-family="sans-serif"><rect width="100%" height="100%" fill="white"/>']
+    if title:
+        out.append(f'<text x="{left}" y="15" font-weight="bold">{html.escape(title)}</text>')
+    out += [f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" stroke="#333"/>',
+            f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + ph}" stroke="#333"/>']
+    x_ticks = log2_ticks(2**x0, 2**x1, pw) if log_x else _ticks(x0, x1)
     for tick in x_ticks:
         out.append(f'<text x="{sx(tick):.1f}" y="{top + ph + 15}" text-anchor="middle">{tick:g}</text>')
+        out.append(f'<line x1="{sx(tick):.1f}" y1="{top + ph}" x2="{sx(tick):.1f}" y2="{top + ph + 4}" '
+                   f'stroke="#333"/>')
     for tick in _ticks(y0, y1):
         out.append(f'<text x="{left - 5}" y="{sy(tick) + 4:.1f}" text-anchor="end">{tick:g}</text>')
         out.append(f'<line x1="{left}" y1="{sy(tick):.1f}" x2="{left + pw}" y2="{sy(tick):.1f}" stroke="#eee"/>')
-    out.append(f'<text x="{left + pw / 2}" y="{height - 8}" text-anchor="middle">{html.escape(x_label)}</text>')
+    out.append(f'<text x="{left + pw / 2}" y="{height - 6}" text-anchor="middle">{html.escape(x_label)}</text>')
     out.append(f'<text x="14" y="{top + ph / 2}" text-anchor="middle" '
                f'transform="rotate(-90 14 {top + ph / 2})">{html.escape(y_label)}</text>')
     for index, (name, values) in enumerate(series.items()):
@@ -59,13 +82,22 @@ def svg_line_plot(series: dict[str, list[tuple[float, float]]], x_label: str, y_
         valid = sorted((x, y) for x, y in values if y is not None and math.isfinite(y))
         path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in valid)
         out.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="1.8"/>')
-        out += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.8" fill="{color}"/>' for x, y in valid]
-        out.append(f'<text x="{left + pw + 10}" y="{top + 12 + 14 * index}" fill="{color}">{html.escape(name)}</text>')
+        if len(valid) <= 60:  # markers only where they can be told apart (not on a loss curve of 100s of points)
+            out += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.8" fill="{color}"/>' for x, y in valid]
+        if len(series) > 1:
+            out.append(f'<text x="{left + pw + 14}" y="{top + 10 + 14 * index}" fill="{color}">'
+                       f'{html.escape(name)}</text>')
     out.append("</svg>")
     return "\n".join(out)
 
 
-def html_table(rows: list[dict], columns: list[str] | None = None) -> str:
+def side_by_side(items: list[str]) -> str:
+    """Figures (SVG or images) laid out in rows that wrap to the page width."""
+    return '<div class="figures">' + "".join(f"<div>{item}</div>" for item in items) + "</div>"
+
+
+def html_table(rows: list[dict], columns: list[str] | None = None, headers: dict[str, str] | None = None) -> str:
+    """One row per mapping, in ``columns`` (default: every key seen), headed by ``headers`` where given."""
     if not rows:
         return "<p><em>nothing measured</em></p>"
     columns = columns or list(dict.fromkeys(k for row in rows for k in row))
@@ -75,9 +107,9 @@ def html_table(rows: list[dict], columns: list[str] | None = None) -> str:
             return f"{value:.4g}"
         return html.escape("" if value is None else str(value))
 
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    head = "".join(f"<th>{html.escape((headers or {}).get(c, c))}</th>" for c in columns)
     body = "".join("<tr>" + "".join(f"<td>{cell(row.get(c))}</td>" for c in columns) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f'<div class="wide"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
 def embedded_png(path: Path, alt: str) -> str:
@@ -87,10 +119,12 @@ def embedded_png(path: Path, alt: str) -> str:
 
 def write_html(path: Path, title: str, sections: list[tuple[str, str]]) -> None:
     """``sections``: (heading, HTML body) pairs, in order."""
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
-             "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
-             "text-align:right}th{background:#f4f4f4}img{image-rendering:pixelated;max-width:100%}"
-             "pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:12px}")
+    style = ("body{font-family:sans-serif;max-width:1240px;margin:1.5em auto;padding:0 1em;color:#222}"
+             "table{border-collapse:collapse;margin:.5em 0;font-size:12px}td,th{border:1px solid #ccc;"
+             "padding:2px 6px;text-align:right}th{background:#f4f4f4}img{image-rendering:pixelated;max-width:100%}"
+             ".wide{overflow-x:auto}"
+             "pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:12px}"
+             ".figures{display:flex;flex-wrap:wrap;gap:8px}.better{color:#1a7f37}.worse{color:#c0392b}")
     body = "".join(f"<h2>{html.escape(h)}</h2>\n{content}\n" for h, content in sections)
     with atomic_file(path) as handle:
         handle.write(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"

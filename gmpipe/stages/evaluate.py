@@ -13,6 +13,7 @@ with its n; models are compared only at equal n against the same real images.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import time
@@ -29,10 +30,11 @@ from gmpipe.data.prepared import load_manifest, load_split
 from gmpipe.device import resolve_device
 from gmpipe.distill.student import read_student_info, student_folders
 from gmpipe.errors import GmpipeError
-from gmpipe.eval import families, report
+from gmpipe.eval import families, previous_run, report, training_curves
 from gmpipe.eval.autoencoder import autoencoder_metrics
 from gmpipe.eval.generated import Reference
 from gmpipe.eval.grids import save_grid
+from gmpipe.eval.previous_run import CommittedRun
 from gmpipe.family_file import find_model_folders
 from gmpipe.generator import Generator, Likelihood, load_generator
 from gmpipe.nn.autoencoder import load_autoencoder
@@ -223,21 +225,23 @@ def evaluate_teacher(config: EvaluateConfig, paths: Paths, reference: Reference,
                **made_with(generator, guidance=w)}
         row["samples"] = save_samples(samples_dir, f"teacher_n{n}_w{w:g}", images, head_labels, model="teacher",
                                       sampler=default["sampler"], steps=default["steps"], w=w)
-        _grid(images, head_labels, len(class_names), _out(paths) / "grids" / f"teacher_w{w:g}.png")
+        _grid(images, head_labels, class_names, _out(paths) / "grids" / f"teacher_w{w:g}.png")
         by_w[w] = row
     likelihood = held_out_likelihood(generator, held_out, config.batch_size)
     return by_w[best_w], by_w, guidance_rows, nfe_rows, likelihood
 
 
-def _grid(images: np.ndarray, labels, num_classes: int, path: Path, per_class: int = 10) -> None:
-    """One row per class (the first ``per_class`` samples of each), or the first 80 for unconditional sets."""
+def _grid(images: np.ndarray, labels, class_names: list[str], path: Path, per_class: int = 10) -> None:
+    """One row per class, named in the margin (the first ``per_class`` samples of each, as many as the rarest
+    class has), or the first 80 in rows of 10 for unconditional sets."""
     if labels:
-        rows = [[i for i, label in enumerate(labels) if label == c][:per_class] for c in range(num_classes)]
-        order = [i for row in rows for i in row]
-        columns = per_class
-    else:
-        order, columns = list(range(min(80, len(images)))), 10
-    save_grid(images[order], path, columns=columns)
+        rows = [[i for i, label in enumerate(labels) if label == c] for c in range(len(class_names))]
+        columns = min(per_class, *(len(row) for row in rows))
+        if columns > 0:
+            save_grid(images[[i for row in rows for i in row[:columns]]], path, columns=columns,
+                      row_labels=class_names)
+            return
+    save_grid(images[: min(80, len(images))], path, columns=10)
 
 
 def evaluate_students(config: EvaluateConfig, paths: Paths, reference: Reference, class_names: list[str],
@@ -261,7 +265,7 @@ def evaluate_students(config: EvaluateConfig, paths: Paths, reference: Reference
             row["samples"] = save_samples(_out(paths) / "samples", f"{folder.name}_{steps}step", images, labels,
                                           model=folder.name, sampler=row["sampler"], steps=steps, w=row["w"])
             rows.append(row)
-            _grid(images, labels, len(class_names), _out(paths) / "grids" / f"{folder.name}_{steps}step.png")
+            _grid(images, labels, class_names, _out(paths) / "grids" / f"{folder.name}_{steps}step.png")
     return rows
 
 
@@ -287,7 +291,7 @@ def evaluate_model(config: EvaluateConfig, paths: Paths, folder: Path, reference
     file_name = name.replace("/", "_")
     row["samples"] = save_samples(_out(paths) / "samples", f"{file_name}_n{n}", images, labels, model=name,
                                   family=row["family"], settings=families.describe_settings(row["settings"]))
-    _grid(images, labels, len(class_names), _out(paths) / "grids" / f"{file_name}.png")
+    _grid(images, labels, class_names, _out(paths) / "grids" / f"{file_name}.png")
     return row, held_out_likelihood(generator, held_out, config.batch_size)
 
 
@@ -396,10 +400,10 @@ def run(config: EvaluateConfig, device: str, paths: Paths) -> dict:
                                                              "precision", "recall"])
     n_headline = min(config.n_samples, real["n_reference"])
     headline_rows = [row for row in table if row["n"] == n_headline]
-    _write_csv(plots / "families.csv", headline_rows, ["model", "family", "settings", "nfe", "n", "fd_effnet",
-                                                       "fd_minus_floor", "images_per_second"])
+    _write_csv(plots / "families.csv", [dict(row, curve=f"{row['model']} ({row['family']})") for row in headline_rows],
+               ["curve", "model", "family", "settings", "nfe", "n", "fd_effnet", "fd_minus_floor", "images_per_second"])
     write_json(paths.reports / "metrics.json", _finite(metrics))
-    write_report(paths, config, metrics, guidance_rows, nfe_curve, student_rows, table, n_headline)
+    write_report(paths, n_headline)
     return {
         "read": [str(paths.prepared), *(str(f) for f in find_model_folders(paths.models))],
         "wrote": [str(paths.reports / "metrics.json"), str(paths.reports / "report.html"), str(out)],
@@ -459,8 +463,82 @@ def summary_table(metrics: dict, table: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_report(paths: Paths, config: EvaluateConfig, metrics: dict, guidance_rows, nfe_curve, student_rows,
-                 table: list[dict], n_headline: int):
+def _read_csv(path: Path) -> list[dict]:
+    """Rows of a plot file written by ``_write_csv``, numbers parsed back (ints, floats; empty cells None)."""
+    def parse(text: str):
+        for kind in (int, float):
+            try:
+                return kind(text)
+            except ValueError:
+                pass
+        return text or None
+
+    if not path.is_file():
+        return []
+    with path.open(newline="") as handle:
+        return [{key: parse(value) for key, value in row.items()} for row in csv.DictReader(handle)]
+
+
+def _change_cell(old: float | None, new: float | None, change: float | None, higher_is_better: bool) -> str:
+    """This run's value and its change since the previous run (green better, red worse); the previous value in the
+    cell's tooltip."""
+    if new is None and old is None:
+        return "<td>-</td>"
+    text = "-" if new is None else f"{new:.4g}"
+    if change is not None:
+        css = "" if not change else "better" if (change > 0) == higher_is_better else "worse"
+        text += f' <small class="{css}">{change:+.3g}</small>'
+    elif new is not None:
+        text += ' <small>new</small>'
+    return f'<td title="previous: {"-" if old is None else f"{old:.6g}"}">{text}</td>'
+
+
+def comparison_section(metrics: dict, previous: CommittedRun) -> str:
+    """This run's family table and summary numbers beside those of the committed run (``gmpipe.eval.previous_run``):
+    each cell this run's value, the change in colour (green better, red worse) and the previous value."""
+    columns = previous_run.COMPARED
+    head = "<tr><th>row</th>" + "".join(f"<th>{families.HEADERS.get(c, c)}</th>" for c in columns) + "</tr>"
+    body = "".join(
+        f"<tr><td>{report.html.escape(row['row'])}</td>"
+        + "".join(_change_cell(*row[c], c in previous_run.HIGHER_IS_BETTER) for c in columns) + "</tr>"
+        for row in previous_run.compare_families(metrics, previous.metrics))
+    summary = "".join(f"<tr><td>{report.html.escape(name)}</td>"
+                      + _change_cell(old, new, None if old is None or new is None else new - old, higher)
+                      + "</tr>" for name, old, new, higher in previous_run.summary_changes(metrics, previous.metrics))
+    return (f"<p>Beside the metrics committed in <code>{report.html.escape(previous.commit)}</code> "
+            f"({report.html.escape(previous.description)}), what <code>dvc metrics diff</code> compares: this run's "
+            "value and its change (green: better, red: worse; the previous value in each cell's tooltip).</p>"
+            f"<table>{head}{body}</table><table>{summary}</table>")
+
+
+def training_section(paths: Paths) -> str:
+    """Each training stage's logged loss terms (``reports/<stage>/live``), one small plot per term, and the
+    autoencoder's reconstructions (``reports/train_vae/reconstructions.png``: test images above their
+    reconstructions)."""
+    parts = []
+    for live in sorted(paths.reports.glob("*/live")):
+        curves = training_curves.read_curves(live)
+        if curves:
+            stage = live.parent.name
+            plots = [report.svg_line_plot({term: points}, "step", term, width=300, height=190,
+                                          title=f"{stage}: {term}") for term, points in curves.items()]
+            parts.append(f"<h3>{report.html.escape(stage)}</h3>" + report.side_by_side(plots))
+    reconstructions = paths.reports / "train_vae" / "reconstructions.png"
+    if reconstructions.is_file():
+        parts.append("<h3>Autoencoder reconstructions (test images, each above its reconstruction)</h3>"
+                     + report.embedded_png(reconstructions, "autoencoder reconstructions"))
+    return "".join(parts)
+
+
+def write_report(paths: Paths, n_headline: int) -> None:
+    """``reports/report.html`` from what ``evaluate`` wrote (``metrics.json``, the plot files, the grids), the
+    training stages' loss curves and reconstructions, and the metrics last committed to git, if any. Reads only
+    files, so a finished run's report can be written again."""
+    metrics = json.loads((paths.reports / "metrics.json").read_text())
+    table = list(metrics.get("families", {}).values())
+    plots = _out(paths) / "plots"
+    nfe_curve, guidance_rows = _read_csv(plots / "nfe_sweep.csv"), _read_csv(plots / "guidance_sweep.csv")
+    student_rows = list(metrics.get("students", {}).values())
     sections = []
     if metrics.get("notes"):
         sections.append(("Not evaluated", "<ul>" + "".join(f"<li>{n}</li>" for n in metrics["notes"]) + "</ul>"))
@@ -471,12 +549,40 @@ def write_report(paths: Paths, config: EvaluateConfig, metrics: dict, guidance_r
                      f"({machine_info['cpus']} CPUs, {machine_info['torch_threads']} torch threads, 1-minute load "
                      f"{machine_info['load_average_1min']} at the start); likelihood: the model's own test "
                      "likelihood, in the unit and space below (not comparable across spaces).</p>"
-                     + report.html_table(table, families.COLUMNS)))
+                     + report.html_table(table, families.COLUMNS, families.HEADERS)))
+    figures = []
     series = families.fd_vs_nfe_series(row for row in table if row["n"] == n_headline)
     if series:
-        sections.append((f"Quality vs network evaluations, every family (n = {n_headline})",
-                         report.svg_line_plot(series, "network evaluations per image (log2)",
-                                              f"FD-EffNetLite0 (n={n_headline})", log_x=True)))
+        figures.append(report.svg_line_plot(series, "network evaluations per image (log2)",
+                                            f"FD-EffNetLite0 (n={n_headline})", log_x=True,
+                                            title=f"Every family, n = {n_headline}"))
+    if nfe_curve:
+        sweep: dict[str, list] = {}
+        for row in nfe_curve:
+            sweep.setdefault(row["curve"], []).append((row["nfe"], row["fd_effnet"]))
+        figures.append(report.svg_line_plot(sweep, "network evaluations per image (log2)",
+                                            f"FD-EffNetLite0 (n={nfe_curve[0]['n']})", log_x=True,
+                                            title="Teacher samplers and students"))
+    if figures:
+        sections.append(("Quality vs network evaluations (lower is better)", report.side_by_side(figures)))
+    if len(guidance_rows) > 1:
+        fd = {"FD-EffNetLite0": [(r["w"], r["fd_effnet"]) for r in guidance_rows]}
+        quality = {k: [(r["w"], r.get(k)) for r in guidance_rows] for k in ("accuracy", "precision", "recall")}
+        sections.append(("Guidance: quality vs diversity", report.side_by_side([
+            report.svg_line_plot(fd, "guidance weight w", f"FD (n={guidance_rows[0]['n']})"),
+            report.svg_line_plot(quality, "guidance weight w", "fraction")])))
+    grids = sorted((_out(paths) / "grids").glob("*.png"))
+    if grids:
+        sections.append(("Samples (one row per class)", report.side_by_side(
+            [f"<h3>{report.html.escape(g.stem)}</h3>{report.embedded_png(g, g.stem)}" for g in grids])))
+    training = training_section(paths)
+    if training:
+        sections.append(("Training", training))
+    previous = previous_run.committed_metrics(paths.root)
+    sections.append(("This run beside the previous one",
+                     comparison_section(metrics, previous) if previous else
+                     "<p>No committed <code>reports/metrics.json</code> to compare with (commit it after a run, "
+                     "with <code>dvc.lock</code>, and the next report shows both).</p>"))
     if metrics.get("likelihoods"):
         sections.append(("Test likelihoods", "<ul>" + "".join(f"<li>{report.html.escape(line[2:])}</li>"
                                                               for line in likelihood_lines(metrics["likelihoods"]))
@@ -495,23 +601,6 @@ def write_report(paths: Paths, config: EvaluateConfig, metrics: dict, guidance_r
     if "vae" in metrics:
         sections.append(("Autoencoder reconstructions", report.html_table([metrics["vae"]])))
     sections.append(("Classifier", report.html_table([metrics["classifier"]])))
-    if nfe_curve:
-        series: dict[str, list] = {}
-        for row in nfe_curve:
-            series.setdefault(row["curve"], []).append((row["nfe"], row["fd_effnet"]))
-        sections.append(("Quality vs network evaluations",
-                         report.svg_line_plot(series, "network evaluations per image (log2)",
-                                              f"FD-EffNetLite0 (n={nfe_curve[0]['n']})", log_x=True)))
-    if len(guidance_rows) > 1:
-        fd = {"FD-EffNetLite0": [(r["w"], r["fd_effnet"]) for r in guidance_rows]}
-        quality = {k: [(r["w"], r.get(k)) for r in guidance_rows] for k in ("accuracy", "precision", "recall")}
-        sections.append(("Guidance: quality vs diversity",
-                         report.svg_line_plot(fd, "guidance weight w", f"FD (n={guidance_rows[0]['n']})")
-                         + report.svg_line_plot(quality, "guidance weight w", "fraction")))
-    grids = sorted((_out(paths) / "grids").glob("*.png"))
-    if grids:
-        sections.append(("Samples (one row per class)",
-                         "".join(f"<h3>{g.stem}</h3>{report.embedded_png(g, g.stem)}" for g in grids)))
     params_text = (paths.root / "params.yaml").read_text() if (paths.root / "params.yaml").is_file() else ""
     sections.append(("Provenance", f"<p>code version: <code>{_code_version(paths.root)}</code></p>"
                                    f"<pre>{report.html.escape(params_text)}</pre>"))

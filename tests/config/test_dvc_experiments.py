@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -91,34 +92,55 @@ def test_dvc_exp_run_set_writes_yaml_1_2_that_gmpipe_reads(prefect_api, dvc_proj
 
 
 def test_dvc_exp_queue_then_queue_start(prefect_api, dvc_project):
-    """configs/smoke.yaml: an experiment queued, run by `dvc queue start` in DVC's temporary workspace, then found
-    in `dvc exp show` and applied."""
-    root = dvc_project(shipped_params_text("configs/smoke.yaml"))
+    """configs/smoke.yaml (train_vae cut to 4 steps), two `train_vae` experiments queued with different learning
+    rates and run by one `dvc queue start` in DVC's temporary workspaces: both found in `dvc exp show` with their
+    params and their metrics side by side (the project's .gitignore lets the experiment commits carry them),
+    compared by `dvc exp diff`, and one applied."""
+    params = yaml_io.load_for_update(shipped_params_text("configs/smoke.yaml"), "configs/smoke.yaml")
+    params["train_vae"].update(steps=4, warmup_steps=1, checkpoint_every=4, disc_start=2, eval_images=20,
+                               perceptual_weight=0.0)
+    root = dvc_project(yaml_io.dump_for_update(params))
+    shutil.copy(REPO / ".gitignore", root / ".gitignore")  # the project's own: metrics committed, outputs ignored
     _commit(root)
     started = time.monotonic()
-    run(["dvc", "exp", "run", "--queue", "prepare", "--name", "queued", "-S", "prepare.max_per_class=3",
+    run(["dvc", "exp", "run", "--queue", "train_vae", "--name", "queued", "-S", "prepare.max_per_class=3",
          "-S", "compute.mixed_precision=no", "-S", "train_vae.lr=1e-05"], root)
-    assert "Queued" in run(["dvc", "queue", "status"], root).stdout
+    run(["dvc", "exp", "run", "--queue", "train_vae", "--name", "queued-fast", "-S", "prepare.max_per_class=3",
+         "-S", "train_vae.lr=0.003"], root)
+    assert run(["dvc", "queue", "status"], root).stdout.count("Queued") == 2
     # The worker DVC starts outlives `dvc queue start` and holds its stdout: a captured run() would wait for it.
     with open(root / ".dvc" / "tmp" / "queue-start.log", "w") as log:
         subprocess.run(["dvc", "queue", "start"], cwd=root, env=dict(os.environ, PATH=f"{BIN}{os.pathsep}"
                        f"{os.environ.get('PATH', '')}", DVC_NO_ANALYTICS="1"), stdout=log, stderr=log, check=True)
-    status = _wait_for_queue(root, "queued")
+    for name in ("queued", "queued-fast"):
+        status = _wait_for_queue(root, name)
     seconds = time.monotonic() - started
-    assert "Success" in status, status + run(["dvc", "queue", "logs", "queued"], root, check=False).stdout
+    assert status.count("Success") == 2, status + run(["dvc", "queue", "logs", "queued"], root, check=False).stdout
 
     shown = _experiments(root)["queued"]
     assert shown["prepare"]["max_per_class"] == 3 and shown["compute"]["mixed_precision"] == "no"
     assert shown["train_vae"]["lr"] == 1e-05
     assert load_params(root / "params.yaml").prepare.max_per_class == 60  # the queue leaves the workspace alone
 
-    # Only `prepare` ran, so apply also reports the outputs of the other stages as missing (exit 255); what it
-    # brings back is the experiment's params.yaml and the split gmpipe made from it.
+    # `dvc exp show`: each experiment's train_vae metrics, measured in its own run.
+    listed = json.loads(run(["dvc", "exp", "show", "--json"], root).stdout)
+    metrics = {rev["name"]: rev["data"]["metrics"]["reports/train_vae/metrics.json"]["data"]
+               for commit in listed for experiment in commit.get("experiments") or [] for rev in experiment["revs"]}
+    assert set(metrics) == {"queued", "queued-fast"} and metrics["queued"] != metrics["queued-fast"]
+    assert metrics["queued"]["step"] == metrics["queued-fast"]["step"] == 4
+    diff = json.loads(run(["dvc", "exp", "diff", "queued", "queued-fast", "--json"], root).stdout)
+    changed = diff["metrics"]["reports/train_vae/metrics.json"]
+    assert "psnr" in changed and all({"old", "new"} <= set(value) for value in changed.values())
+    lr = diff["params"]["params.yaml"]["train_vae.lr"]
+    assert (lr["old"], lr["new"]) == (1e-05, 0.003)
+
+    # Only prepare and train_vae ran, so apply also reports the outputs of the other stages as missing (exit 255);
+    # what it brings back is the experiment's params.yaml and the split gmpipe made from it.
     run(["dvc", "exp", "apply", "queued"], root, check=False)
     params = load_params(root / "params.yaml")
     assert (params.prepare.max_per_class, params.compute.mixed_precision, params.train_vae.loop.lr) == (3, "no", 1e-05)
     assert _per_class(root / "data/prepared/manifest.json") == {3}
-    print(f"dvc exp run --queue prepare + dvc queue start until done: {seconds:.1f} s")
+    print(f"two experiments queued (prepare + train_vae each) + dvc queue start until done: {seconds:.1f} s")
 
 
 DVC_REFUSES = {  # params files DVC itself refuses to run a stage with (`dvc repro`), so gmpipe refuses them too
@@ -148,3 +170,42 @@ def test_dvc_and_gmpipe_agree_on_which_files_are_params(sections_repo, case):
     dvc = run(["dvc", "repro", "-f"], sections_repo, check=False)
     gmpipe = main(["check-params", str(sections_repo / "params.yaml")])
     assert (dvc.returncode == 0, gmpipe) == ((True, 0) if case == "valid" else (False, 2)), dvc.stdout + dvc.stderr
+
+
+def _declared_outputs() -> dict[str, bool]:
+    """Every output path dvc.yaml declares (outs, metrics, plots of each stage): True when DVC caches it, False for
+    `cache: false` ones, which git must track for DVC to compare them across commits and experiments."""
+    stages = yaml_io.load((REPO / "dvc.yaml").read_text(), "dvc.yaml")["stages"]
+    declared = {}
+    for stage in stages.values():
+        for kind in ("outs", "metrics", "plots"):
+            for entry in stage.get(kind, []):
+                path, options = (entry, {}) if isinstance(entry, str) else next(iter(entry.items()))
+                declared[path] = options.get("cache", True) and not options.get("persist", False)
+    return declared
+
+
+def test_git_keeps_what_dvc_compares_and_ignores_the_rest(tmp_path):
+    """With the project's .gitignore: every `cache: false` metrics file and loss curve is committable (and an
+    experiment commit carries it); cached outputs, checkpoints and the report's big files are ignored."""
+    run(["git", "init", "-q"], tmp_path)
+    shutil.copy(REPO / ".gitignore", tmp_path / ".gitignore")
+    committed, ignored = [], []
+    for path, cached in _declared_outputs().items():
+        if path.startswith("checkpoints/"):
+            ignored.append(f"{path}/step-00000010/model.safetensors")  # persist: true, cache: false, but big
+        elif cached:
+            ignored.append(path if "." in Path(path).name else f"{path}/config.json")
+        elif path.endswith("/live/plots/metrics"):
+            committed.append(f"{path}/vae/kl.tsv")
+        else:
+            committed.append(path)
+    ignored += ["reports/evaluate/grids/teacher_w1.png", "reports/evaluate/samples/teacher_n1000_w1.npz",
+                "reports/report.html", "data/prepared/train.npz", "dvc_plots/index.html"]
+    assert "reports/metrics.json" in committed and "reports/train_ldm/metrics.json" in committed
+    for path in committed + ignored:
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text("x")
+    listed = run(["git", "ls-files", "--others", "--exclude-standard"], tmp_path).stdout.split()
+    assert sorted(listed) == sorted([".gitignore", *committed])
+

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
+from PIL import Image
 
 from gmpipe.cli import main
 from gmpipe.conditioning import ClassLabels, Conditioning
@@ -19,13 +21,15 @@ from gmpipe.data.latents import STATS, LatentStats, load_split, load_texts
 from gmpipe.data.prepared import load_manifest
 from gmpipe.data.prepared import load_split as load_prepared
 from gmpipe.errors import GmpipeError
+from gmpipe.eval import training_curves
 from gmpipe.generator import Generator, load_generator, write_family
 from gmpipe.nn.autoencoder import load_autoencoder
 from gmpipe.paths import Paths
 from gmpipe.pipelines.latent_diffusion import LatentDiffusionPipeline
 from gmpipe.seeds import SampleNoise
 from gmpipe.stages import cache_latents, distill, evaluate, prepare, train_ldm, train_vae
-from tests.conftest import smoke_params
+from tests.browser import open_page
+from tests.conftest import REPO, run, smoke_params
 
 
 @pytest.fixture(scope="module")
@@ -211,15 +215,23 @@ def add_noise_family(paths: Paths, monkeypatch) -> Path:
     return folder
 
 
-def test_evaluate_writes_metrics_plots_samples_and_report(distilled, monkeypatch):
+@pytest.fixture(scope="module")
+def evaluated(distilled):
+    """evaluate on the smoke models, with a model folder of the test's own family beside them."""
+    params, paths, _ = distilled
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        noise = add_noise_family(paths, monkeypatch)
+        try:
+            summary = evaluate.run(params.evaluate, params.compute.device, paths)
+        finally:
+            shutil.rmtree(noise)  # the module's project is shared with the tests after this one
+    return params, paths, summary
+
+
+def test_evaluate_writes_metrics_plots_samples_and_report(evaluated):
     """Every model folder (found by family.json, the test's own family included) is measured and appears in the one
     family table, in metrics.json, the report and the summary."""
-    params, paths, _ = distilled
-    noise = add_noise_family(paths, monkeypatch)
-    try:
-        summary = evaluate.run(params.evaluate, params.compute.device, paths)
-    finally:
-        shutil.rmtree(noise)  # the module's project is shared with the tests after this one
+    params, paths, summary = evaluated
     metrics = json.loads((paths.reports / "metrics.json").read_text())
     n = params.evaluate.n_samples
     assert metrics["teacher"]["n"] == n and str(n) in metrics["floor"]
@@ -269,9 +281,84 @@ def test_evaluate_writes_metrics_plots_samples_and_report(distilled, monkeypatch
         assert f"| {family} |" in summary["markdown"]
     assert "Test likelihoods" in summary["markdown"] and "Every model, one table" in html
     plotted = (out / "plots/families.csv").read_text().splitlines()
-    assert plotted[0] == "model,family,settings,nfe,n,fd_effnet,fd_minus_floor,images_per_second"
-    assert {line.split(",")[0] for line in plotted[1:]} == set(folders.values())
+    assert plotted[0] == "curve,model,family,settings,nfe,n,fd_effnet,fd_minus_floor,images_per_second"
+    assert {line.split(",")[1] for line in plotted[1:]} == set(folders.values())
     assert (out / "grids/noise.png").is_file() and (out / f"samples/vae_n{n}.npz").is_file()
+    # Grids: one row per class, its name in a margin on the left (the unconditional VAE prior: 80 images, no names).
+    labelled, plain = Image.open(out / "grids/teacher_w1.png"), Image.open(out / "grids/vae.png")
+    per_class = n // 10
+    assert labelled.height == 2 * (10 * (32 + 2) + 2) and labelled.width > 2 * (per_class * (32 + 2) + 2) + 40
+    assert plain.size == (2 * (10 * 34 + 2), 2 * (-(-min(80, n) // 10) * 34 + 2))
+
+
+def _git(root: Path, *args: str) -> str:
+    return run(["git", *args], root).stdout
+
+
+def test_report_renders_offline_in_chromium(evaluated, tmp_path):
+    """The smoke report, written again after its metrics were committed (so it shows this run beside the committed
+    one), opened once in headless Chromium: every image decoded, every plot drawn, no request left the machine."""
+    params, paths, _ = evaluated
+    _git(paths.root, "init", "-q")
+    _git(paths.root, "-c", "user.email=ci@example.invalid", "-c", "user.name=ci", "add", "reports/metrics.json")
+    _git(paths.root, "-c", "user.email=ci@example.invalid", "-c", "user.name=ci", "commit", "-qm", "smoke run")
+    commit = _git(paths.root, "rev-parse", "--short", "HEAD").strip()
+    evaluate.write_report(paths, params.evaluate.n_samples)
+    html = (paths.reports / "report.html").read_text()
+    assert f"Beside the metrics committed in <code>{commit}</code>" in html
+    assert "http" not in html.replace("http://www.w3.org/2000/svg", "")  # nothing to fetch
+
+    opened = open_page(paths.reports / "report.html", tmp_path / "chromium")
+    images, svgs = opened.rendered["images"], opened.rendered["svgs"]
+    grids = {g.stem for g in (paths.reports / "evaluate/grids").glob("*.png")}
+    assert {image["alt"] for image in images} == grids | {"autoencoder reconstructions"}
+    assert all(image["complete"] and image["width"] > 0 for image in images), images
+    # Plots: the family and sweep NFE plots, the two guidance plots, one per loss term of each training stage.
+    curves = sum(len(training_curves.read_curves(live)) for live in paths.reports.glob("*/live"))
+    assert curves >= 8 and len(svgs) == 2 + 2 + curves
+    assert all(svg["width"] > 200 and svg["height"] > 100 and svg["lines"] >= 1 for svg in svgs), svgs
+    assert max(svg["lines"] for svg in svgs) >= 5  # the sweep: one line per sampler and student
+    assert opened.net_events > 0 and opened.page_requests == []
+    screenshot = Image.open(opened.screenshot)
+    assert screenshot.size == (1280, 2400) and len(set(screenshot.convert("L").getdata())) > 50  # not blank
+
+
+def test_dvc_plots_draw_one_line_per_curve(evaluated, tmp_path):
+    """`dvc plots show --json` on the smoke run's reports, with this project's dvc.yaml and plot template: the NFE
+    plots colour each curve (teacher sampler, student, model) apart, on a log2 axis."""
+    params, paths, _ = evaluated
+    root = tmp_path / "project"
+    shutil.copytree(paths.reports, root / "reports", ignore=shutil.ignore_patterns("samples", "classifier"))
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    (root / "params.yaml").write_text(yaml.safe_dump(smoke_params(), sort_keys=False))
+    run(["git", "init", "-q"], root)
+    run(["dvc", "init", "-q"], root)
+    shutil.copytree(REPO / ".dvc" / "plots", root / ".dvc" / "plots")
+    output = json.loads(run(["dvc", "plots", "show", "--json"], root).stdout)
+    # Only the loss curves of the stages this module does not train are missing.
+    assert {error["name"] for error in output.get("errors", [])} <= {
+        f"reports/{stage}/live/plots/metrics" for stage in ("train_ar", "train_gan")}, output["errors"]
+    shown = output["data"]
+    students = {f"student:{folder.name}" for folder in paths.student.iterdir()}
+    expected = {"reports/evaluate/plots/nfe_sweep.csv": {f"teacher {s}" for s in params.evaluate.sweep_samplers}
+                | students,
+                "reports/evaluate/plots/families.csv": {f"{row['model']} ({row['family']})" for row in
+                                                        json.loads((paths.reports / "metrics.json").read_text())
+                                                        ["families"].values()}}
+    for file, curves in expected.items():
+        (plot,) = shown[file]
+        spec = plot["content"]
+        assert spec["encoding"]["color"]["field"] == "curve" and spec["encoding"]["x"]["scale"]["type"] == "log"
+        by_curve = {}
+        for value in spec["data"]["values"]:
+            by_curve.setdefault(value["curve"], []).append(float(value["nfe"]))
+        assert set(by_curve) == curves, file
+        if file.endswith("nfe_sweep.csv"):  # each curve a line through its step counts, not a zigzag
+            assert all(len(points) == len(set(points)) for points in by_curve.values()), by_curve
+    guidance = [plot for key, plots in shown.items() if key.startswith("Guidance weight") for plot in plots]
+    assert len(guidance) == 2
+    losses = [key for key in shown if key.startswith("reports/train_vae/live/plots/metrics/")]
+    assert len(losses) >= 4, list(shown)
 
 
 def test_evaluate_names_missing_models(tmp_path):
