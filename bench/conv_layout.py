@@ -26,7 +26,7 @@ SIZES = {
 def autoencoder_training(channels_last: bool):
     """A closure running one train_vae step (autoencoder, then discriminator) on a fixed batch; the modules are
     built once from the demo's section with the discriminator switched on from step 0."""
-    from gmpipe.stages.train_vae import build_loss, build_models, loss_steps
+    from gmpipe.vae.training import build_loss, build_models, loss_steps
 
     torch.manual_seed(0)
     data, config = DataConfig(), TrainVAEConfig(disc_start=0)

@@ -40,7 +40,7 @@ def _batch(size: int, scale: float) -> int:
 
 def vae_steps(params, scale):
     from gmpipe.pixels import uint8_to_signed
-    from gmpipe.stages.train_vae import build_loss, build_models, loss_steps
+    from gmpipe.vae.training import build_loss, build_models, loss_steps
 
     config = params.train_vae.model_copy(update={"disc_start": 0})
     vae, discriminator = build_models(params.data, config)
@@ -73,7 +73,7 @@ def ar_steps(params, scale):
 
 def gan_steps(params, scale):
     from gmpipe.gan.loop_losses import gan_loss_steps
-    from gmpipe.stages.train_gan import build_networks
+    from gmpipe.gan.networks import build_networks
 
     config = params.train_gan
     generator, discriminator = build_networks(config, LATENT_SHAPE, NUM_CLASSES)

@@ -18,15 +18,13 @@ from gmpipe.data.latents import STATS, LatentStats, load_split, make_batch_fn
 from gmpipe.data.prepared import MANIFEST, load_manifest
 from gmpipe.eval.grids import save_grid
 from gmpipe.fingerprint import Fingerprint, code_hashes, hash_tree, section_settings
-from gmpipe.gan.discriminator import ProjectionDiscriminator
 from gmpipe.gan.family import LatentGAN, classes_of
-from gmpipe.gan.generator import ConditionalGenerator
 from gmpipe.gan.interpolation import interpolation_latents
 from gmpipe.gan.loop_losses import DISCRIMINATOR, GENERATOR, gan_loss_steps
+from gmpipe.gan.networks import build_networks
 from gmpipe.gan.path_length import path_endpoints, perceptual_path_length
 from gmpipe.generator import load_generator
 from gmpipe.nn.features import EffNetLite0Features
-from gmpipe.nn.presets import get_gan_preset
 from gmpipe.paths import Paths
 from gmpipe.pixels import signed_to_uint8
 from gmpipe.seeds import seed_block
@@ -48,17 +46,6 @@ def training_fingerprint(config: TrainGANConfig, paths: Paths) -> Fingerprint:
     manifest = paths.prepared / MANIFEST
     return Fingerprint(settings, {paths.name(paths.latents): hash_tree(paths.latents),
                                   paths.name(manifest): hash_tree(manifest), **code_hashes(__name__)})
-
-
-def build_networks(config: TrainGANConfig, latent_shape, n_classes: int) -> tuple[ConditionalGenerator,
-                                                                                 ProjectionDiscriminator]:
-    """A fresh generator and discriminator of the preset's sizes for latents (c, h, w) and ``n_classes``."""
-    sizes = get_gan_preset(config.preset)
-    generator = ConditionalGenerator(latent_shape, n_classes, z_dim=sizes.z_dim, embed_dim=sizes.embed_dim,
-                                     width=sizes.width)
-    discriminator = ProjectionDiscriminator(latent_shape, n_classes, width=sizes.disc_width,
-                                            spectral_norm=config.spectral_norm)
-    return generator, discriminator
 
 
 def run(config: TrainGANConfig, compute: ComputeConfig, paths: Paths) -> dict:
