@@ -19,7 +19,7 @@ from gmpipe.config.train_vae import TrainVAEConfig
 
 SIZES = {
     "full": dict(batch_size=32, warmup=2, measured=5, rounds=4),
-    "quick": dict(batch_size=4, warmup=1, measured=2, rounds=2),
+    "quick": dict(batch_size=2, warmup=1, measured=1, rounds=1),
 }
 
 
