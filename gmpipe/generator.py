@@ -26,6 +26,7 @@ folder under ``models/``, so callers discover models by their ``family.json``, n
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -136,6 +137,24 @@ def validated_settings(schema: type[BaseModel], settings: dict[str, Any]) -> dic
         error = exc.errors()[0]
         where = ".".join(str(part) for part in error["loc"]) or "settings"
         raise GmpipeError(f"{where}: {error['msg']} (got {error.get('input')!r})") from None
+
+
+SAMPLING = "sampling.json"  # a model folder's sampling defaults (Generator.settings)
+LATENT_STATS = "latent_stats.json"  # the latent statistics of a family that generates in the autoencoder's space
+
+
+def write_latent_model_files(folder: Path, generator: Generator, stats, stage: str,
+                             stats_file: Path | None = None) -> None:
+    """What every latent-space family writes beside its networks: ``sampling.json``, the conditioning, the latent
+    stats (``stats_file`` copied as written by cache_latents, else ``stats`` alone) and ``family.json``."""
+    folder = Path(folder)
+    (folder / SAMPLING).write_text(json.dumps(generator.settings, indent=2))
+    generator.conditioning.save(folder)
+    if stats_file is not None:
+        (folder / LATENT_STATS).write_text(Path(stats_file).read_text())
+    else:
+        stats.save(folder / LATENT_STATS)
+    write_family(folder, type(generator), stage)
 
 
 def write_family(folder: Path, family: type[Generator], stage: str) -> None:

@@ -40,7 +40,15 @@ from gmpipe.data.latents import LatentStats
 from gmpipe.diffusion import Objective, make_guided_model_fn
 from gmpipe.diffusion.likelihood import bits_per_dim, normalization_log_det, ode_log_likelihood
 from gmpipe.errors import GmpipeError
-from gmpipe.generator import DEFAULT_BATCH_SIZE, Generated, Generator, Likelihood, write_family
+from gmpipe.generator import (
+    DEFAULT_BATCH_SIZE,
+    LATENT_STATS,
+    SAMPLING,
+    Generated,
+    Generator,
+    Likelihood,
+    write_latent_model_files,
+)
 from gmpipe.nn.autoencoder import decode_latents, load_autoencoder
 from gmpipe.nn.denoiser import Denoiser
 from gmpipe.pixels import signed_to_uint8, uint8_to_signed
@@ -49,8 +57,6 @@ from gmpipe.seeds import SampleNoise
 from gmpipe.train.step import LossStep
 
 OBJECTIVE = "objective.json"
-SAMPLING = "sampling.json"
-LATENT_STATS = "latent_stats.json"
 WEIGHTS = "denoiser"
 
 # The probability-flow-ODE likelihood's budget: 4 RK4 steps (16 network calls) and 2 Hutchinson probes per latent.
@@ -120,13 +126,7 @@ class LatentDiffusion(Generator):
         folder = Path(folder)
         self.denoiser.to("cpu").save_pretrained(folder / WEIGHTS)
         (folder / OBJECTIVE).write_text(json.dumps(self.objective.to_config(), indent=2))
-        (folder / SAMPLING).write_text(json.dumps(self.settings, indent=2))
-        self.conditioning.save(folder)
-        if stats_file is not None:
-            (folder / LATENT_STATS).write_text(Path(stats_file).read_text())
-        else:
-            self.stats.save(folder / LATENT_STATS)
-        write_family(folder, LatentDiffusion, stage)
+        write_latent_model_files(folder, self, self.stats, stage, stats_file)
 
     @torch.no_grad()
     def generate(self, requests: Sequence[Request] | None, seeds: Sequence[int], *,

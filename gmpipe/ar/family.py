@@ -19,7 +19,6 @@ unconditional one (``conditioning: none``) was trained and samples under the nul
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
@@ -37,13 +36,19 @@ from gmpipe.config.base import built_for
 from gmpipe.config.train_ar import AR_CONDITIONINGS
 from gmpipe.data.latents import LatentStats
 from gmpipe.errors import GmpipeError
-from gmpipe.generator import DEFAULT_BATCH_SIZE, Generated, Generator, validated_settings, write_family
+from gmpipe.generator import (
+    DEFAULT_BATCH_SIZE,
+    LATENT_STATS,
+    SAMPLING,
+    Generated,
+    Generator,
+    validated_settings,
+    write_latent_model_files,
+)
 from gmpipe.nn.autoencoder import decode_latents, load_autoencoder
 from gmpipe.pixels import signed_to_uint8
 
 STAGE = "train_ar"
-SAMPLING = "sampling.json"
-LATENT_STATS = "latent_stats.json"
 
 
 class SamplingFile(BaseModel):
@@ -125,13 +130,7 @@ class AutoregressivePrior(Generator):
         folder = Path(folder)
         self.model.to("cpu").save_pretrained(folder)
         self.tokenizer.save(folder)
-        (folder / SAMPLING).write_text(json.dumps(self.settings, indent=2))
-        self.conditioning.save(folder)
-        if stats_file is not None:
-            (folder / LATENT_STATS).write_text(Path(stats_file).read_text())
-        else:
-            self.stats.save(folder / LATENT_STATS)
-        write_family(folder, AutoregressivePrior, stage)
+        write_latent_model_files(folder, self, self.stats, stage, stats_file)
 
     @torch.no_grad()
     def generate(self, requests: Sequence[Request] | None, seeds: Sequence[int], *,

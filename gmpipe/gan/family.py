@@ -16,7 +16,6 @@ distilled student.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
@@ -33,14 +32,20 @@ from gmpipe.data.latents import LatentStats
 from gmpipe.errors import GmpipeError
 from gmpipe.gan.generator import ConditionalGenerator
 from gmpipe.gan.sampling import sample_latents
-from gmpipe.generator import DEFAULT_BATCH_SIZE, Generated, Generator, validated_settings, write_family
+from gmpipe.generator import (
+    DEFAULT_BATCH_SIZE,
+    LATENT_STATS,
+    SAMPLING,
+    Generated,
+    Generator,
+    validated_settings,
+    write_latent_model_files,
+)
 from gmpipe.nn.autoencoder import decode_latents, load_autoencoder
 from gmpipe.pixels import signed_to_uint8
 
 STAGE = "train_gan"
 WEIGHTS = "generator"
-SAMPLING = "sampling.json"
-LATENT_STATS = "latent_stats.json"
 
 
 class SamplingFile(BaseModel):
@@ -100,13 +105,7 @@ class LatentGAN(Generator):
         """Write the model folder (the layout above); ``stats_file`` is copied as ``latent_stats.json``."""
         folder = Path(folder)
         self.generator.to("cpu").save_pretrained(folder / WEIGHTS)
-        (folder / SAMPLING).write_text(json.dumps(self.settings, indent=2))
-        self.conditioning.save(folder)
-        if stats_file is not None:
-            (folder / LATENT_STATS).write_text(Path(stats_file).read_text())
-        else:
-            self.stats.save(folder / LATENT_STATS)
-        write_family(folder, LatentGAN, stage)
+        write_latent_model_files(folder, self, self.stats, stage, stats_file)
 
     @torch.no_grad()
     def generate(self, requests: Sequence[Request] | None, seeds: Sequence[int], *,
