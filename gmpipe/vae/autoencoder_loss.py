@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from gmpipe.vae.elbo import ELBOLoss
-from gmpipe.vae.gan import D_LOSSES, G_LOSSES, adaptive_weight, disc_factor
+from gmpipe.vae.gan import D_LOSSES, G_LOSSES, adaptive_weight_from_output, disc_factor
 from gmpipe.vae.perceptual import PerceptualLoss
 
 
@@ -85,10 +85,10 @@ class AutoencoderLoss(nn.Module):
 
         ``last_layer`` is the decoder weight for the adaptive weight (``decoder_last_layer(vae)``); None uses
         lambda = 1 (a fixed ``gan_weight``). Without gradients (``torch.no_grad()`` evaluation) lambda cannot be
-        measured and is 0, so the total is then the non-adversarial part. Back-propagating L_G also leaves
-        gradients on the discriminator's parameters: zero them before the discriminator step. With several
-        data-parallel processes, ``gradient_mean`` averages a tensor over them, so that lambda is the global
-        batch's (see ``adaptive_weight``).
+        measured and is 0, so the total is then the non-adversarial part. Without ``last_layer``,
+        back-propagating L_G also leaves gradients on the discriminator's parameters: zero them before the
+        discriminator step. With several data-parallel processes, ``gradient_mean`` averages a tensor over them, so
+        that lambda is the global batch's (see ``adaptive_weight``).
 
         Returns:
             the scalar loss and detached terms "total", "nll", "kl", "reconstruction" (mean per-pixel error),
@@ -111,11 +111,12 @@ class AutoencoderLoss(nn.Module):
             gan = G_LOSSES[self.gan_loss](discriminator(x_hat))
             if not torch.is_grad_enabled():
                 weight = x.new_zeros(())
+                total = total + factor * weight * self.gan_weight * gan
             elif last_layer is None:
                 weight = x.new_ones(())
+                total = total + factor * weight * self.gan_weight * gan
             else:
-                weight = adaptive_weight(elbo.nll, gan, last_layer, gradient_mean=gradient_mean)
-            total = total + factor * weight * self.gan_weight * gan
+                total, weight = self._adaptive_total(elbo, gan, x_hat, factor, last_layer, gradient_mean)
 
         terms = {
             "total": total,
@@ -130,6 +131,32 @@ class AutoencoderLoss(nn.Module):
         if self.elbo.logvar is not None:
             terms["logvar"] = self.elbo.logvar
         return total, {name: value.detach().clone() for name, value in terms.items()}
+
+    def _adaptive_total(self, elbo, gan, x_hat, factor, last_layer, gradient_mean):
+        """L_G with the adaptive weight, back-propagating the perceptual network and the discriminator once.
+
+        The nll and L_adv are each back-propagated to x_hat once; their output gradients give lambda through the
+        last layer alone (``adaptive_weight_from_output``) and then stand in for both losses in the update: the
+        returned loss has L_G's value and the gradient of
+
+            <x_hat, g_nll + c g_adv> + w_KL KL (+ <s, d nll / d s> with a learned log-variance)
+
+        with c = disc_factor * lambda * w_GAN and g the output gradients (constants),
+
+        which is grad L_G with respect to every trained parameter (the discriminator's excepted: L_G leaves it
+        no gradient this way). Computing lambda from the losses themselves, then back-propagating L_G, would run
+        both networks' backward twice.
+        """
+        learned = [self.elbo.logvar] if self.elbo.logvar is not None else []
+        nll_grads = torch.autograd.grad(elbo.nll, [x_hat, *learned], retain_graph=True)
+        (gan_grad,) = torch.autograd.grad(gan, x_hat, retain_graph=True)
+        weight = adaptive_weight_from_output(nll_grads[0], gan_grad, x_hat, last_layer, gradient_mean=gradient_mean)
+        push = nll_grads[0] + (factor * self.gan_weight) * weight * gan_grad
+        surrogate = (x_hat * push).sum() + self.elbo.kl_weight * elbo.kl
+        for parameter, grad in zip(learned, nll_grads[1:], strict=True):
+            surrogate = surrogate + (parameter * grad).sum()
+        value = (elbo.loss + factor * weight * self.gan_weight * gan).detach()
+        return surrogate + (value - surrogate.detach()), weight
 
     def discriminator_loss(
         self, x: torch.Tensor, x_hat_detached: torch.Tensor, discriminator: nn.Module, step: int

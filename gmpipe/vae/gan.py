@@ -25,6 +25,7 @@ __all__ = [
     "D_LOSSES",
     "G_LOSSES",
     "adaptive_weight",
+    "adaptive_weight_from_output",
     "disc_factor",
     "hinge_d_loss",
     "hinge_g_loss",
@@ -63,6 +64,35 @@ def adaptive_weight(
     """
     (rec_grad,) = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)
     (gan_grad,) = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)
+    return _gradient_ratio(rec_grad, gan_grad, eps, max_weight, gradient_mean)
+
+
+def adaptive_weight_from_output(
+    rec_output_grad: torch.Tensor,
+    gan_output_grad: torch.Tensor,
+    output: torch.Tensor,
+    last_layer: torch.Tensor,
+    eps: float = 1e-4,
+    max_weight: float = 1e4,
+    gradient_mean: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """``adaptive_weight`` from the two losses' gradients with respect to the decoder's output x_hat.
+
+    grad_{G_L} L = (d x_hat / d G_L)^T grad_{x_hat} L, so with both output gradients in hand (each loss back-propagated
+    once, to x_hat) the last layer's gradients cost only the last layer's own backward. A caller that also needs the
+    output gradients for the update (``AutoencoderLoss``) thus runs the perceptual network's and the discriminator's
+    backward once instead of twice.
+
+    Args:
+        rec_output_grad, gan_output_grad: grad_{x_hat} L_rec and grad_{x_hat} L_GAN, shaped like ``output``.
+        output: x_hat, whose graph reaches ``last_layer`` (kept: ``retain_graph=True``).
+    """
+    (rec_grad,) = torch.autograd.grad(output, last_layer, grad_outputs=rec_output_grad, retain_graph=True)
+    (gan_grad,) = torch.autograd.grad(output, last_layer, grad_outputs=gan_output_grad, retain_graph=True)
+    return _gradient_ratio(rec_grad, gan_grad, eps, max_weight, gradient_mean)
+
+
+def _gradient_ratio(rec_grad, gan_grad, eps, max_weight, gradient_mean) -> torch.Tensor:
     if gradient_mean is not None:
         rec_grad, gan_grad = gradient_mean(rec_grad), gradient_mean(gan_grad)
     weight = rec_grad.norm() / (gan_grad.norm() + eps)

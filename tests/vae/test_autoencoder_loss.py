@@ -100,6 +100,46 @@ def test_after_disc_start_the_gan_term_uses_the_adaptive_weight():
     total.backward()
 
 
+def test_the_adaptive_loss_has_the_gradient_of_l_g_with_one_backward_per_network():
+    """The returned loss back-propagates the perceptual network and the discriminator once, yet its gradient is
+    that of L_G = nll + w_KL KL + lambda w_GAN L_adv built the plain way (lambda from the two losses, then L_G's
+    backward) for every autoencoder parameter and the learned log-variance, in float64 so that only the maths is
+    compared."""
+    vae, loss, x, _, _ = _setup(disc_start=0)
+    vae, loss, x = vae.double(), loss.double(), x.double()
+    posterior = vae.encode(x).latent_dist
+    x_hat = vae.decode(posterior.sample()).sample
+    discriminator = CountingDiscriminator().double()
+    last_layer = decoder_last_layer(vae)
+    backward_calls = {"features": 0, "discriminator": 0}
+
+    def count(name):
+        def hook(module, grad_input, grad_output):
+            backward_calls[name] += 1
+        return hook
+
+    loss.perceptual.extractor.conv.register_full_backward_hook(count("features"))
+    discriminator.inner.register_full_backward_hook(count("discriminator"))
+    total, terms = loss.generator_loss(x, posterior.mean, posterior.logvar, x_hat, discriminator, 0, last_layer)
+    trained = [*vae.parameters(), loss.elbo.logvar]
+    fast = torch.autograd.grad(total, trained, allow_unused=True, retain_graph=True)
+    assert backward_calls == {"features": 1, "discriminator": 1}
+
+    perceptual = 0.5 * loss.perceptual.distance(x, x_hat)
+    elbo = loss.elbo(x, x_hat, posterior.mean, posterior.logvar, perceptual)
+    gan = -discriminator(x_hat).mean()
+    plain = elbo.loss + adaptive_weight(elbo.nll, gan, last_layer) * 0.5 * gan
+    assert total.item() == pytest.approx(plain.item(), rel=1e-5)
+    reference = torch.autograd.grad(plain, trained, allow_unused=True)
+    compared = 0
+    for got, want in zip(fast, reference, strict=True):
+        assert (got is None) == (want is None)
+        if want is not None:
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+            compared += 1
+    assert compared == len(trained)
+
+
 def test_without_last_layer_the_gan_weight_is_fixed_and_without_grad_it_is_zero():
     vae, loss, x, posterior, x_hat = _setup(disc_start=0)
     discriminator = CountingDiscriminator()
