@@ -149,12 +149,19 @@ class PerceptualLoss(nn.Module):
         d >= 0, and d = 0 where the normalised feature maps agree (e.g. x = y)."""
         if x.shape != y.shape:
             raise ValueError(f"perceptual loss needs images of one shape, got {tuple(x.shape)} and {tuple(y.shape)}")
-        batch = x.shape[0]
-        # One pass over both batches; the frozen extractor is in eval mode, so samples do not interact.
-        maps = self.extractor.feature_maps(torch.cat([x, y]))
+        if torch.is_grad_enabled() and not x.requires_grad:
+            # The usual case in training, x real and y a reconstruction: the backward through the extractor only
+            # needs y's half, so x goes through it without a graph (one backward of B images instead of 2 B).
+            with torch.no_grad():
+                x_maps = self.extractor.feature_maps(x)
+            y_maps = self.extractor.feature_maps(y)
+        else:
+            # One pass over both batches; the frozen extractor is in eval mode, so samples do not interact.
+            maps = self.extractor.feature_maps(torch.cat([x, y]))
+            x_maps, y_maps = [m[: x.shape[0]] for m in maps], [m[x.shape[0]:] for m in maps]
         per_layer = []
-        for features, weight in zip(maps, self._layer_weights(len(maps)), strict=True):
-            difference = (normalize_channels(features[:batch]) - normalize_channels(features[batch:])).square()
+        for x_features, y_features, weight in zip(x_maps, y_maps, self._layer_weights(len(x_maps)), strict=True):
+            difference = (normalize_channels(x_features) - normalize_channels(y_features)).square()
             if weight is not None:
                 if weight.numel() != difference.shape[1]:
                     raise ValueError(

@@ -57,6 +57,22 @@ def test_zero_for_identical_positive_for_different_and_gradient_reaches_input():
     assert y.grad is not None and torch.isfinite(y.grad).all() and y.grad.abs().sum() > 0
 
 
+def test_a_real_batch_without_gradient_gives_the_same_distance_and_gradient_as_one_joint_pass():
+    """Training passes real x (no gradient) and reconstructions y: x's features are then computed without a graph.
+    Distances and grad_y must equal those of the joint pass taken when x needs a gradient too (batch-norm in eval
+    mode, so samples do not interact)."""
+    loss = PerceptualLoss(ToyExtractor())
+    x, y = _images(0, (3, 1, 8, 8)), _images(1, (3, 1, 8, 8))
+    y_split = y.clone().requires_grad_(True)
+    split = loss.distance(x, y_split)
+    (split * torch.arange(1.0, 4.0)).sum().backward()
+    x_joint, y_joint = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
+    joint = loss.distance(x_joint, y_joint)
+    (joint * torch.arange(1.0, 4.0)).sum().backward()
+    torch.testing.assert_close(split, joint.detach())
+    torch.testing.assert_close(y_split.grad, y_joint.grad)
+
+
 def test_extractor_is_frozen_and_stays_in_eval_mode():
     extractor = ToyExtractor()
     loss = PerceptualLoss(extractor)
