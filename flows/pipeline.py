@@ -22,6 +22,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -191,6 +192,8 @@ def push_outputs(remote: str, root: str = ".") -> None:
 STAGE_RAN = re.compile(r"^Running stage '([^']+)':")
 STAGE_UP_TO_DATE = re.compile(r"^Stage '([^']+)' (?:didn't change, skipping|is cached - skipping)")
 STAGE_FROZEN = re.compile(r"^Verifying outputs in frozen stage: '([^']+)'")
+# What `gmpipe stage` prints when done (flows.stages.RESOURCES_LINE), possibly behind a log prefix.
+STAGE_RESOURCES = re.compile(r"gmpipe: stage (\w+) took ([\d.]+) s, peak memory (\d+) MiB")
 
 
 class ReproProgress:
@@ -201,8 +204,11 @@ class ReproProgress:
     def __init__(self):
         self._events: queue.Queue[tuple] = queue.Queue()
         self._held: tuple | None = None
+        self.resources: dict[str, tuple[float, int]] = {}  # stage -> (its own seconds, peak memory MiB)
 
     def read_line(self, line: str) -> None:
+        if match := STAGE_RESOURCES.search(line):
+            self.resources[match.group(1)] = (float(match.group(2)), int(match.group(3)))
         if match := STAGE_RAN.match(line):
             self._events.put(("stage", "ran", match.group(1)))
         elif match := STAGE_UP_TO_DATE.match(line):
@@ -253,7 +259,7 @@ def follow_stage(stage: str, progress: ReproProgress) -> str | State:
     return Failed(message=f"dvc repro failed (exit {after[1]}): {after[2]}")
 
 
-def repro_stages(stages: list[str], root: str = ".", force: bool = False) -> dict[str, str] | State:
+def repro_stages(stages: list[str], root: str = ".", force: bool = False) -> dict[str, StageOutcome] | State:
     """``dvc repro --single-item STAGE...`` once, ``stages`` in dependency order (DVC runs single-item targets in the
     order given), with a task run per stage created before dvc starts, so that each stage's flow run can be its
     child. Returns each stage's outcome, or a Failed state naming the first stage that failed; stages after it are
@@ -266,12 +272,15 @@ def repro_stages(stages: list[str], root: str = ".", force: bool = False) -> dic
     outcome: dict[str, str] = {}
     failure: list[str] = []
     started: list[str] = []
+    seconds: dict[str, float] = {}
 
     def follow_all() -> None:
         for stage in stages:
             started.append(stage)
+            start = time.perf_counter()
             state = run_task_sync(follow_stage, task_run=task_runs[stage],
                                   parameters={"stage": stage, "progress": progress}, return_type="state")
+            seconds[stage] = time.perf_counter() - start
             if not state.is_completed():
                 failure.append(f"stage {stage}: {state.message}")
                 return
@@ -295,7 +304,35 @@ def repro_stages(stages: list[str], root: str = ".", force: bool = False) -> dic
     if failure:
         _cancel(task_runs, started, failure[0])
         return Failed(message=failure[0])
-    return outcome
+    return {stage: StageOutcome(what, seconds.get(stage), *progress.resources.get(stage, (None, None)))
+            for stage, what in outcome.items()}
+
+
+@dataclass(frozen=True)
+class StageOutcome:
+    """What happened to a stage in the pipeline's ``dvc repro``, with its wall time there (DVC's own work on the
+    stage included) and, for a stage that ran, the time and peak memory its process reported."""
+
+    outcome: str
+    seconds: float | None = None
+    stage_seconds: float | None = None
+    peak_memory_mib: int | None = None
+
+    def row(self, stage: str) -> str:
+        def shown(value, unit):
+            return "-" if value is None else f"{value:.1f} {unit}" if isinstance(value, float) else f"{value} {unit}"
+
+        ran = self.outcome == "ran"
+        own = shown(self.stage_seconds if ran else None, "s")
+        memory = shown(self.peak_memory_mib if ran else None, "MiB")
+        return f"| {stage} | {self.outcome} | {shown(self.seconds, 's')} | {own} | {memory} |"
+
+
+def outcome_table(outcome: dict[str, StageOutcome]) -> str:
+    """The pipeline's summary as a markdown table: per stage, what happened, the wall time in ``dvc repro``, and for a
+    stage that ran its own time and peak memory."""
+    header = "| stage | outcome | wall time | stage time | peak memory |\n|---|---|---|---|---|"
+    return "\n".join([header, *(result.row(stage) for stage, result in outcome.items())])
 
 
 def _cancel(task_runs: dict, started: list[str], why: str) -> None:
@@ -327,6 +364,7 @@ def pipeline(stages: list[str] | None = None, root: str = ".", force: bool = Fal
             return outcome
         if remote:
             push_outputs(remote, root)
-    table = "\n".join(f"| {stage} | {what} |" for stage, what in outcome.items())
-    create_markdown_artifact(key="pipeline", markdown=f"| stage | outcome |\n|---|---|\n{table}")
-    return outcome
+    table = outcome_table(outcome)
+    print(table)
+    create_markdown_artifact(key="pipeline", markdown=table)
+    return {stage: result.outcome for stage, result in outcome.items()}

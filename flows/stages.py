@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -98,9 +100,31 @@ def summary_markdown(stage: str, summary: dict) -> str:
     return "\n".join(lines)
 
 
+RESOURCES_LINE = "gmpipe: stage {stage} took {seconds} s, peak memory {peak_memory_mib} MiB"
+
+
+def resources_line(stage: str, resources: dict) -> str:
+    """The one line a stage prints when it is done; the pipeline reads it from DVC's output for its table."""
+    return RESOURCES_LINE.format(stage=stage, **resources)
+
+
+def peak_memory_mib() -> int:
+    """Peak resident memory of this process, or of its largest finished child (the ``accelerate launch`` workers of a
+    multi-process stage), in MiB: the high-water mark the kernel kept, not a sample."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB on Linux
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        status = Path("/proc/self/status").read_text()
+        own = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        pass
+    return round(max(own, children) / 1024)
+
+
 def _make_flow(stage: str):
     @flow(name=stage, log_prints=True, validate_parameters=False)
     def stage_flow(params_file: str = "params.yaml", root: str = "."):
+        start = time.perf_counter()
         try:
             params = load_params(Path(root) / params_file)
             if needs_launcher(stage, params):
@@ -110,6 +134,8 @@ def _make_flow(stage: str):
                     summary = run_stage_function(stage, params, Paths(Path(root)))
         except (GmpipeError, ParamsError, FileNotFoundError) as exc:
             return Failed(message=str(exc))
+        summary["resources"] = {"seconds": round(time.perf_counter() - start, 1), "peak_memory_mib": peak_memory_mib()}
+        print(resources_line(stage, summary["resources"]), flush=True)
         create_markdown_artifact(
             key=stage.replace("_", "-"), markdown=summary_markdown(stage, summary), description=f"{stage} summary"
         )

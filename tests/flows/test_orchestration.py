@@ -43,7 +43,11 @@ def test_pipeline_flow_runs_dvc_repro_then_skips(prefect_api, dvc_project):
 
     markdown = [a.data for a in _artifacts("prepare")]
     assert any("data/prepared" in text and "train" in text for text in markdown)
-    assert any("| prepare |" in a.data for a in _artifacts("pipeline"))
+    # The pipeline's table: wall time in dvc repro, and the stage's own time and peak memory, as it printed them.
+    row = re.compile(r"\| prepare \| ran \| ([\d.]+) s \| ([\d.]+) s \| (\d+) MiB \|")
+    printed = row.search(first.stdout + first.stderr)
+    assert printed and float(printed.group(1)) >= float(printed.group(2)) > 0 and 50 < int(printed.group(3)) < 4096
+    assert any(row.search(a.data) for a in _artifacts("pipeline"))
 
 
 def test_stage_reports_bad_params_without_traceback(prefect_api, dvc_project):

@@ -63,3 +63,15 @@ def test_an_interrupt_crashes_the_running_stage_and_cancels_the_next():
     assert follow_stage.fn("prepare", progress).type.value == "CRASHED"
     state = follow_stage.fn("train_vae", progress)
     assert (state.type.value, state.message) == ("CANCELLED", "not run: the pipeline was interrupted")
+
+
+def test_the_resources_a_stage_prints_are_read_behind_a_log_prefix():
+    progress = progress_after(
+        "Running stage 'prepare':",
+        "22:54:27.603 | INFO    | Flow run 'immortal-rabbit' - gmpipe: stage prepare took 4.2 s, peak memory 312 MiB",
+        "Running stage 'train_vae':",
+        "gmpipe: stage train_vae took 612.0 s, peak memory 1890 MiB",
+        exit_code=0,
+    )
+    assert progress.resources == {"prepare": (4.2, 312), "train_vae": (612.0, 1890)}
+    assert outcomes(progress, ["prepare", "train_vae"]) == ["ran", "ran"]
