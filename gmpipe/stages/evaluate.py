@@ -35,6 +35,7 @@ from gmpipe.eval.autoencoder import autoencoder_metrics
 from gmpipe.eval.generated import Reference
 from gmpipe.eval.grids import save_grid
 from gmpipe.eval.previous_run import CommittedRun
+from gmpipe.eval.sample_bank import SampleBank
 from gmpipe.eval.timings import SectionTimer
 from gmpipe.family_file import find_model_folders
 from gmpipe.generator import Generator, Likelihood, load_generator
@@ -45,9 +46,10 @@ from gmpipe.registry import MODEL_FAMILIES
 from gmpipe.seeds import seed_block
 
 SECTIONS = ("evaluate", "compute.device")
-# Seed blocks (gmpipe.seeds.seed_block): the sweeps share one block (every sweep point sees the same noise), the
-# headline samples of every model another, the random draws of the test likelihoods a third.
-SWEEP_SEEDS, HEADLINE_SEEDS, LIKELIHOOD_SEEDS = 0, 1, 2
+# Seed blocks (gmpipe.seeds.seed_block): the samples of every model, sweeps and headline sets alike (sample i of
+# every set has seed i of this block, so a sweep point at a headline setting is the headline set's first n), and the
+# random draws of the test likelihoods. Block 0 (the sweeps' own, before they shared the headline seeds) is unused.
+HEADLINE_SEEDS, LIKELIHOOD_SEEDS = 1, 2
 
 
 def _out(paths: Paths) -> Path:
@@ -137,7 +139,8 @@ def choose_guidance(guidance_rows: list[dict], real_accuracy: float) -> float:
 
 
 def measure(reference: Reference, images: np.ndarray, labels: list[int] | None, **options) -> dict:
-    """The distances (and, with labels, the class accuracy) of uint8 ``images`` against the real test set."""
+    """The distances (and, with labels, the class accuracy) of uint8 ``images`` against the real test set
+    (``options``: of ``Reference.measure``, e.g. the images' features when they were computed before)."""
     return reference.measure(uint8_to_signed(images), torch.tensor(labels) if labels else None, **options)
 
 
@@ -192,22 +195,32 @@ def evaluate_teacher(config: EvaluateConfig, paths: Paths, reference: Reference,
                      timer: SectionTimer):
     """Guidance sweep, then the NFE sweep at the chosen w, then the teacher at n_samples with its default
     sampler and steps: at the chosen w (the headline) and at every w a student was distilled at; then its test
-    likelihood."""
+    likelihood. Every set is the first n of one list of samples (the headline seeds and labels), so a point met
+    twice is generated and measured once (``gmpipe.eval.sample_bank``)."""
     generator = load_generator(paths.ldm, autoencoder=paths.vae, device=device)
     conditional = generator.conditioning.conditional
     default = generator.settings
     n_sweep = min(config.sweep_samples, len(reference.features))
-    labels = balanced_labels(n_sweep, len(class_names)) if conditional else None
-    sweep_seeds = seed_block(config.seed, SWEEP_SEEDS, n_sweep)
+    n = min(config.n_samples, len(reference.features))
+    n_most = max(n, n_sweep)
+    bank = SampleBank(generator, balanced_labels(n_most, len(class_names)) if conditional else None,
+                      seed_block(config.seed, HEADLINE_SEEDS, n_most), config.batch_size)
     samples_dir = _out(paths) / "samples"
+
+    def measured(count: int, **settings) -> tuple[np.ndarray, list[int] | None, dict]:
+        """The first ``count`` samples at ``settings``, their labels and the row fields they give."""
+        drawn = bank.draw(count, **settings)
+        labels = None if bank.requests is None else list(bank.requests[:count])
+        features = bank.features(count, lambda images: reference.extract(uint8_to_signed(images)), **settings)
+        return drawn.images, labels, {"nfe": drawn.nfe, **measure(reference, drawn.images, labels, features=features),
+                                      "images_per_second": drawn.images_per_second,
+                                      **made_with(generator, **settings)}
 
     with timer.section("teacher: guidance sweep"):
         guidance_rows = []
         for w in tqdm(config.guidance_sweep if conditional else [0.0], desc="evaluate: guidance sweep", unit="w"):
-            images, nfe, speed = timed_generate(generator, labels, sweep_seeds, config.batch_size, guidance=w)
-            row = {"model": "teacher", "sampler": default["sampler"], "steps": default["steps"], "w": w, "nfe": nfe,
-                   **measure(reference, images, labels), "images_per_second": speed,
-                   **made_with(generator, guidance=w)}
+            images, labels, fields = measured(n_sweep, guidance=w)
+            row = {"model": "teacher", "sampler": default["sampler"], "steps": default["steps"], "w": w, **fields}
             row["samples"] = save_samples(samples_dir, f"teacher_w{w:g}", images, labels, model="teacher",
                                           sampler=default["sampler"], steps=default["steps"], w=w)
             guidance_rows.append(row)
@@ -217,26 +230,17 @@ def evaluate_teacher(config: EvaluateConfig, paths: Paths, reference: Reference,
         nfe_rows = []
         grid = [(sampler, steps) for sampler in config.sweep_samplers for steps in config.sweep_steps]
         for sampler, steps in tqdm(grid, desc="evaluate: NFE sweep", unit="setting"):
-            chosen = {"sampler": sampler, "steps": steps, "guidance": best_w}
-            images, nfe, speed = timed_generate(generator, labels, sweep_seeds, config.batch_size, **chosen)
-            row = {"model": "teacher", "sampler": sampler, "steps": steps, "w": best_w, "nfe": nfe,
-                   **measure(reference, images, labels), "images_per_second": speed,
-                   **made_with(generator, **chosen)}
-            nfe_rows.append(row)
+            _, _, fields = measured(n_sweep, sampler=sampler, steps=steps, guidance=best_w)
+            nfe_rows.append({"model": "teacher", "sampler": sampler, "steps": steps, "w": best_w, **fields})
 
-    n = min(config.n_samples, len(reference.features))
-    head_labels = balanced_labels(n, len(class_names)) if conditional else None
-    head_seeds = seed_block(config.seed, HEADLINE_SEEDS, n)
     with timer.section("teacher: headline samples"):
         by_w = {}
         for w in sorted({best_w} | (student_ws if conditional else set())):
-            images, nfe, speed = timed_generate(generator, head_labels, head_seeds, config.batch_size, guidance=w)
-            row = {"model": "teacher", "sampler": default["sampler"], "steps": default["steps"], "w": w, "nfe": nfe,
-                   **measure(reference, images, head_labels), "images_per_second": speed,
-                   **made_with(generator, guidance=w)}
-            row["samples"] = save_samples(samples_dir, f"teacher_n{n}_w{w:g}", images, head_labels, model="teacher",
+            images, labels, fields = measured(n, guidance=w)
+            row = {"model": "teacher", "sampler": default["sampler"], "steps": default["steps"], "w": w, **fields}
+            row["samples"] = save_samples(samples_dir, f"teacher_n{n}_w{w:g}", images, labels, model="teacher",
                                           sampler=default["sampler"], steps=default["steps"], w=w)
-            _grid(images, head_labels, class_names, _out(paths) / "grids" / f"teacher_w{w:g}.png")
+            _grid(images, labels, class_names, _out(paths) / "grids" / f"teacher_w{w:g}.png")
             by_w[w] = row
     with timer.section("teacher: likelihood"):
         likelihood = held_out_likelihood(generator, held_out, config.batch_size)

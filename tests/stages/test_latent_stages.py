@@ -3,6 +3,7 @@ every output is written, and `gmpipe sample` loads the result."""
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import shutil
@@ -251,6 +252,17 @@ def test_evaluate_writes_metrics_plots_samples_and_report(evaluated):
     with np.load(out / f"samples/teacher_n{n}_w{metrics['teacher']['w']:g}.npz") as saved:
         assert saved["images"].shape == (n, 1, 32, 32) and saved["images"].dtype == np.uint8
         assert len(saved["labels"]) == n and str(saved["sampler"]) == "euler"
+    # No set is generated twice: the guidance sweep's point at w = 1 is the first n of the headline set at w = 1 (sample
+    # i has seed i in both), and the NFE sweep's euler point at the default steps is the guidance point at the chosen w.
+    n_sweep = params.evaluate.sweep_samples
+    with np.load(out / "samples/teacher_w1.npz") as swept, np.load(out / f"samples/teacher_n{n}_w1.npz") as headline:
+        np.testing.assert_array_equal(swept["images"], headline["images"][:n_sweep])
+        np.testing.assert_array_equal(swept["labels"], headline["labels"][:n_sweep])
+    chosen = next(row for row in metrics["families"].values()
+                  if row["model"] == "teacher" and row["n"] == n_sweep and row["sampler"] == "euler")
+    with (out / "plots/guidance_sweep.csv").open() as handle:
+        at_chosen_w = next(row for row in csv.DictReader(handle) if float(row["w"]) == chosen["guidance"])
+    assert float(at_chosen_w["fd_effnet"]) == pytest.approx(chosen["fd_effnet"], rel=1e-12)
     html = (paths.reports / "report.html").read_text()
     assert "<svg" in html and "data:image/png;base64" in html and "http" not in html.replace("http://www.w3.org", "")
     assert "| teacher |" in summary["markdown"]
