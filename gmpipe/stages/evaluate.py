@@ -72,40 +72,45 @@ def save_samples(directory: Path, name: str, images: np.ndarray, labels, **meta)
 
 def build_reference(config: EvaluateConfig, paths: Paths, class_names: list[str], device: torch.device,
                     timer: SectionTimer) -> tuple[Reference, dict]:
-    from gmpipe.eval.classifier import accuracy, save_classifier, train_classifier
+    """The real test set every model is measured against (features, the classifier) and the real-data floor at
+    each n used. The features and the classifier depend on the prepared data alone and come from the content
+    cache when an earlier run made them (``gmpipe.eval.real_data``)."""
+    from gmpipe.content_cache import ContentCache
+    from gmpipe.eval.classifier import save_classifier
+    from gmpipe.eval.real_data import data_hashes, real_classifier, real_features, select_real
     from gmpipe.nn.features import EffNetLite0Features
 
+    cache = ContentCache.from_environment(log=tqdm.write)
     train, test = load_split(paths.prepared, "train"), load_split(paths.prepared, "test")
-    rng = np.random.default_rng(config.seed)
     n_ref = min(max(config.n_samples, config.sweep_samples), len(test))
-    test_images = uint8_to_signed(test.images[rng.permutation(len(test))[:n_ref]])
+    floor_ns = {min(config.n_samples, n_ref), min(config.sweep_samples, n_ref)}
+    selection = select_real(config.seed, len(test), len(train), n_ref, floor_ns)
+    data = data_hashes(paths.prepared)
     with timer.section("real features"):
         extractor = EffNetLite0Features(image_size=config.feature_image_size).to(device)
-        features = extractor.extract(test_images, batch_size=config.batch_size, progress=True)
+        features = real_features(extractor, train, test, selection, data, config.seed, config.batch_size, device,
+                                 cache)
 
     with timer.section("classifier"):
-        classifier = train_classifier(
-            uint8_to_signed(train.images), torch.from_numpy(train.labels), len(class_names),
-            steps=config.classifier_steps, batch_size=config.classifier_batch_size, seed=config.seed, progress=True,
-            device=device,
-        )
-        save_classifier(classifier, _out(paths) / "classifier")
-        classifier_accuracy = accuracy(classifier, uint8_to_signed(test.images), torch.from_numpy(test.labels))
+        classifier = real_classifier(train, test, len(class_names), config.classifier_steps,
+                                     config.classifier_batch_size, config.seed, data, device, cache, progress=True)
+        save_classifier(classifier.model, _out(paths) / "classifier")
 
     extra = {}
     if config.fid_weights:
         with timer.section("real features (fid)"):
-            extra["fid"] = _fid_extractor(config, test_images, device)
-    reference = Reference(features, extractor, classifier, extra, config.kid_subsets, config.pr_k, config.batch_size)
+            extra["fid"] = _fid_extractor(config, uint8_to_signed(test.images[selection.test_order]), device)
+    reference = Reference(features.test, extractor, classifier.model, extra, config.kid_subsets, config.pr_k,
+                          config.batch_size)
 
     # The real-data floor: train vs test images, at each n used below.
     floor = {}
     with timer.section("floor"):
-        for n in sorted({min(config.n_samples, n_ref), min(config.sweep_samples, n_ref)}):
-            train_images = uint8_to_signed(train.images[rng.permutation(len(train))[:n]])
-            floor[str(n)] = reference.measure(train_images)
-    return reference, {"classifier_test_accuracy": classifier_accuracy, "classifier_test_n": len(test),
-                       "floor": floor, "n_reference": n_ref}
+        for n, order in selection.floor_orders.items():
+            floor[str(n)] = reference.measure(uint8_to_signed(train.images[order]), features=features.floor[n])
+    return reference, {"classifier_test_accuracy": classifier.test_accuracy, "classifier_test_n": classifier.test_n,
+                       "floor": floor, "n_reference": n_ref,
+                       "cached": {"real_features": features.cached, "classifier": classifier.cached}}
 
 
 def _fid_extractor(config: EvaluateConfig, test_images: torch.Tensor, device: torch.device):
@@ -381,7 +386,7 @@ def run(config: EvaluateConfig, device: str, paths: Paths) -> dict:
     reference, real = build_reference(config, paths, class_names, device, timer)
     metrics.update({"classifier": {"test_accuracy": real["classifier_test_accuracy"],
                                    "test_n": real["classifier_test_n"]},
-                    "floor": real["floor"]})
+                    "floor": real["floor"], "cache": real["cached"]})
     if paths.vae.is_dir():
         from gmpipe.nn.features import EffNetLite0Features
 

@@ -394,6 +394,16 @@ def test_evaluate_names_missing_models(tmp_path):
     timings = metrics["timings"]  # wall seconds per part; the parts do not overlap, so they add up to at most the total
     assert {"real features", "classifier", "floor", "total"} <= set(timings) and timings["classifier"] > 0
     assert sum(seconds for part, seconds in timings.items() if part != "total") <= timings["total"] + 0.05
+
+    # A second run reads the real features and the classifier from the content cache (the session's own, see
+    # tests/conftest.py): the same floor, the same classifier weights and accuracy.
+    assert metrics["cache"] == {"real_features": False, "classifier": False}
+    weights = (paths.reports / "evaluate/classifier/model.safetensors").read_bytes()
+    evaluate.run(config, params.compute.device, paths)
+    again = json.loads((paths.reports / "metrics.json").read_text())
+    assert again["cache"] == {"real_features": True, "classifier": True}
+    assert again["floor"] == metrics["floor"] and again["classifier"] == metrics["classifier"]
+    assert (paths.reports / "evaluate/classifier/model.safetensors").read_bytes() == weights
     assert "distill" in summary["markdown"]
 
 
