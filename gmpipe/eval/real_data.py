@@ -1,5 +1,6 @@
 """What every model is measured against, from the prepared data alone: the real test images' features, the train
-images' features at each n of the real-data floor, and the classifier trained on the train split with its accuracy
+images' features at each n of the real-data floor (and those of the autoencoder's own test and train choice), and
+the classifier trained on the train split with its accuracy
 on the whole test split.
 
 None of it depends on a trained model, so it is kept across runs by content (``gmpipe.content_cache``), keyed by
@@ -20,6 +21,7 @@ import torch
 
 from gmpipe.content_cache import ContentCache
 from gmpipe.data.prepared import Split
+from gmpipe.eval.autoencoder import autoencoder_selection
 from gmpipe.eval.classifier import ClassifierConfig, SmallCNN, accuracy, train_classifier
 from gmpipe.fingerprint import Fingerprint, code_hashes, hash_file
 from gmpipe.nn.features import EffNetLite0Features, efficientnet_lite0_weights_path
@@ -29,18 +31,24 @@ from gmpipe.pixels import uint8_to_signed
 @dataclass(frozen=True)
 class RealSelection:
     """Which real images are used: ``test_order`` (n_reference,) indexes the test split (reference image i is
-    ``test[test_order[i]]``); ``floor_orders`` maps each floor n to the indexes (n,) of its train images."""
+    ``test[test_order[i]]``); ``floor_orders`` maps each floor n to the indexes (n,) of its train images;
+    ``autoencoder`` the test and train images of the autoencoder's metrics
+    (``gmpipe.eval.autoencoder.autoencoder_selection``)."""
 
     test_order: np.ndarray
     floor_orders: dict[int, np.ndarray]
+    autoencoder: tuple[np.ndarray, np.ndarray]
 
 
-def select_real(seed: int, n_test: int, n_train: int, n_reference: int, floor_ns: set[int]) -> RealSelection:
+def select_real(seed: int, n_test: int, n_train: int, n_reference: int, floor_ns: set[int],
+                n_autoencoder: int) -> RealSelection:
     """A seeded choice: a permutation of the test split cut to ``n_reference``, then one permutation of the train
-    split per floor n (ascending), cut to n, all from one generator seeded with ``seed``."""
+    split per floor n (ascending), cut to n, all from one generator seeded with ``seed``; and the autoencoder's
+    own choice of ``n_autoencoder`` test and train images."""
     rng = np.random.default_rng(seed)
     test_order = rng.permutation(n_test)[:n_reference]
-    return RealSelection(test_order, {n: rng.permutation(n_train)[:n] for n in sorted(floor_ns)})
+    return RealSelection(test_order, {n: rng.permutation(n_train)[:n] for n in sorted(floor_ns)},
+                         autoencoder_selection(n_test, n_train, n_autoencoder, seed))
 
 
 def data_hashes(prepared: Path) -> dict[str, str]:
@@ -56,11 +64,13 @@ def _fingerprint(settings: dict, data: dict[str, str], device: torch.device) -> 
 
 @dataclass(frozen=True)
 class RealFeatures:
-    """EfficientNet-Lite0 features (float64) of the selected test images (n_reference, D) and, per floor n, of the
-    selected train images (n, D); ``cached``: whether they came from the cache."""
+    """EfficientNet-Lite0 features (float64) of the selected test images (n_reference, D), per floor n of the
+    selected train images (n, D), and of the autoencoder's test and train images (each (n_autoencoder, D));
+    ``cached``: whether they came from the cache."""
 
     test: np.ndarray
     floor: dict[int, np.ndarray]
+    autoencoder: tuple[np.ndarray, np.ndarray]
     cached: bool
 
 
@@ -71,7 +81,8 @@ def real_features(extractor: EffNetLite0Features, train: Split, test: Split, sel
     weights = hash_file(efficientnet_lite0_weights_path())
     fingerprint = _fingerprint({"evaluate.seed": seed, "evaluate.feature_image_size": extractor.image_size,
                                 "n_reference": len(selection.test_order),
-                                "floor_n": sorted(selection.floor_orders)},
+                                "floor_n": sorted(selection.floor_orders),
+                                "n_autoencoder": len(selection.autoencoder[0])},
                                {**data, "efficientnet-lite0 weights": weights}, device)
 
     def compute() -> dict[str, torch.Tensor]:
@@ -79,10 +90,14 @@ def real_features(extractor: EffNetLite0Features, train: Split, test: Split, sel
                                              progress=True)}
         for n, order in selection.floor_orders.items():
             tensors[f"floor_{n}"] = extractor.extract(uint8_to_signed(train.images[order]), batch_size)
+        test_index, train_index = selection.autoencoder
+        tensors["autoencoder_test"] = extractor.extract(uint8_to_signed(test.images[test_index]), batch_size)
+        tensors["autoencoder_train"] = extractor.extract(uint8_to_signed(train.images[train_index]), batch_size)
         return {name: torch.from_numpy(np.ascontiguousarray(array)) for name, array in tensors.items()}
 
-    names = {"test", *(f"floor_{n}" for n in selection.floor_orders)}
-    lengths = {"test": len(selection.test_order), **{f"floor_{n}": n for n in selection.floor_orders}}
+    lengths = {"test": len(selection.test_order), **{f"floor_{n}": n for n in selection.floor_orders},
+               "autoencoder_test": len(selection.autoencoder[0]), "autoencoder_train": len(selection.autoencoder[1])}
+    names = set(lengths)
 
     def fits(tensors: dict[str, torch.Tensor]) -> bool:
         return set(tensors) == names and all(tensors[name].ndim == 2 and len(tensors[name]) == lengths[name]
@@ -90,7 +105,9 @@ def real_features(extractor: EffNetLite0Features, train: Split, test: Split, sel
 
     tensors, cached = cache.get_or_compute("real_features", fingerprint, compute, fits)
     return RealFeatures(tensors["test"].double().numpy(),
-                        {n: tensors[f"floor_{n}"].double().numpy() for n in selection.floor_orders}, cached)
+                        {n: tensors[f"floor_{n}"].double().numpy() for n in selection.floor_orders},
+                        (tensors["autoencoder_test"].double().numpy(), tensors["autoencoder_train"].double().numpy()),
+                        cached)
 
 
 @dataclass(frozen=True)

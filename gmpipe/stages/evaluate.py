@@ -84,7 +84,7 @@ def build_reference(config: EvaluateConfig, paths: Paths, class_names: list[str]
     train, test = load_split(paths.prepared, "train"), load_split(paths.prepared, "test")
     n_ref = min(max(config.n_samples, config.sweep_samples), len(test))
     floor_ns = {min(config.n_samples, n_ref), min(config.sweep_samples, n_ref)}
-    selection = select_real(config.seed, len(test), len(train), n_ref, floor_ns)
+    selection = select_real(config.seed, len(test), len(train), n_ref, floor_ns, config.n_samples)
     data = data_hashes(paths.prepared)
     with timer.section("real features"):
         extractor = EffNetLite0Features(image_size=config.feature_image_size).to(device)
@@ -109,7 +109,7 @@ def build_reference(config: EvaluateConfig, paths: Paths, class_names: list[str]
         for n, order in selection.floor_orders.items():
             floor[str(n)] = reference.measure(uint8_to_signed(train.images[order]), features=features.floor[n])
     return reference, {"classifier_test_accuracy": classifier.test_accuracy, "classifier_test_n": classifier.test_n,
-                       "floor": floor, "n_reference": n_ref,
+                       "floor": floor, "n_reference": n_ref, "autoencoder_features": features.autoencoder,
                        "cached": {"real_features": features.cached, "classifier": classifier.cached}}
 
 
@@ -388,14 +388,11 @@ def run(config: EvaluateConfig, device: str, paths: Paths) -> dict:
                                    "test_n": real["classifier_test_n"]},
                     "floor": real["floor"], "cache": real["cached"]})
     if paths.vae.is_dir():
-        from gmpipe.nn.features import EffNetLite0Features
-
         with timer.section("autoencoder"):
             train, test = load_split(paths.prepared, "train"), load_split(paths.prepared, "test")
             metrics["vae"] = autoencoder_metrics(
-                load_autoencoder(paths.vae).to(device), test.images, train.images,
-                EffNetLite0Features(config.feature_image_size).to(device), n=min(config.n_samples, len(test)),
-                seed=config.seed, device=device)
+                load_autoencoder(paths.vae).to(device), test.images, train.images, reference.extractor,
+                n=config.n_samples, seed=config.seed, device=device, real_features=real["autoencoder_features"])
     held_out = held_out_images(config, paths)
     likelihoods: dict[str, dict | None] = {}
     guidance_rows, nfe_rows, student_rows, teacher_rows, model_rows = [], [], [], [], []

@@ -38,7 +38,7 @@ def extractor():
 
 def test_a_second_run_reads_the_features_the_first_computed(prepared, extractor, tmp_path):
     folder, train, test = prepared
-    selection = select_real(0, len(test), len(train), 10, {6, 10})
+    selection = select_real(0, len(test), len(train), 10, {6, 10}, 8)
     assert len(selection.test_order) == 10 and sorted(selection.floor_orders) == [6, 10]
     cache = ContentCache(tmp_path)
     first = real_features(extractor, train, test, selection, data_hashes(folder), 0, 4, CPU, cache)
@@ -48,13 +48,16 @@ def test_a_second_run_reads_the_features_the_first_computed(prepared, extractor,
     assert second.test.dtype == np.float64 and second.test.shape == (10, 1280)
     for n in (6, 10):
         np.testing.assert_array_equal(second.floor[n], first.floor[n])
+    for stored, computed in zip(second.autoencoder, first.autoencoder, strict=True):
+        assert stored.shape == (8, 1280)
+        np.testing.assert_array_equal(stored, computed)
     np.testing.assert_allclose(first.test, extractor.extract(
         torch.from_numpy(test.images[selection.test_order]).float() / 127.5 - 1), rtol=0, atol=1e-5)
 
     # Other data (one byte of the test split), another seed or the cache switched off: computed again.
     changed = dict(data_hashes(folder), **{f"{folder.name}/test.npz": "0" * 64})
     assert not real_features(extractor, train, test, selection, changed, 0, 4, CPU, cache).cached
-    other = select_real(1, len(test), len(train), 10, {6, 10})
+    other = select_real(1, len(test), len(train), 10, {6, 10}, 8)
     assert not real_features(extractor, train, test, other, data_hashes(folder), 1, 4, CPU, cache).cached
     assert not real_features(extractor, train, test, selection, data_hashes(folder), 0, 4, CPU,
                              ContentCache(None)).cached
