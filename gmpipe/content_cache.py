@@ -6,7 +6,8 @@ An entry is one safetensors file ``<root>/<kind>/<digest>.safetensors``, ``diges
 the data it reads, of the code that computes it, of the library versions). The file's metadata holds that whole
 fingerprint and the SHA-256 of the tensors, so an entry is trusted only when it parses, its fingerprint equals the
 one asked for, and its tensors still hash to what was written; anything else (a truncated or edited file, a
-digest collision, a file from another gmpipe) is ignored, rebuilt and replaced. Entries are written atomically.
+digest collision, a file from another gmpipe) is ignored, rebuilt and replaced. Entries are written atomically;
+the four most recently written of each kind are kept.
 
 Where: ``$GMPIPE_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/gmpipe``, else ``~/.cache/gmpipe``. ``GMPIPE_CACHE=off``
 (or ``0``, ``false``, ``no``) turns the cache off: every result is computed, nothing is read or written. Clearing
@@ -29,6 +30,7 @@ from gmpipe.errors import GmpipeError
 from gmpipe.fingerprint import Fingerprint, hash_tensors
 
 CACHE_DIR_VARIABLE, SWITCH_VARIABLE = "GMPIPE_CACHE_DIR", "GMPIPE_CACHE"
+KEEP = 4  # entries kept per kind, the most recently written
 _OFF = {"off", "0", "false", "no"}
 
 Tensors = dict[str, torch.Tensor]
@@ -49,9 +51,10 @@ class ContentCache:
     """Entries of tensors under ``root`` (None: off, nothing read or written); ``log`` gets one line per entry
     read, rebuilt or not written."""
 
-    def __init__(self, root: Path | None, log: Callable[[str], None] | None = None) -> None:
+    def __init__(self, root: Path | None, log: Callable[[str], None] | None = None, keep: int = KEEP) -> None:
         self.root = None if root is None else Path(root)
         self._log = log or (lambda line: None)
+        self.keep = keep
 
     @classmethod
     def from_environment(cls, log: Callable[[str], None] | None = None) -> ContentCache:
@@ -67,7 +70,10 @@ class ContentCache:
         if self.root is None:
             return None
         file = self.path(kind, fingerprint)
-        if not file.is_file():
+        try:
+            if not file.is_file():
+                return None
+        except OSError:  # an unreadable cache folder holds nothing to trust
             return None
         problem = _problem(file, fingerprint)
         if isinstance(problem, str):
@@ -89,6 +95,18 @@ class ContentCache:
                 handle.write(save(tensors, metadata=metadata))
         except (OSError, GmpipeError) as exc:
             self._log(f"cache: could not write {file} ({exc}); the next run computes {kind} again")
+            return
+        self._prune(file.parent)
+
+    def _prune(self, folder: Path) -> None:
+        """Keep the ``keep`` most recently written entries of a kind: each change of data, settings or code writes a
+        new one, and the older ones are then rarely asked for again."""
+        try:
+            entries = sorted(folder.glob("*.safetensors"), key=lambda entry: entry.stat().st_mtime, reverse=True)
+            for entry in entries[self.keep:]:
+                entry.unlink(missing_ok=True)
+        except OSError:
+            pass
 
     def get_or_compute(self, kind: str, fingerprint: Fingerprint, compute: Callable[[], Tensors],
                        fits: Callable[[Tensors], bool] = lambda tensors: True) -> tuple[Tensors, bool]:

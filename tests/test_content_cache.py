@@ -5,6 +5,8 @@ read or written; a cache that cannot be written costs only the recomputation."""
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -114,3 +116,16 @@ def test_an_unwritable_cache_costs_only_the_recomputation(tmp_path):
     lines = []
     tensors, hit = ContentCache(blocker, lines.append).get_or_compute("classifier", FINGERPRINT, Computation())
     assert not hit and tensors["accuracy"].item() == 1.5 and "could not write" in lines[-1]
+
+
+def test_the_most_recently_written_entries_of_a_kind_are_kept(tmp_path):
+    cache = ContentCache(tmp_path, keep=2)
+    older = [FINGERPRINT.with_settings(n=n) for n in (1, 2)]
+    for age, fingerprint in zip((200, 100), older, strict=True):
+        cache.get_or_compute("classifier", fingerprint, Computation())
+        os.utime(cache.path("classifier", fingerprint), (time.time() - age,) * 2)
+    cache.get_or_compute("real_features", FINGERPRINT, Computation())  # another kind is counted apart
+    cache.get_or_compute("classifier", FINGERPRINT, Computation())
+    assert not cache.path("classifier", older[0]).exists()
+    assert cache.path("classifier", older[1]).exists() and cache.path("classifier", FINGERPRINT).exists()
+    assert cache.path("real_features", FINGERPRINT).exists()

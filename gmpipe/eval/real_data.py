@@ -93,7 +93,8 @@ def real_features(extractor: EffNetLite0Features, train: Split, test: Split, sel
         test_index, train_index = selection.autoencoder
         tensors["autoencoder_test"] = extractor.extract(uint8_to_signed(test.images[test_index]), batch_size)
         tensors["autoencoder_train"] = extractor.extract(uint8_to_signed(train.images[train_index]), batch_size)
-        return {name: torch.from_numpy(np.ascontiguousarray(array)) for name, array in tensors.items()}
+        # float32, as the network computed them (its float64 output is widened float32: nothing is lost)
+        return {name: torch.from_numpy(np.ascontiguousarray(array)).float() for name, array in tensors.items()}
 
     lengths = {"test": len(selection.test_order), **{f"floor_{n}": n for n in selection.floor_orders},
                "autoencoder_test": len(selection.autoencoder[0]), "autoencoder_train": len(selection.autoencoder[1])}
