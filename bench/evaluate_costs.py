@@ -3,11 +3,14 @@ thread (a shared machine's load hits both alike; compare the medians of one run,
 
     python -m bench.evaluate_costs                       # KID, FD, precision/recall at n = 1000, D = 1280
     python -m bench.evaluate_costs --ar models/ar --vae models/vae --batch 250   # + one guided AR batch
+    python -m bench.evaluate_costs --teacher models/ldm --vae models/vae --batches 125,250,500   # + batch sizes
 
 - KID (50 subsets of n/2): each subset's three kernels (before) vs the whole sets' Gram matrices once (now).
 - FD: the traces of the two (D, D) covariances (before) vs sums of variances (now).
 - precision/recall: two coverage passes (before) vs one pass over the shared distances (now).
 - AR sampling: the language model's growing key/value cache (before) vs one allocated once (now); same tokens.
+- Batch sizes: the teacher's images/s (10 guided Euler steps, decoding included) and EfficientNet-Lite0 features/s
+  on 500 images at each batch size (at the threads torch is given: ``--threads``, the demo's 2 by default).
 """
 
 from __future__ import annotations
@@ -83,6 +86,32 @@ def ar_cases(model_dir: str, vae_dir: str, batch: int) -> dict[str, Callable[[],
     return {"AR growing cache (before)": lambda: sample(False), "AR preallocated cache (now)": lambda: sample(True)}
 
 
+def batch_cases(teacher_dir: str, vae_dir: str, batches: list[int], n: int = 500) -> dict[str, Callable[[], object]]:
+    from gmpipe.generator import load_generator
+    from gmpipe.nn.features import EffNetLite0Features
+    from gmpipe.pixels import uint8_to_signed
+
+    teacher, extractor = load_generator(teacher_dir, autoencoder=vae_dir), EffNetLite0Features(64)
+    labels, seeds = [i % len(teacher.conditioning.class_names) for i in range(n)], list(range(n))
+    images = uint8_to_signed(teacher.generate(labels, seeds, batch_size=max(batches), steps=10)[0])
+
+    def generate(batch: int) -> str:
+        start = time.perf_counter()
+        teacher.generate(labels, seeds, batch_size=batch, steps=10)
+        return f"{n / (time.perf_counter() - start):.1f} images/s"
+
+    def features(batch: int) -> str:
+        start = time.perf_counter()
+        extractor.extract(images, batch_size=batch)
+        return f"{n / (time.perf_counter() - start):.0f} images/s"
+
+    cases: dict[str, Callable[[], object]] = {}
+    for batch in batches:
+        cases[f"generate, batch {batch}"] = lambda batch=batch: generate(batch)
+        cases[f"features, batch {batch}"] = lambda batch=batch: features(batch)
+    return cases
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.evaluate_costs", description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=1000)
@@ -91,11 +120,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ar", help="an autoregressive prior's model folder (adds its sampling)")
     parser.add_argument("--vae", default="models/vae")
     parser.add_argument("--batch", type=int, default=250)
+    parser.add_argument("--teacher", help="a latent diffusion model folder (adds the batch-size cases)")
+    parser.add_argument("--batches", default="125,250,500")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads for the batch-size cases")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     timed(metric_cases(args.n, args.dim), args.repeats)
     if args.ar:
         timed(ar_cases(args.ar, args.vae, args.batch), 1)
+    if args.teacher:
+        torch.set_num_threads(args.threads)
+        timed(batch_cases(args.teacher, args.vae, [int(b) for b in args.batches.split(",")]), args.repeats)
     return 0
 
 
