@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,22 @@ def smoke_params(**overrides) -> dict:
     for section, values in overrides.items():
         params.setdefault(section, {}).update(values)
     return params
+
+
+@pytest.fixture(scope="session", autouse=True)
+def content_cache(tmp_path_factory) -> Iterator[Path]:
+    """The session's own content cache (gmpipe.content_cache), for it and every process it starts: a test run neither
+    reads what a user's runs cached nor leaves entries in their cache."""
+    root = tmp_path_factory.mktemp("gmpipe-cache")
+    previous = {name: os.environ.get(name) for name in ("GMPIPE_CACHE_DIR", "GMPIPE_CACHE")}
+    os.environ["GMPIPE_CACHE_DIR"] = str(root)
+    os.environ.pop("GMPIPE_CACHE", None)
+    yield root
+    for name, value in previous.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(scope="session")

@@ -141,6 +141,13 @@ class LatentAR(nn.Module):
         cache = getattr(output, self._cache_keyword, None)
         return output.logits[:, -1, : self.bins], cache
 
+    def sampling_cache(self):
+        """An empty key/value cache for ``next_logits`` with room for the whole sequence (the prefix and L - 1
+        tokens), allocated once (``gmpipe.ar.kv_cache``)."""
+        from gmpipe.ar.kv_cache import preallocated_cache
+
+        return preallocated_cache(self.lm.config.n_layer, self.sequence_length)
+
     def enable_gradient_checkpointing(self) -> None:
         """Recompute each block in the backward pass instead of storing its activations (the loop's hook)."""
         self.lm.gradient_checkpointing_enable()

@@ -9,8 +9,9 @@ then divided by the temperature, cut to the top k, and x_t is drawn from softmax
 uniform number. Both prefixes run in one batch of 2B rows (B rows when w = 0).
 
 Cost: with the cache, step t feeds only the token drawn at t - 1 (one position per row), so a sample costs L forwards
-of one position. NFE per sample is counted as the project counts guided calls (``GuidedModelFn.nfe_per_call``):
-L network evaluations, times 2 when w != 0.
+of one position; the cache is allocated once for the L positions (``gmpipe.ar.kv_cache``: a cache that grew by
+concatenation spent most of the sampling time copying itself). NFE per sample is counted as the project counts
+guided calls (``GuidedModelFn.nfe_per_call``): L network evaluations, times 2 when w != 0.
 
 Reproducibility: sample i draws its L uniforms from its own ``torch.Generator`` seeded with seeds[i], so it depends
 on its seed, label and the sampling settings only, not on the batch size or on which other samples share its batch
@@ -88,7 +89,7 @@ def sample_tokens(model: LatentAR, labels: Tensor, seeds: Sequence[int], guidanc
     model.eval()
     try:
         tokens = torch.empty(batch, length, dtype=torch.long, device=device)
-        inputs, cache = prefixes, None
+        inputs, cache = prefixes, model.sampling_cache() if use_cache else None
         for t in range(length):
             if use_cache:
                 logits, cache = model.next_logits(inputs, rows, cache)  # inputs: the newest position only

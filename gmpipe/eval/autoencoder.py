@@ -27,17 +27,32 @@ def reconstruct(vae, images: torch.Tensor, batch_size: int = 256, device: str | 
     return torch.cat(outputs), kl_sum / max(len(images), 1)
 
 
-def autoencoder_metrics(vae, test_images: np.ndarray, train_images: np.ndarray, features, n: int,
-                        seed: int = 0, batch_size: int = 256, device: str | torch.device = "cpu") -> dict:
-    """Metrics on ``n`` test images (uint8 (N, C, H, W)); the floor uses ``n`` train images against them."""
+def autoencoder_selection(n_test: int, n_train: int, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Indexes of the ``n`` test images (n,) the metrics are computed on and of the ``n`` train images (n,) of their
+    floor (n cut to the smaller split): a seeded choice without replacement."""
     rng = np.random.default_rng(seed)
-    n = min(n, len(test_images), len(train_images))
-    test = uint8_to_signed(test_images[rng.choice(len(test_images), n, replace=False)])
-    train = uint8_to_signed(train_images[rng.choice(len(train_images), n, replace=False)])
+    n = min(n, n_test, n_train)
+    return rng.choice(n_test, n, replace=False), rng.choice(n_train, n, replace=False)
+
+
+def autoencoder_metrics(vae, test_images: np.ndarray, train_images: np.ndarray, features, n: int,
+                        seed: int = 0, batch_size: int = 256, device: str | torch.device = "cpu",
+                        real_features: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+    """Metrics on ``n`` test images (uint8 (N, C, H, W)); the floor uses ``n`` train images against them.
+    ``real_features``: the features (n, D) of the chosen test and train images (``autoencoder_selection``), when
+    they were computed before."""
+    test_index, train_index = autoencoder_selection(len(test_images), len(train_images), n, seed)
+    n = len(test_index)
+    test = uint8_to_signed(test_images[test_index])
     reconstructions, kl = reconstruct(vae, test, batch_size, device)
-    f_test = features.extract(test, batch_size=batch_size)
+    if real_features is None:
+        real_features = (features.extract(test, batch_size=batch_size),
+                         features.extract(uint8_to_signed(train_images[train_index]), batch_size=batch_size))
+    f_test, f_train = real_features
+    if len(f_test) != n or len(f_train) != n:
+        raise ValueError(f"real features for {len(f_test)} test and {len(f_train)} train images; expected {n} each")
     fd_recon = frechet_distance_from_features(features.extract(reconstructions, batch_size=batch_size), f_test)
-    fd_floor = frechet_distance_from_features(features.extract(train, batch_size=batch_size), f_test)
+    fd_floor = frechet_distance_from_features(f_train, f_test)
     return {
         "n": n,
         "psnr": float(psnr_per_image(reconstructions, test).clamp(max=100).mean()),

@@ -84,7 +84,17 @@ def frechet_distance_from_features(features1: np.ndarray, features2: np.ndarray,
     Same value as ``frechet_distance`` on the fitted statistics, computed through ``trace_sqrt_product``.
     ``eps`` is kept for signature compatibility; the exact route needs no regularisation.
     """
-    mu1, sigma1 = feature_statistics(features1)
-    mu2, sigma2 = feature_statistics(features2)
+    mu1, trace1 = _mean_and_covariance_trace(features1)
+    mu2, trace2 = _mean_and_covariance_trace(features2)
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt_product(features1, features2))
+    return float(diff @ diff + trace1 + trace2 - 2.0 * trace_sqrt_product(features1, features2))
+
+
+def _mean_and_covariance_trace(features: np.ndarray) -> tuple[np.ndarray, float]:
+    """Mean (D,) and Tr(Sigma) of features (N, D), Sigma the unbiased covariance: the sum of the per-dimension
+    variances, without the (D, D) matrix (``feature_statistics`` gives the same up to rounding)."""
+    features = np.asarray(features, dtype=np.float64)
+    if features.ndim != 2 or len(features) < 2:
+        raise ValueError(f"expected features of shape (N >= 2, D), got {features.shape}")
+    mean = features.mean(axis=0)
+    return mean, float(((features - mean) ** 2).sum() / (len(features) - 1))

@@ -32,12 +32,20 @@ class Reference:
     def subset(self, n: int) -> np.ndarray:
         return self.features[:n]
 
-    def measure(self, images: torch.Tensor, labels: torch.Tensor | None = None, with_pr: bool = True) -> dict:
-        """images (n, C, H, W) in [-1, 1]; the reference is cut to the same n."""
+    def extract(self, images: torch.Tensor) -> np.ndarray:
+        """Features (n, D) of images (n, C, H, W) in [-1, 1], from the network the reference features came from."""
+        return self.extractor.extract(images, batch_size=self.batch_size)
+
+    def measure(self, images: torch.Tensor, labels: torch.Tensor | None = None, with_pr: bool = True,
+                features: np.ndarray | None = None) -> dict:
+        """images (n, C, H, W) in [-1, 1]; the reference is cut to the same n. ``features``: the images' features
+        (n, D) from ``extract``, when they were computed before."""
         n = len(images)
         if n > len(self.features):
             raise ValueError(f"{n} generated images but only {len(self.features)} reference images")
-        generated = self.extractor.extract(images, batch_size=self.batch_size)
+        if features is not None and len(features) != n:
+            raise ValueError(f"{len(features)} features for {n} images")
+        generated = self.extract(images) if features is None else features
         real = self.subset(n)
         result = {"n": n, "fd_effnet": frechet_distance_from_features(generated, real)}
         # Subsets of half the set (at most 1,000) so that the spread over subsets means something.

@@ -20,6 +20,14 @@ def polynomial_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return (x @ y.T / x.shape[1] + 1.0) ** 3
 
 
+def _mmd2_from_kernels(k_xx: np.ndarray, k_yy: np.ndarray, k_xy: np.ndarray) -> float:
+    """``mmd2_unbiased`` from its three Gram matrices (m, m), (n, n) and (m, n)."""
+    m, n = len(k_xx), len(k_yy)
+    within_x = (k_xx.sum() - np.trace(k_xx)) / (m * (m - 1))
+    within_y = (k_yy.sum() - np.trace(k_yy)) / (n * (n - 1))
+    return float(within_x + within_y - 2.0 * k_xy.mean())
+
+
 def mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
     """Unbiased MMD^2 between samples x (m, d) and y (n, d) under ``polynomial_kernel``:
 
@@ -29,10 +37,11 @@ def mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
     m, n = len(x), len(y)
     if m < 2 or n < 2:
         raise ValueError(f"need at least 2 samples on each side, got {m} and {n}")
-    k_xx, k_yy, k_xy = polynomial_kernel(x, x), polynomial_kernel(y, y), polynomial_kernel(x, y)
-    within_x = (k_xx.sum() - np.trace(k_xx)) / (m * (m - 1))
-    within_y = (k_yy.sum() - np.trace(k_yy)) / (n * (n - 1))
-    return float(within_x + within_y - 2.0 * k_xy.mean())
+    return _mmd2_from_kernels(polynomial_kernel(x, x), polynomial_kernel(y, y), polynomial_kernel(x, y))
+
+
+# Largest number of Gram-matrix entries (float64) held at once for the whole-set route below (~400 MB).
+_MAX_GRAM_ENTRIES = 50_000_000
 
 
 def kernel_distance(
@@ -47,20 +56,30 @@ def kernel_distance(
     Each of the ``n_subsets`` estimates draws ``subset_size`` rows of each set without replacement
     (``subset_size`` is capped at min(N1, N2)). The std is over subsets, a spread indicator rather than the
     standard error of the mean. Deterministic for a given ``seed``.
+
+    The kernel of a subset is the subset of the whole set's kernel, so when that is cheaper (fewer entries than the
+    subsets' kernels together, and small enough to hold) the three Gram matrices of the whole sets are computed
+    once and each estimate sums its rows and columns of them: the same estimates up to float rounding, about
+    ``n_subsets * subset_size^2 / N^2`` times fewer multiplications (12x for 50 subsets of half the set).
     """
     features1 = np.asarray(features1, dtype=np.float64)
     features2 = np.asarray(features2, dtype=np.float64)
     if features1.ndim != 2 or features2.ndim != 2 or features1.shape[1] != features2.shape[1]:
         raise ValueError(f"expected (N1, D) and (N2, D) features, got {features1.shape} and {features2.shape}")
     size = min(subset_size, len(features1), len(features2))
+    if size < 2:
+        raise ValueError(f"need at least 2 samples on each side, got {len(features1)} and {len(features2)}")
     rng = np.random.default_rng(seed)
-    estimates = np.array(
-        [
-            mmd2_unbiased(
-                features1[rng.choice(len(features1), size, replace=False)],
-                features2[rng.choice(len(features2), size, replace=False)],
-            )
-            for _ in range(n_subsets)
-        ]
-    )
+    draws = [(rng.choice(len(features1), size, replace=False), rng.choice(len(features2), size, replace=False))
+             for _ in range(n_subsets)]
+    n1, n2 = len(features1), len(features2)
+    whole_entries = n1 * n1 + n2 * n2 + n1 * n2
+    if whole_entries <= min(3 * n_subsets * size * size, _MAX_GRAM_ENTRIES):
+        k_11, k_22 = polynomial_kernel(features1, features1), polynomial_kernel(features2, features2)
+        k_12 = polynomial_kernel(features1, features2)
+        estimates = [_mmd2_from_kernels(k_11[np.ix_(i, i)], k_22[np.ix_(j, j)], k_12[np.ix_(i, j)])
+                     for i, j in draws]
+    else:
+        estimates = [mmd2_unbiased(features1[i], features2[j]) for i, j in draws]
+    estimates = np.array(estimates)
     return float(estimates.mean()), float(estimates.std())

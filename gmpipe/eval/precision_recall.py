@@ -61,10 +61,18 @@ def precision_recall(
     k: int = 3,
     batch_size: int = 1024,
 ) -> PrecisionRecall:
-    """Improved precision and recall of generated_features (M, D) against real_features (N, D), k-NN radii."""
+    """Improved precision and recall of generated_features (M, D) against real_features (N, D), k-NN radii.
+
+    Precision is ``manifold_coverage(generated, real, real radii)`` and recall ``manifold_coverage(real, generated,
+    generated radii)``; both read the same generated-to-real distances, so each block of them is computed once and
+    serves both (the same values up to float rounding at a ball's boundary)."""
     real, generated = _as_tensor(real_features), _as_tensor(generated_features)
     if real.shape[1] != generated.shape[1]:
         raise ValueError(f"feature dimensions differ: {real.shape[1]} vs {generated.shape[1]}")
-    precision = manifold_coverage(generated, real, knn_radii(real, k, batch_size), batch_size)
-    recall = manifold_coverage(real, generated, knn_radii(generated, k, batch_size), batch_size)
-    return PrecisionRecall(precision, recall)
+    real_radii, generated_radii = knn_radii(real, k, batch_size), knn_radii(generated, k, batch_size)
+    looks_real, covered = [], torch.zeros(len(real), dtype=torch.bool)
+    for start in range(0, len(generated), batch_size):
+        distances = torch.cdist(generated[start : start + batch_size], real)  # (batch, N)
+        looks_real.append((distances <= real_radii[None, :]).any(dim=1))
+        covered |= (distances <= generated_radii[start : start + batch_size, None]).any(dim=0)
+    return PrecisionRecall(torch.cat(looks_real).double().mean().item(), covered.double().mean().item())

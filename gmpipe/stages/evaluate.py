@@ -35,6 +35,8 @@ from gmpipe.eval.autoencoder import autoencoder_metrics
 from gmpipe.eval.generated import Reference
 from gmpipe.eval.grids import save_grid
 from gmpipe.eval.previous_run import CommittedRun
+from gmpipe.eval.sample_bank import SampleBank
+from gmpipe.eval.timings import SectionTimer
 from gmpipe.family_file import find_model_folders
 from gmpipe.generator import Generator, Likelihood, load_generator
 from gmpipe.nn.autoencoder import load_autoencoder
@@ -44,9 +46,10 @@ from gmpipe.registry import MODEL_FAMILIES
 from gmpipe.seeds import seed_block
 
 SECTIONS = ("evaluate", "compute.device")
-# Seed blocks (gmpipe.seeds.seed_block): the sweeps share one block (every sweep point sees the same noise), the
-# headline samples of every model another, the random draws of the test likelihoods a third.
-SWEEP_SEEDS, HEADLINE_SEEDS, LIKELIHOOD_SEEDS = 0, 1, 2
+# Seed blocks (gmpipe.seeds.seed_block): the samples of every model, sweeps and headline sets alike (sample i of
+# every set has seed i of this block, so a sweep point at a headline setting is the headline set's first n), and the
+# random draws of the test likelihoods. Block 0 (the sweeps' own, before they shared the headline seeds) is unused.
+HEADLINE_SEEDS, LIKELIHOOD_SEEDS = 1, 2
 
 
 def _out(paths: Paths) -> Path:
@@ -67,38 +70,47 @@ def save_samples(directory: Path, name: str, images: np.ndarray, labels, **meta)
     return file.name
 
 
-def build_reference(config: EvaluateConfig, paths: Paths, class_names: list[str],
-                    device: torch.device) -> tuple[Reference, dict]:
-    from gmpipe.eval.classifier import accuracy, save_classifier, train_classifier
+def build_reference(config: EvaluateConfig, paths: Paths, class_names: list[str], device: torch.device,
+                    timer: SectionTimer) -> tuple[Reference, dict]:
+    """The real test set every model is measured against (features, the classifier) and the real-data floor at
+    each n used. The features and the classifier depend on the prepared data alone and come from the content
+    cache when an earlier run made them (``gmpipe.eval.real_data``)."""
+    from gmpipe.content_cache import ContentCache
+    from gmpipe.eval.classifier import save_classifier
+    from gmpipe.eval.real_data import data_hashes, real_classifier, real_features, select_real
     from gmpipe.nn.features import EffNetLite0Features
 
+    cache = ContentCache.from_environment(log=tqdm.write)
     train, test = load_split(paths.prepared, "train"), load_split(paths.prepared, "test")
-    rng = np.random.default_rng(config.seed)
     n_ref = min(max(config.n_samples, config.sweep_samples), len(test))
-    test_images = uint8_to_signed(test.images[rng.permutation(len(test))[:n_ref]])
-    extractor = EffNetLite0Features(image_size=config.feature_image_size).to(device)
-    features = extractor.extract(test_images, batch_size=config.batch_size, progress=True)
+    floor_ns = {min(config.n_samples, n_ref), min(config.sweep_samples, n_ref)}
+    selection = select_real(config.seed, len(test), len(train), n_ref, floor_ns, config.n_samples)
+    data = data_hashes(paths.prepared)
+    with timer.section("real features"):
+        extractor = EffNetLite0Features(image_size=config.feature_image_size).to(device)
+        features = real_features(extractor, train, test, selection, data, config.seed, config.batch_size, device,
+                                 cache)
 
-    classifier = train_classifier(
-        uint8_to_signed(train.images), torch.from_numpy(train.labels), len(class_names),
-        steps=config.classifier_steps, batch_size=config.classifier_batch_size, seed=config.seed, progress=True,
-        device=device,
-    )
-    save_classifier(classifier, _out(paths) / "classifier")
-    classifier_accuracy = accuracy(classifier, uint8_to_signed(test.images), torch.from_numpy(test.labels))
+    with timer.section("classifier"):
+        classifier = real_classifier(train, test, len(class_names), config.classifier_steps,
+                                     config.classifier_batch_size, config.seed, data, device, cache, progress=True)
+        save_classifier(classifier.model, _out(paths) / "classifier")
 
     extra = {}
     if config.fid_weights:
-        extra["fid"] = _fid_extractor(config, test_images, device)
-    reference = Reference(features, extractor, classifier, extra, config.kid_subsets, config.pr_k, config.batch_size)
+        with timer.section("real features (fid)"):
+            extra["fid"] = _fid_extractor(config, uint8_to_signed(test.images[selection.test_order]), device)
+    reference = Reference(features.test, extractor, classifier.model, extra, config.kid_subsets, config.pr_k,
+                          config.batch_size)
 
     # The real-data floor: train vs test images, at each n used below.
     floor = {}
-    for n in sorted({min(config.n_samples, n_ref), min(config.sweep_samples, n_ref)}):
-        train_images = uint8_to_signed(train.images[rng.permutation(len(train))[:n]])
-        floor[str(n)] = reference.measure(train_images)
-    return reference, {"classifier_test_accuracy": classifier_accuracy, "classifier_test_n": len(test),
-                       "floor": floor, "n_reference": n_ref}
+    with timer.section("floor"):
+        for n, order in selection.floor_orders.items():
+            floor[str(n)] = reference.measure(uint8_to_signed(train.images[order]), features=features.floor[n])
+    return reference, {"classifier_test_accuracy": classifier.test_accuracy, "classifier_test_n": classifier.test_n,
+                       "floor": floor, "n_reference": n_ref, "autoencoder_features": features.autoencoder,
+                       "cached": {"real_features": features.cached, "classifier": classifier.cached}}
 
 
 def _fid_extractor(config: EvaluateConfig, test_images: torch.Tensor, device: torch.device):
@@ -132,7 +144,8 @@ def choose_guidance(guidance_rows: list[dict], real_accuracy: float) -> float:
 
 
 def measure(reference: Reference, images: np.ndarray, labels: list[int] | None, **options) -> dict:
-    """The distances (and, with labels, the class accuracy) of uint8 ``images`` against the real test set."""
+    """The distances (and, with labels, the class accuracy) of uint8 ``images`` against the real test set
+    (``options``: of ``Reference.measure``, e.g. the images' features when they were computed before)."""
     return reference.measure(uint8_to_signed(images), torch.tensor(labels) if labels else None, **options)
 
 
@@ -183,51 +196,59 @@ def held_out_likelihood(generator: Generator, held_out: HeldOut | None, batch_si
 
 
 def evaluate_teacher(config: EvaluateConfig, paths: Paths, reference: Reference, class_names: list[str],
-                     real_accuracy: float, student_ws: set[float], held_out: HeldOut | None, device: torch.device):
+                     real_accuracy: float, student_ws: set[float], held_out: HeldOut | None, device: torch.device,
+                     timer: SectionTimer):
     """Guidance sweep, then the NFE sweep at the chosen w, then the teacher at n_samples with its default
     sampler and steps: at the chosen w (the headline) and at every w a student was distilled at; then its test
-    likelihood."""
+    likelihood. Every set is the first n of one list of samples (the headline seeds and labels), so a point met
+    twice is generated and measured once (``gmpipe.eval.sample_bank``)."""
     generator = load_generator(paths.ldm, autoencoder=paths.vae, device=device)
     conditional = generator.conditioning.conditional
     default = generator.settings
     n_sweep = min(config.sweep_samples, len(reference.features))
-    labels = balanced_labels(n_sweep, len(class_names)) if conditional else None
-    sweep_seeds = seed_block(config.seed, SWEEP_SEEDS, n_sweep)
+    n = min(config.n_samples, len(reference.features))
+    n_most = max(n, n_sweep)
+    bank = SampleBank(generator, balanced_labels(n_most, len(class_names)) if conditional else None,
+                      seed_block(config.seed, HEADLINE_SEEDS, n_most), config.batch_size)
     samples_dir = _out(paths) / "samples"
 
-    guidance_rows = []
-    for w in tqdm(config.guidance_sweep if conditional else [0.0], desc="evaluate: guidance sweep", unit="w"):
-        images, nfe, speed = timed_generate(generator, labels, sweep_seeds, config.batch_size, guidance=w)
-        row = {"model": "teacher", "sampler": default["sampler"], "steps": default["steps"], "w": w, "nfe": nfe,
-               **measure(reference, images, labels), "images_per_second": speed, **made_with(generator, guidance=w)}
-        row["samples"] = save_samples(samples_dir, f"teacher_w{w:g}", images, labels, model="teacher",
-                                      sampler=default["sampler"], steps=default["steps"], w=w)
-        guidance_rows.append(row)
+    def measured(count: int, **settings) -> tuple[np.ndarray, list[int] | None, dict]:
+        """The first ``count`` samples at ``settings``, their labels and the row fields they give."""
+        drawn = bank.draw(count, **settings)
+        labels = None if bank.requests is None else list(bank.requests[:count])
+        features = bank.features(count, lambda images: reference.extract(uint8_to_signed(images)), **settings)
+        return drawn.images, labels, {"nfe": drawn.nfe, **measure(reference, drawn.images, labels, features=features),
+                                      "images_per_second": drawn.images_per_second,
+                                      **made_with(generator, **settings)}
+
+    with timer.section("teacher: guidance sweep"):
+        guidance_rows = []
+        for w in tqdm(config.guidance_sweep if conditional else [0.0], desc="evaluate: guidance sweep", unit="w"):
+            images, labels, fields = measured(n_sweep, guidance=w)
+            row = {"model": "teacher", "sampler": default["sampler"], "steps": default["steps"], "w": w, **fields}
+            row["samples"] = save_samples(samples_dir, f"teacher_w{w:g}", images, labels, model="teacher",
+                                          sampler=default["sampler"], steps=default["steps"], w=w)
+            guidance_rows.append(row)
     best_w = choose_guidance(guidance_rows, real_accuracy) if conditional else 0.0
 
-    nfe_rows = []
-    grid = [(sampler, steps) for sampler in config.sweep_samplers for steps in config.sweep_steps]
-    for sampler, steps in tqdm(grid, desc="evaluate: NFE sweep", unit="setting"):
-        chosen = {"sampler": sampler, "steps": steps, "guidance": best_w}
-        images, nfe, speed = timed_generate(generator, labels, sweep_seeds, config.batch_size, **chosen)
-        row = {"model": "teacher", "sampler": sampler, "steps": steps, "w": best_w, "nfe": nfe,
-               **measure(reference, images, labels), "images_per_second": speed, **made_with(generator, **chosen)}
-        nfe_rows.append(row)
+    with timer.section("teacher: NFE sweep"):
+        nfe_rows = []
+        grid = [(sampler, steps) for sampler in config.sweep_samplers for steps in config.sweep_steps]
+        for sampler, steps in tqdm(grid, desc="evaluate: NFE sweep", unit="setting"):
+            _, _, fields = measured(n_sweep, sampler=sampler, steps=steps, guidance=best_w)
+            nfe_rows.append({"model": "teacher", "sampler": sampler, "steps": steps, "w": best_w, **fields})
 
-    n = min(config.n_samples, len(reference.features))
-    head_labels = balanced_labels(n, len(class_names)) if conditional else None
-    head_seeds = seed_block(config.seed, HEADLINE_SEEDS, n)
-    by_w = {}
-    for w in sorted({best_w} | (student_ws if conditional else set())):
-        images, nfe, speed = timed_generate(generator, head_labels, head_seeds, config.batch_size, guidance=w)
-        row = {"model": "teacher", "sampler": default["sampler"], "steps": default["steps"], "w": w, "nfe": nfe,
-               **measure(reference, images, head_labels), "images_per_second": speed,
-               **made_with(generator, guidance=w)}
-        row["samples"] = save_samples(samples_dir, f"teacher_n{n}_w{w:g}", images, head_labels, model="teacher",
-                                      sampler=default["sampler"], steps=default["steps"], w=w)
-        _grid(images, head_labels, class_names, _out(paths) / "grids" / f"teacher_w{w:g}.png")
-        by_w[w] = row
-    likelihood = held_out_likelihood(generator, held_out, config.batch_size)
+    with timer.section("teacher: headline samples"):
+        by_w = {}
+        for w in sorted({best_w} | (student_ws if conditional else set())):
+            images, labels, fields = measured(n, guidance=w)
+            row = {"model": "teacher", "sampler": default["sampler"], "steps": default["steps"], "w": w, **fields}
+            row["samples"] = save_samples(samples_dir, f"teacher_n{n}_w{w:g}", images, labels, model="teacher",
+                                          sampler=default["sampler"], steps=default["steps"], w=w)
+            _grid(images, labels, class_names, _out(paths) / "grids" / f"teacher_w{w:g}.png")
+            by_w[w] = row
+    with timer.section("teacher: likelihood"):
+        likelihood = held_out_likelihood(generator, held_out, config.batch_size)
     return by_w[best_w], by_w, guidance_rows, nfe_rows, likelihood
 
 
@@ -245,27 +266,37 @@ def _grid(images: np.ndarray, labels, class_names: list[str], path: Path, per_cl
 
 
 def evaluate_students(config: EvaluateConfig, paths: Paths, reference: Reference, class_names: list[str],
-                      device: torch.device) -> list:
+                      device: torch.device, timer: SectionTimer) -> list:
     """Every student at the step counts it was distilled for (those of ``student_steps``, else its first). A
     few-step student's network is trained at its own step times only, so its ODE defines no density to report."""
     rows = []
     n = min(config.n_samples, len(reference.features))
     seeds = seed_block(config.seed, HEADLINE_SEEDS, n)
     for folder in tqdm(student_folders(paths.student), desc="evaluate: students", unit="student"):
-        info = read_student_info(folder)
-        generator = load_generator(folder, autoencoder=paths.vae, device=device, missing_stage="distill")
-        labels = balanced_labels(n, len(class_names)) if generator.conditioning.conditional else None
-        designed = [s for s in config.student_steps if s in info.steps] or info.steps[:1]
-        for steps in designed:
-            images, nfe, speed = timed_generate(generator, labels, seeds, config.batch_size, steps=steps)
-            row = {"model": f"student:{folder.name}", "method": info.method,
-                   "sampler": generator.settings["sampler"], "steps": steps, "nfe": nfe, "w": info.guidance_folded,
-                   **measure(reference, images, labels), "images_per_second": speed,
-                   **made_with(generator, steps=steps)}
-            row["samples"] = save_samples(_out(paths) / "samples", f"{folder.name}_{steps}step", images, labels,
-                                          model=folder.name, sampler=row["sampler"], steps=steps, w=row["w"])
-            rows.append(row)
-            _grid(images, labels, class_names, _out(paths) / "grids" / f"{folder.name}_{steps}step.png")
+        with timer.section(f"student {folder.name}"):
+            rows += evaluate_student(config, paths, folder, reference, class_names, seeds, device)
+    return rows
+
+
+def evaluate_student(config: EvaluateConfig, paths: Paths, folder: Path, reference: Reference,
+                     class_names: list[str], seeds: list[int], device: torch.device) -> list:
+    """One student's rows: at each step count it was distilled for (``evaluate_students``)."""
+    rows = []
+    n = len(seeds)
+    info = read_student_info(folder)
+    generator = load_generator(folder, autoencoder=paths.vae, device=device, missing_stage="distill")
+    labels = balanced_labels(n, len(class_names)) if generator.conditioning.conditional else None
+    designed = [s for s in config.student_steps if s in info.steps] or info.steps[:1]
+    for steps in designed:
+        images, nfe, speed = timed_generate(generator, labels, seeds, config.batch_size, steps=steps)
+        row = {"model": f"student:{folder.name}", "method": info.method,
+               "sampler": generator.settings["sampler"], "steps": steps, "nfe": nfe, "w": info.guidance_folded,
+               **measure(reference, images, labels), "images_per_second": speed,
+               **made_with(generator, steps=steps)}
+        row["samples"] = save_samples(_out(paths) / "samples", f"{folder.name}_{steps}step", images, labels,
+                                      model=folder.name, sampler=row["sampler"], steps=steps, w=row["w"])
+        rows.append(row)
+        _grid(images, labels, class_names, _out(paths) / "grids" / f"{folder.name}_{steps}step.png")
     return rows
 
 
@@ -277,22 +308,26 @@ def other_model_folders(paths: Paths) -> list[Path]:
 
 
 def evaluate_model(config: EvaluateConfig, paths: Paths, folder: Path, reference: Reference,
-                   class_names: list[str], held_out: HeldOut | None, device: torch.device) -> tuple[dict, dict | None]:
+                   class_names: list[str], held_out: HeldOut | None, device: torch.device,
+                   timer: SectionTimer) -> tuple[dict, dict | None]:
     """A model at its own default settings, at n_samples (class-balanced labels if it is conditional), and its
     test likelihood if its family defines one."""
     name = folder.relative_to(paths.models).as_posix()
-    generator = load_generator(folder, autoencoder=paths.vae, device=device)
-    n = min(config.n_samples, len(reference.features))
-    labels = balanced_labels(n, len(class_names)) if generator.conditioning.conditional else None
-    images, nfe, speed = timed_generate(generator, labels, seed_block(config.seed, HEADLINE_SEEDS, n),
-                                        config.batch_size)
-    row = {"model": name, "nfe": nfe, **measure(reference, images, labels), "images_per_second": speed,
-           **made_with(generator)}
-    file_name = name.replace("/", "_")
-    row["samples"] = save_samples(_out(paths) / "samples", f"{file_name}_n{n}", images, labels, model=name,
-                                  family=row["family"], settings=families.describe_settings(row["settings"]))
-    _grid(images, labels, class_names, _out(paths) / "grids" / f"{file_name}.png")
-    return row, held_out_likelihood(generator, held_out, config.batch_size)
+    with timer.section(f"model {name}: samples"):
+        generator = load_generator(folder, autoencoder=paths.vae, device=device)
+        n = min(config.n_samples, len(reference.features))
+        labels = balanced_labels(n, len(class_names)) if generator.conditioning.conditional else None
+        images, nfe, speed = timed_generate(generator, labels, seed_block(config.seed, HEADLINE_SEEDS, n),
+                                            config.batch_size)
+        row = {"model": name, "nfe": nfe, **measure(reference, images, labels), "images_per_second": speed,
+               **made_with(generator)}
+        file_name = name.replace("/", "_")
+        row["samples"] = save_samples(_out(paths) / "samples", f"{file_name}_n{n}", images, labels, model=name,
+                                      family=row["family"], settings=families.describe_settings(row["settings"]))
+        _grid(images, labels, class_names, _out(paths) / "grids" / f"{file_name}.png")
+    with timer.section(f"model {name}: likelihood"):
+        likelihood = held_out_likelihood(generator, held_out, config.batch_size)
+    return row, likelihood
 
 
 def family_table(teacher_rows: list[dict], sweep_rows: list[dict], student_rows: list[dict], model_rows: list[dict],
@@ -345,32 +380,34 @@ def run(config: EvaluateConfig, device: str, paths: Paths) -> dict:
     notes = [f"no {name} in {folder}: run the '{stage}' stage to evaluate it"
              for name, folder, stage in upstream if not folder.is_dir()]
     torch.manual_seed(config.seed)
+    timer = SectionTimer(log=tqdm.write, prefix="evaluate: ")
+    started = time.perf_counter()
     metrics: dict = {"machine": {**machine(), "device": str(device)}}
-    reference, real = build_reference(config, paths, class_names, device)
+    reference, real = build_reference(config, paths, class_names, device, timer)
     metrics.update({"classifier": {"test_accuracy": real["classifier_test_accuracy"],
                                    "test_n": real["classifier_test_n"]},
-                    "floor": real["floor"]})
+                    "floor": real["floor"], "cache": real["cached"]})
     if paths.vae.is_dir():
-        from gmpipe.nn.features import EffNetLite0Features
-
-        train, test = load_split(paths.prepared, "train"), load_split(paths.prepared, "test")
-        metrics["vae"] = autoencoder_metrics(load_autoencoder(paths.vae).to(device), test.images, train.images,
-                                             EffNetLite0Features(config.feature_image_size).to(device),
-                                             n=min(config.n_samples, len(test)), seed=config.seed, device=device)
+        with timer.section("autoencoder"):
+            train, test = load_split(paths.prepared, "train"), load_split(paths.prepared, "test")
+            metrics["vae"] = autoencoder_metrics(
+                load_autoencoder(paths.vae).to(device), test.images, train.images, reference.extractor,
+                n=config.n_samples, seed=config.seed, device=device, real_features=real["autoencoder_features"])
     held_out = held_out_images(config, paths)
     likelihoods: dict[str, dict | None] = {}
     guidance_rows, nfe_rows, student_rows, teacher_rows, model_rows = [], [], [], [], []
     if paths.vae.is_dir() and paths.ldm.is_dir():
         student_ws = {read_student_info(f).guidance_folded for f in student_folders(paths.student)}
         headline, teacher_by_w, guidance_rows, nfe_rows, likelihoods["teacher"] = evaluate_teacher(
-            config, paths, reference, class_names, real["classifier_test_accuracy"], student_ws, held_out, device)
+            config, paths, reference, class_names, real["classifier_test_accuracy"], student_ws, held_out, device,
+            timer)
         floor = real["floor"][str(headline["n"])]["fd_effnet"]
         for row in teacher_by_w.values():
             row["fd_ratio_to_floor"] = row["fd_effnet"] / max(floor, 1e-12)
         teacher_rows = [teacher_by_w[w] for w in sorted(teacher_by_w, key=lambda w: w != headline["w"])]
         metrics["teacher"] = headline
         metrics["teacher_by_w"] = {f"w{w:g}": row for w, row in teacher_by_w.items()}
-        student_rows = evaluate_students(config, paths, reference, class_names, device)
+        student_rows = evaluate_students(config, paths, reference, class_names, device, timer)
         for row in student_rows:
             teacher = teacher_by_w.get(float(row["w"]), headline)
             row["fd_ratio_to_teacher"] = row["fd_effnet"] / max(teacher["fd_effnet"], 1e-12)
@@ -381,7 +418,7 @@ def run(config: EvaluateConfig, device: str, paths: Paths) -> dict:
     if paths.vae.is_dir():  # every other family decodes with the autoencoder (the VAE prior is the autoencoder)
         for folder in tqdm(other_model_folders(paths), desc="evaluate: other models", unit="model"):
             row, likelihoods[folder.relative_to(paths.models).as_posix()] = evaluate_model(
-                config, paths, folder, reference, class_names, held_out, device)
+                config, paths, folder, reference, class_names, held_out, device, timer)
             model_rows.append(row)
         metrics["models"] = {row["model"]: row for row in model_rows}
     metrics["likelihoods"] = {name: value for name, value in likelihoods.items() if value is not None}
@@ -402,6 +439,9 @@ def run(config: EvaluateConfig, device: str, paths: Paths) -> dict:
     headline_rows = [row for row in table if row["n"] == n_headline]
     _write_csv(plots / "families.csv", [dict(row, curve=f"{row['model']} ({row['family']})") for row in headline_rows],
                ["curve", "model", "family", "settings", "nfe", "n", "fd_effnet", "fd_minus_floor", "images_per_second"])
+    # Wall seconds per part of this run (what the report and the summary show, before they are written).
+    metrics["timings"] = {**timer.rounded(), "total": round(time.perf_counter() - started, 2)}
+    tqdm.write(f"evaluate: total: {metrics['timings']['total']:.1f} s")
     write_json(paths.reports / "metrics.json", _finite(metrics))
     write_report(paths, n_headline)
     return {
@@ -601,6 +641,9 @@ def write_report(paths: Paths, n_headline: int) -> None:
     if "vae" in metrics:
         sections.append(("Autoencoder reconstructions", report.html_table([metrics["vae"]])))
     sections.append(("Classifier", report.html_table([metrics["classifier"]])))
+    if metrics.get("timings"):
+        sections.append(("Where the time went (wall seconds on this machine)", report.html_table(
+            [{"part": part, "seconds": seconds} for part, seconds in metrics["timings"].items()], ["part", "seconds"])))
     params_text = (paths.root / "params.yaml").read_text() if (paths.root / "params.yaml").is_file() else ""
     sections.append(("Provenance", f"<p>code version: <code>{_code_version(paths.root)}</code></p>"
                                    f"<pre>{report.html.escape(params_text)}</pre>"))

@@ -84,3 +84,17 @@ def test_damaged_model_folders_are_one_line_naming_the_file(tmp_path):
     assert "\n" not in str(caught.value)
     with pytest.raises(ArtifactError, match="no autoregressive prior here; run the 'train_ar' stage first"):
         LatentAR.from_pretrained(tmp_path / "nowhere")
+
+
+def test_the_preallocated_cache_gives_the_logits_of_the_growing_one():
+    """Sampling's cache, allocated once for the whole sequence, holds what the language model's own growing cache
+    holds: the same logits at every step."""
+    model = random_model(BINS, CLASSES, LENGTH)
+    tokens, labels = _tokens(3), torch.tensor([0, 1, 3])
+    grown, growing = model.next_logits(model.prefix_tokens(labels), labels)
+    allocated, preallocated = model.next_logits(model.prefix_tokens(labels), labels, model.sampling_cache())
+    for t in range(LENGTH - 1):
+        torch.testing.assert_close(allocated, grown, rtol=0, atol=1e-6)
+        grown, growing = model.next_logits(tokens[:, t : t + 1], labels, growing)
+        allocated, preallocated = model.next_logits(tokens[:, t : t + 1], labels, preallocated)
+    torch.testing.assert_close(allocated, grown, rtol=0, atol=1e-6)

@@ -105,3 +105,16 @@ def test_feature_route_matches_sqrtm_route(n1, n2, dim):
     if min(n1, n2) > dim:  # full-rank covariances: sqrtm is well conditioned there
         statistics = frechet_distance(*feature_statistics(a), *feature_statistics(b))
         assert frechet_distance_from_features(a, b) == pytest.approx(statistics, rel=1e-6)
+
+
+@pytest.mark.parametrize(("n1", "n2", "dim"), [(30, 25, 64), (200, 150, 16)])
+def test_feature_route_is_the_formula_on_the_fitted_statistics(n1, n2, dim):
+    """The traces of the covariances, taken without forming them, give the formula's value on the full statistics
+    (the trace of the square root as ``trace_sqrt_product`` computes it), fewer or more samples than dimensions."""
+    from gmpipe.eval.frechet import trace_sqrt_product
+
+    rng = np.random.default_rng(dim)
+    a, b = rng.normal(size=(n1, dim)) * 0.7, rng.normal(size=(n2, dim)) + 0.2
+    (mu_a, sigma_a), (mu_b, sigma_b) = feature_statistics(a), feature_statistics(b)
+    expected = (mu_a - mu_b) @ (mu_a - mu_b) + np.trace(sigma_a) + np.trace(sigma_b) - 2 * trace_sqrt_product(a, b)
+    assert frechet_distance_from_features(a, b) == pytest.approx(expected, rel=1e-12)

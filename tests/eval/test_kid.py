@@ -45,3 +45,16 @@ def test_deterministic_and_subset_size_capped():
     )
     with pytest.raises(ValueError):
         kernel_distance(a, rng.normal(size=(50, 5)))
+
+
+@pytest.mark.parametrize("n_subsets, subset_size", [(50, 150), (2, 20)])  # the whole sets' kernels; the subsets'
+def test_every_estimate_is_the_mmd_of_its_subsets(n_subsets, subset_size):
+    """Whichever way the kernels are computed (the whole sets' once, or each subset's), each estimate is
+    ``mmd2_unbiased`` of the subsets drawn, up to float rounding: the same draws, in the same order."""
+    rng = np.random.default_rng(4)
+    a, b = rng.normal(size=(300, 64)), rng.normal(loc=0.2, size=(280, 64))
+    draws = np.random.default_rng(9)
+    expected = np.array([mmd2_unbiased(a[draws.choice(300, subset_size, replace=False)],
+                                       b[draws.choice(280, subset_size, replace=False)]) for _ in range(n_subsets)])
+    mean, std = kernel_distance(a, b, n_subsets=n_subsets, subset_size=subset_size, seed=9)
+    assert mean == pytest.approx(expected.mean(), rel=1e-10) and std == pytest.approx(expected.std(), rel=1e-8)

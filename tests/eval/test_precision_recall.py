@@ -47,3 +47,15 @@ def test_shifted_generator_loses_both(real):
     shifted = np.random.default_rng(5).normal(loc=4.0, size=(800, DIM))
     precision, recall = precision_recall(real, shifted)
     assert precision < 0.1 and recall < 0.1
+
+
+@pytest.mark.parametrize("batch_size", [7, 1024])
+def test_one_pass_over_the_distances_is_both_coverages(batch_size):
+    """Precision and recall from one pass over the generated-to-real distances are the two manifold coverages."""
+    rng = np.random.default_rng(5)
+    real = torch.from_numpy(rng.normal(size=(60, 8)))
+    generated = torch.from_numpy(rng.normal(size=(45, 8)) * 1.3 + 0.2)
+    result = precision_recall(real, generated, k=3, batch_size=batch_size)
+    assert result.precision == manifold_coverage(generated, real, knn_radii(real, 3))
+    assert result.recall == manifold_coverage(real, generated, knn_radii(generated, 3))
+    assert 0 < result.precision < 1 and 0 < result.recall < 1

@@ -3,6 +3,7 @@ every output is written, and `gmpipe sample` loads the result."""
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import shutil
@@ -251,6 +252,17 @@ def test_evaluate_writes_metrics_plots_samples_and_report(evaluated):
     with np.load(out / f"samples/teacher_n{n}_w{metrics['teacher']['w']:g}.npz") as saved:
         assert saved["images"].shape == (n, 1, 32, 32) and saved["images"].dtype == np.uint8
         assert len(saved["labels"]) == n and str(saved["sampler"]) == "euler"
+    # No set is generated twice: the guidance sweep's point at w = 1 is the first n of the headline set at w = 1 (sample
+    # i has seed i in both), and the NFE sweep's euler point at the default steps is the guidance point at the chosen w.
+    n_sweep = params.evaluate.sweep_samples
+    with np.load(out / "samples/teacher_w1.npz") as swept, np.load(out / f"samples/teacher_n{n}_w1.npz") as headline:
+        np.testing.assert_array_equal(swept["images"], headline["images"][:n_sweep])
+        np.testing.assert_array_equal(swept["labels"], headline["labels"][:n_sweep])
+    chosen = next(row for row in metrics["families"].values()
+                  if row["model"] == "teacher" and row["n"] == n_sweep and row["sampler"] == "euler")
+    with (out / "plots/guidance_sweep.csv").open() as handle:
+        at_chosen_w = next(row for row in csv.DictReader(handle) if float(row["w"]) == chosen["guidance"])
+    assert float(at_chosen_w["fd_effnet"]) == pytest.approx(chosen["fd_effnet"], rel=1e-12)
     html = (paths.reports / "report.html").read_text()
     assert "<svg" in html and "data:image/png;base64" in html and "http" not in html.replace("http://www.w3.org", "")
     assert "| teacher |" in summary["markdown"]
@@ -379,6 +391,19 @@ def test_evaluate_names_missing_models(tmp_path):
         "run the 'distill' stage to evaluate it"]
     assert "teacher" not in metrics and metrics["floor"]["20"]["n"] == 20
     assert metrics["floor"]["20"]["fid"] > 0  # true FID on the user's own network + local weights file
+    timings = metrics["timings"]  # wall seconds per part; the parts do not overlap, so they add up to at most the total
+    assert {"real features", "classifier", "floor", "total"} <= set(timings) and timings["classifier"] > 0
+    assert sum(seconds for part, seconds in timings.items() if part != "total") <= timings["total"] + 0.05
+
+    # A second run reads the real features and the classifier from the content cache (the session's own, see
+    # tests/conftest.py): the same floor, the same classifier weights and accuracy.
+    assert metrics["cache"] == {"real_features": False, "classifier": False}
+    weights = (paths.reports / "evaluate/classifier/model.safetensors").read_bytes()
+    evaluate.run(config, params.compute.device, paths)
+    again = json.loads((paths.reports / "metrics.json").read_text())
+    assert again["cache"] == {"real_features": True, "classifier": True}
+    assert again["floor"] == metrics["floor"] and again["classifier"] == metrics["classifier"]
+    assert (paths.reports / "evaluate/classifier/model.safetensors").read_bytes() == weights
     assert "distill" in summary["markdown"]
 
 
