@@ -222,13 +222,8 @@ def load_generator(folder: str | Path, *, autoencoder: str | Path | None = None,
 
 
 def load_decoder_for(decoder: str | Path, autoencoder: str | Path | None = None) -> torch.nn.Module:
-    """The small decoder in ``decoder``, checked to be distilled from ``autoencoder`` (its weights' hash) when one is
-    named: a decoder of another autoencoder would draw the wrong images without a word."""
-    from gmpipe.fingerprint import hash_file
-    from gmpipe.nn.small_decoder import load_small_decoder
+    """The small decoder in ``decoder``, checked to be distilled from ``autoencoder`` when one is named
+    (``gmpipe.decoder_folder``)."""
+    from gmpipe.decoder_folder import load_small_decoder
 
-    small, info = load_small_decoder(decoder)
-    weights = Path(autoencoder) / "diffusion_pytorch_model.safetensors" if autoencoder else None
-    if weights is not None and weights.is_file() and hash_file(weights) != info.autoencoder_sha256:
-        raise ArtifactError(decoder, f"distilled from another autoencoder than {autoencoder}", "train_decoder")
-    return small
+    return load_small_decoder(decoder, autoencoder)[0]

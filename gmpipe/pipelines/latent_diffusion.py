@@ -51,12 +51,12 @@ from diffusers.utils import BaseOutput
 
 from gmpipe.artifacts import ArtifactError, read_json
 from gmpipe.conditioning import Conditioning
-from gmpipe.data.latents import LatentStats
+from gmpipe.decoder_folder import DECODER_INFO, LATENT_STATS, save_small_decoder, wrap_small_decoder
+from gmpipe.decoder_folder import STAGE as DECODER_STAGE
 from gmpipe.errors import GmpipeError
 from gmpipe.latent_diffusion import WEIGHTS, LatentDiffusion
 from gmpipe.nn.denoiser import Denoiser
-from gmpipe.nn.small_decoder import DECODER_INFO, LATENT_STATS, SmallDecoder
-from gmpipe.nn.small_decoder import STAGE as DECODER_STAGE
+from gmpipe.nn.small_decoder import SmallDecoder
 from gmpipe.pipelines.scheduler import LatentDiffusionScheduler
 from gmpipe.pixels import signed_to_uint8
 from gmpipe.seeds import MAX_SEED, SampleNoise
@@ -146,7 +146,7 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         if not folder or not (Path(folder) / LATENT_STATS).is_file():
             raise GmpipeError("the pipeline's decoder was not loaded from a train_decoder folder (its "
                               f"{LATENT_STATS} is needed); load it with AutoencoderTiny.from_pretrained(folder)")
-        return SmallDecoder(self.decoder, LatentStats.load(Path(folder) / LATENT_STATS, DECODER_STAGE))
+        return wrap_small_decoder(self.decoder, folder)
 
     @torch.no_grad()
     def __call__(
@@ -185,8 +185,8 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         self.vae.save_pretrained(folder / VAE, safe_serialization=True)
         if self.decoder is not None:
             source = Path(self.decoder.config._name_or_path)
-            self._small_decoder().save(folder / DECODER, read_json(source / DECODER_INFO, DECODER_STAGE),
-                                       source / LATENT_STATS)
+            save_small_decoder(folder / DECODER, self._small_decoder(),
+                               read_json(source / DECODER_INFO, DECODER_STAGE), source / LATENT_STATS)
             self.decoder.to(device)
         _write_index(folder, model, self.config.stage, with_decoder=self.decoder is not None)
 

@@ -14,10 +14,11 @@ from gmpipe.config.compute import ComputeConfig
 from gmpipe.config.loop import RESUMABLE_KEYS
 from gmpipe.config.train_decoder import TrainDecoderConfig
 from gmpipe.data.latents import STATS, LatentStats, load_split
+from gmpipe.decoder_folder import autoencoder_hash, save_small_decoder
 from gmpipe.device import transfer
 from gmpipe.errors import GmpipeError
 from gmpipe.eval.reconstruction import psnr
-from gmpipe.fingerprint import Fingerprint, code_hashes, hash_file, hash_tree, section_settings
+from gmpipe.fingerprint import Fingerprint, code_hashes, hash_tree, section_settings
 from gmpipe.nn.autoencoder import downsampling_factor, load_autoencoder
 from gmpipe.nn.small_decoder import SmallDecoder, build_small_decoder
 from gmpipe.paths import Paths
@@ -25,7 +26,6 @@ from gmpipe.train.loop import make_accelerator, seed_everything, train
 from gmpipe.vae.decoder_distillation import decoder_distillation_step
 
 SECTIONS = ("train_decoder", "compute")
-AUTOENCODER_WEIGHTS = "diffusion_pytorch_model.safetensors"
 # Decoding batch of the comparison on test latents (the evaluate stage's default batch).
 COMPARE_BATCH = 250
 
@@ -82,12 +82,12 @@ def run(config: TrainDecoderConfig, compute: ComputeConfig, paths: Paths) -> dic
                "final_loss": history[-1]["decoder/loss"] if history else None,
                "parameters": sum(p.numel() for p in final.tiny.decoder.parameters()),
                "autoencoder_decoder_parameters": sum(p.numel() for p in vae.decoder.parameters()), **comparison}
-    info = {"autoencoder_sha256": hash_file(paths.vae / AUTOENCODER_WEIGHTS), "distilled_from": paths.name(paths.vae),
+    info = {"autoencoder_sha256": autoencoder_hash(paths.vae), "distilled_from": paths.name(paths.vae),
             "latent_shape": list(split.mean.shape[1:]),
             "image_shape": [vae.config.out_channels, *(size * factor for size in split.mean.shape[2:])],
             "steps": result.step, "config": config.model_dump(mode="json")}
     with atomic_dir(paths.decoder) as out:
-        final.to("cpu").save(out, info, paths.latents / STATS)
+        save_small_decoder(out, final, info, paths.latents / STATS)
     write_json(reports / "metrics.json", metrics)
     return {"read": [str(paths.latents), str(paths.vae)], "wrote": [str(paths.decoder), str(reports)],
             "steps": result.step, "resumed_from": result.resumed_from,

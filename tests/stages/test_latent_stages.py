@@ -583,7 +583,7 @@ def test_train_decoder_writes_a_diffusers_folder_that_decodes(small_decoder):
     from diffusers import AutoencoderTiny
 
     from gmpipe.nn.autoencoder import decode_latents
-    from gmpipe.nn.small_decoder import load_small_decoder
+    from gmpipe.decoder_folder import load_small_decoder
 
     params, paths, summary = small_decoder
     config = params.train_decoder
