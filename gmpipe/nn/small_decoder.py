@@ -36,11 +36,6 @@ def build_small_decoder(latent_channels: int, image_channels: int, factor: int, 
     )
 
 
-def decoder_factor(tiny: AutoencoderTiny) -> int:
-    """How many times larger than the latents its images are."""
-    return 2 ** (len(tiny.config.num_decoder_blocks) - 1)
-
-
 class SmallDecoder(torch.nn.Module):
     """A trained AutoencoderTiny decoder with the statistics of the latents it reads (a ``LatentStats``:
     ``normalize`` and per-channel ``shift``): ``decode(z)`` takes raw latents z (B, c, h, w), as the autoencoder's

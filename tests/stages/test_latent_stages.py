@@ -582,8 +582,8 @@ def test_train_decoder_writes_a_diffusers_folder_that_decodes(small_decoder):
     raw latents like the autoencoder: images of the right shape, in [-1, 1], near the autoencoder's."""
     from diffusers import AutoencoderTiny
 
-    from gmpipe.nn.autoencoder import decode_latents
     from gmpipe.decoder_folder import load_small_decoder
+    from gmpipe.nn.autoencoder import decode_latents
 
     params, paths, summary = small_decoder
     config = params.train_decoder
