@@ -50,6 +50,12 @@ def save_small_decoder(folder: str | Path, decoder: SmallDecoder, info: dict, st
     """Write the decoder folder (module docstring); ``stats_file`` is copied as ``latent_stats.json``."""
     folder = Path(folder)
     decoder.tiny.to("cpu").save_pretrained(folder, safe_serialization=True)
+    # AutoencoderTiny records block_out_channels, which its __init__ does not take, in its config; from_pretrained
+    # then warns about it on every load. The decoder's widths are kept as decoder_block_out_channels.
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text())
+    config.pop("block_out_channels", None)
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     (folder / LATENT_STATS).write_text(Path(stats_file).read_text())
     (folder / DECODER_INFO).write_text(json.dumps(DecoderInfo.model_validate(info).model_dump(), indent=2))
 
