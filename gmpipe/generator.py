@@ -117,8 +117,7 @@ class Generator:
         (:class:`LatentGenerator`) take one."""
         if decoder is None:
             return
-        raise GmpipeError(f"a {MODEL_FAMILIES.name_of(type(self))} model generates images, not latents: it takes no "
-                          "small decoder")
+        raise GmpipeError("this model generates images, not latents: it takes no small decoder (--decoder)")
 
     def resolve_settings(self, overrides: dict[str, Any]) -> dict[str, Any]:
         """The model's settings with ``overrides`` (None values ignored); a setting it does not have is an error."""

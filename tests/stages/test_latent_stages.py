@@ -686,9 +686,10 @@ def test_small_decoder_decodes_the_students_everywhere(distilled, small_decoder,
     info = json.loads((foreign / "decoder.json").read_text())
     (foreign / "decoder.json").write_text(json.dumps({**info, "autoencoder_sha256": "0" * 64}))
     capsys.readouterr()
-    for model, decoder in ((folder, foreign), (paths.vae, paths.decoder)):
+    for model, decoder, why in ((folder, foreign, "distilled from another autoencoder than"),
+                                (paths.vae, paths.decoder, "generates images, not latents")):
         code = main(["sample", "--model", str(model), "--vae", str(paths.vae), "--decoder", str(decoder),
                      "--device", "cpu", "--out", str(tmp_path / "never.png")])
         err = capsys.readouterr().err
-        assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        assert code == 1 and len(err.strip().splitlines()) == 1 and why in err and "Traceback" not in err, err
     assert not (tmp_path / "never.png").exists()
