@@ -278,7 +278,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         where = f"{model.parent} has {', '.join(siblings)}" if siblings and stage == "distill" else \
             "a trained model: models/ldm or models/student/NAME"
         return _fail(f"--model {args.model}: no such folder ({where}; the '{stage}' stage writes it)")
-    generator = load_generator(model, autoencoder=args.vae, device=device, missing_stage=stage)
+    generator = load_generator(model, autoencoder=args.vae, decoder=args.decoder, device=device, missing_stage=stage)
     rows = generator.conditioning.rows(classes=args.classes, prompts=args.prompts)
     if len(rows) * args.n > MAX_IMAGES:
         return _fail(f"-n {args.n}: {len(rows)} rows x {args.n} images is more than {MAX_IMAGES}; lower -n")
@@ -344,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample = sub.add_parser("sample", help="write images from a trained model (a grid PNG or an .npz of uint8)")
     sample.add_argument("--model", default="models/ldm", help="trained denoiser folder (default: models/ldm)")
     sample.add_argument("--vae", default="models/vae", help="autoencoder folder (default: models/vae)")
+    sample.add_argument("--decoder", help="small decoder folder (models/decoder, written by train_decoder) that "
+                        "decodes the latents instead of the autoencoder's decoder (default: the autoencoder's)")
     sample.add_argument("--classes", type=int_between(0, 2**31 - 1), nargs="*",
                         help="class indices, one row each (default: all)")
     sample.add_argument("--prompts", type=prompt, nargs="*",

@@ -111,6 +111,14 @@ class Generator:
         that defines no density (the default)."""
         return None
 
+    def use_decoder(self, decoder: torch.nn.Module | None) -> None:
+        """Decode with ``decoder`` (a distilled small decoder, ``gmpipe.nn.small_decoder``) instead of the
+        autoencoder's own (None: the autoencoder's again): only families that generate latents
+        (:class:`LatentGenerator`) take one."""
+        if decoder is None:
+            return
+        raise GmpipeError("this model generates images, not latents: it takes no small decoder (--decoder)")
+
     def resolve_settings(self, overrides: dict[str, Any]) -> dict[str, Any]:
         """The model's settings with ``overrides`` (None values ignored); a setting it does not have is an error."""
         unknown = sorted(set(overrides) - set(self.settings))
@@ -126,6 +134,36 @@ class Generator:
         if len(requests) != len(seeds):
             raise ValueError(f"{len(requests)} requests but {len(seeds)} seeds: give one of each per sample")
         return list(requests)
+
+
+class LatentGenerator(Generator):
+    """A family that generates normalized latents in the autoencoder's space and decodes them. Attributes:
+    ``stats`` (the latents' ``LatentStats``), ``autoencoder`` (decodes by default, and encodes where a family needs
+    it), ``device``; ``small_decoder`` (None: the autoencoder decodes) is set by :meth:`use_decoder`."""
+
+    stats: Any
+    autoencoder: torch.nn.Module | None
+    device: torch.device
+    small_decoder: torch.nn.Module | None = None
+
+    def use_decoder(self, decoder: torch.nn.Module | None) -> None:
+        if decoder is None:
+            self.small_decoder = None
+            return
+        channels = len(self.stats.shift)
+        if decoder.latent_channels != channels:
+            raise GmpipeError(f"the small decoder reads latents with {decoder.latent_channels} channels but this "
+                              f"model generates {channels}; train it on this model's latents (train_decoder)")
+        self.small_decoder = decoder.to(self.device).eval()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalized latents (B, c, h, w) -> images (B, C, H, W) in [-1, 1], on the CPU, by the small decoder when
+        one is in use, else by the autoencoder."""
+        from gmpipe.nn.autoencoder import decode_latents
+
+        decoder = self.small_decoder if self.small_decoder is not None else self.autoencoder
+        return decode_latents(decoder, self.stats.denormalize(latents), self.device)
 
 
 def validated_settings(schema: type[BaseModel], settings: dict[str, Any]) -> dict[str, Any]:
@@ -162,10 +200,11 @@ def write_family(folder: Path, family: type[Generator], stage: str) -> None:
     write_family_file(folder, MODEL_FAMILIES.name_of(family), stage)
 
 
-def load_generator(folder: str | Path, *, autoencoder: str | Path | None = None,
+def load_generator(folder: str | Path, *, autoencoder: str | Path | None = None, decoder: str | Path | None = None,
                    device: torch.device | str = "cpu", missing_stage: str = "train_ldm") -> Generator:
-    """The trained model in ``folder``, as its family loads it. ``missing_stage`` is the stage named when the folder
-    holds no model at all (the one that would write it)."""
+    """The trained model in ``folder``, as its family loads it; ``decoder``: a small decoder folder
+    (``models/decoder``) that decodes its latents instead of the autoencoder. ``missing_stage`` is the stage named
+    when the folder holds no model at all (the one that would write it)."""
     folder = Path(folder)
     if not (folder / FAMILY_FILE).is_file():
         raise ArtifactError(folder, f"no trained model here (no {FAMILY_FILE})", missing_stage, missing=True)
@@ -174,5 +213,16 @@ def load_generator(folder: str | Path, *, autoencoder: str | Path | None = None,
         raise ArtifactError(folder / FAMILY_FILE, f"unknown model family {described.family!r} (this gmpipe knows "
                                                   f"{', '.join(MODEL_FAMILIES.names)})", described.stage)
     family = MODEL_FAMILIES[described.family]
-    return family.load(folder, described.stage, autoencoder=Path(autoencoder) if autoencoder else None,
-                       device=device)
+    generator = family.load(folder, described.stage, autoencoder=Path(autoencoder) if autoencoder else None,
+                            device=device)
+    if decoder is not None:
+        generator.use_decoder(load_decoder_for(decoder, autoencoder))
+    return generator
+
+
+def load_decoder_for(decoder: str | Path, autoencoder: str | Path | None = None) -> torch.nn.Module:
+    """The small decoder in ``decoder``, checked to be distilled from ``autoencoder`` when one is named
+    (``gmpipe.decoder_folder``)."""
+    from gmpipe.decoder_folder import load_small_decoder
+
+    return load_small_decoder(decoder, autoencoder)[0]

@@ -45,11 +45,11 @@ from gmpipe.generator import (
     LATENT_STATS,
     SAMPLING,
     Generated,
-    Generator,
+    LatentGenerator,
     Likelihood,
     write_latent_model_files,
 )
-from gmpipe.nn.autoencoder import decode_latents, load_autoencoder
+from gmpipe.nn.autoencoder import load_autoencoder
 from gmpipe.nn.denoiser import Denoiser
 from gmpipe.pixels import signed_to_uint8, uint8_to_signed
 from gmpipe.registry import SAMPLERS
@@ -85,7 +85,7 @@ class SamplingFile(BaseModel):
         return name
 
 
-class LatentDiffusion(Generator):
+class LatentDiffusion(LatentGenerator):
     """Settings: ``sampler`` (a ``SAMPLERS`` name), ``steps``, ``guidance`` (w; 0 for unconditional models) and
     ``shift`` (the resolution shift of the sampling time grid). Networks run on ``device``; inputs and outputs stay
     on the CPU."""
@@ -187,11 +187,6 @@ class LatentDiffusion(Generator):
         model_fn = make_guided_model_fn(lambda x_t, t, c: self.denoiser(x_t, t, c), cond, null, w)
         latents, nfe = sample(model_fn, self.objective, start, steps, shift=shift, generator=noise)
         return latents.cpu(), nfe
-
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Normalized latents (B, c, h, w) -> images (B, C, H, W) in [-1, 1], on the CPU."""
-        return decode_latents(self.autoencoder, self.stats.denormalize(latents), self.device)
 
 
 def denoising_step(denoiser: Denoiser, objective: Objective, p_uncond: float, name: str = "denoiser") -> LossStep:

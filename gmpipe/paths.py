@@ -46,6 +46,11 @@ class Paths:
         return self.models / "student"
 
     @property
+    def decoder(self) -> Path:
+        """The small decoder distilled from the autoencoder's (``train_decoder``)."""
+        return self.models / "decoder"
+
+    @property
     def ar(self) -> Path:
         return self.root / "models" / "ar"
 

@@ -17,6 +17,7 @@ PARAMS = {
     "train_ldm": {"steps": 10, "checkpoint_every": 5, "grid_per_class": 1},
     "train_ar": {"steps": 6, "checkpoint_every": 3, "grid_per_class": 1, "nll_items": 10},
     "train_gan": {"steps": 6, "checkpoint_every": 3, "grid_per_class": 1, "ppl_pairs": 2},
+    "train_decoder": {"steps": 4, "checkpoint_every": 2, "eval_images": 10},
 }
 
 
@@ -85,3 +86,10 @@ def test_reruns_do_what_dvc_says(prefect_api, dvc_project):
     for family, folder in (("autoregressive", "models/ar"), ("latent_gan", "models/gan")):
         assert json.loads((root / folder / "family.json").read_text())["family"] == family
     assert "Data and pipelines are up to date" in run(["dvc", "status", "train_ar", "train_gan"], root).stdout
+
+    # The small decoder is distilled from the same autoencoder on the same latents.
+    log = _repro(root, "train_decoder")
+    assert "Running stage 'train_decoder'" in log and (root / "models/decoder/config.json").is_file(), log
+    info = json.loads((root / "models/decoder/decoder.json").read_text())
+    assert info["latent_shape"] == [4, 8, 8] and info["steps"] == 4
+    assert "Data and pipelines are up to date" in run(["dvc", "status", "train_decoder"], root).stdout

@@ -41,11 +41,11 @@ from gmpipe.generator import (
     LATENT_STATS,
     SAMPLING,
     Generated,
-    Generator,
+    LatentGenerator,
     validated_settings,
     write_latent_model_files,
 )
-from gmpipe.nn.autoencoder import decode_latents, load_autoencoder
+from gmpipe.nn.autoencoder import load_autoencoder
 from gmpipe.pixels import signed_to_uint8
 
 STAGE = "train_ar"
@@ -74,7 +74,7 @@ def labels_for_model(model: LatentAR, cond: torch.Tensor | None, n: int) -> torc
     return cond.long().cpu() if cond is not None else torch.full((n,), model.null_label, dtype=torch.long)
 
 
-class AutoregressivePrior(Generator):
+class AutoregressivePrior(LatentGenerator):
     """Settings: ``guidance`` (w; 0 for unconditional models), ``temperature`` and ``top_k``. Networks run on
     ``device``; inputs and outputs stay on the CPU."""
 
@@ -149,8 +149,3 @@ class AutoregressivePrior(Generator):
                                           top_k=chosen["top_k"], batch_size=batch_size)
             images.append(signed_to_uint8(self.decode(latents)))
         return Generated(np.concatenate(images), nfe)
-
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Normalized latents (B, c, h, w) -> images (B, C, H, W) in [-1, 1], on the CPU."""
-        return decode_latents(self.autoencoder, self.stats.denormalize(latents), self.device)

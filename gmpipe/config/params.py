@@ -21,6 +21,7 @@ from gmpipe.config.distill import DistillConfig
 from gmpipe.config.evaluate import EvaluateConfig
 from gmpipe.config.prepare import PrepareConfig
 from gmpipe.config.train_ar import TrainARConfig
+from gmpipe.config.train_decoder import TrainDecoderConfig
 from gmpipe.config.train_gan import TrainGANConfig
 from gmpipe.config.train_ldm import TrainLDMConfig
 from gmpipe.config.train_vae import TrainVAEConfig
@@ -35,6 +36,7 @@ class Params(Section):
     prepare: PrepareConfig = PrepareConfig()
     train_vae: TrainVAEConfig = TrainVAEConfig()
     cache_latents: CacheLatentsConfig = CacheLatentsConfig()
+    train_decoder: TrainDecoderConfig = TrainDecoderConfig()
     train_ldm: TrainLDMConfig = TrainLDMConfig()
     distill: DistillConfig = DistillConfig()
     train_ar: TrainARConfig = TrainARConfig()

@@ -37,11 +37,11 @@ from gmpipe.generator import (
     LATENT_STATS,
     SAMPLING,
     Generated,
-    Generator,
+    LatentGenerator,
     validated_settings,
     write_latent_model_files,
 )
-from gmpipe.nn.autoencoder import decode_latents, load_autoencoder
+from gmpipe.nn.autoencoder import load_autoencoder
 from gmpipe.pixels import signed_to_uint8
 
 STAGE = "train_gan"
@@ -69,7 +69,7 @@ def classes_of(conditioning: Conditioning) -> int:
     return len(conditioning.class_names) if conditioning.conditional else 0
 
 
-class LatentGAN(Generator):
+class LatentGAN(LatentGenerator):
     """Settings: ``truncation`` (psi). Networks run on ``device``; inputs and outputs stay on the CPU."""
 
     def __init__(self, generator: ConditionalGenerator, stats: LatentStats, conditioning: Conditioning,
@@ -122,8 +122,3 @@ class LatentGAN(Generator):
                                           list(seeds[start:stop]), batch_size, chosen["truncation"])
             images.append(signed_to_uint8(self.decode(latents)))
         return Generated(np.concatenate(images), nfe)
-
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Normalized latents (B, c, h, w) -> images (B, C, H, W) in [-1, 1], on the CPU."""
-        return decode_latents(self.autoencoder, self.stats.denormalize(latents), self.device)

@@ -7,6 +7,8 @@ written twice.
                           (and a text model's null caption) beside it: gmpipe and diffusers read the same weights
     vae/                  the autoencoder the latents decode with (copied from models/vae without its
                           discriminator; DVC's cache stores the identical file once)
+    decoder/              optional: a small decoder (AutoencoderTiny, ``gmpipe.nn.small_decoder``) that decodes
+                          instead of the vae, with its latent_stats.json and decoder.json
     scheduler/            scheduler_config.json: objective, latent statistics, sampler (gmpipe.pipelines.scheduler)
     family.json objective.json sampling.json conditioning.json latent_stats.json   gmpipe's files, as before
 
@@ -24,6 +26,12 @@ Loading, offline, from the local folder:
 w = s - 1 (``sampling.json``'s guidance, ``gmpipe sample --guidance``). A list of CPU generators, one per image,
 gives exactly ``gmpipe sample``'s images for those seeds (each sample's noise from its own stream,
 ``gmpipe.seeds``); one generator gives the images' noise one after another from it.
+
+The small decoder of ``train_decoder`` is the optional ``decoder`` component (as ``gmpipe sample --decoder``):
+
+    from diffusers import AutoencoderTiny
+    pipe = LatentDiffusionPipeline.from_pretrained("models/student/progressive-1step",
+                                                   decoder=AutoencoderTiny.from_pretrained("models/decoder"))
 """
 
 from __future__ import annotations
@@ -38,14 +46,17 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline, ModelMixin
+from diffusers import AutoencoderKL, AutoencoderTiny, DiffusionPipeline, ModelMixin
 from diffusers.utils import BaseOutput
 
-from gmpipe.artifacts import ArtifactError
+from gmpipe.artifacts import ArtifactError, read_json
 from gmpipe.conditioning import Conditioning
+from gmpipe.decoder_folder import DECODER_INFO, LATENT_STATS, save_small_decoder, wrap_small_decoder
+from gmpipe.decoder_folder import STAGE as DECODER_STAGE
 from gmpipe.errors import GmpipeError
 from gmpipe.latent_diffusion import WEIGHTS, LatentDiffusion
 from gmpipe.nn.denoiser import Denoiser
+from gmpipe.nn.small_decoder import SmallDecoder
 from gmpipe.pipelines.scheduler import LatentDiffusionScheduler
 from gmpipe.pixels import signed_to_uint8
 from gmpipe.seeds import MAX_SEED, SampleNoise
@@ -53,6 +64,7 @@ from gmpipe.seeds import MAX_SEED, SampleNoise
 INDEX = "model_index.json"
 RESOLVER = "pipeline.py"
 VAE = "vae"
+DECODER = "decoder"
 SCHEDULER = "scheduler"
 AUTOENCODER_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
 RESOLVER_SOURCE = (
@@ -73,17 +85,20 @@ class LatentDiffusionPipelineOutput(BaseOutput):
 
 class LatentDiffusionPipeline(DiffusionPipeline):
     """A gmpipe latent diffusion model as a diffusers pipeline (see the module docstring). Components: ``denoiser``
-    (the diffusers transformer), ``vae`` (AutoencoderKL), ``scheduler`` (LatentDiffusionScheduler); config:
+    (the diffusers transformer), ``vae`` (AutoencoderKL), ``scheduler`` (LatentDiffusionScheduler), optionally
+    ``decoder`` (a small AutoencoderTiny loaded from a ``train_decoder`` folder, which then decodes); config:
     ``conditioning`` (``conditioning.json``), ``guidance`` (the default weight w), ``stage`` (the stage that wrote
     the folder). Sampling is gmpipe's own (``LatentDiffusion.sample_latents``), so the images are those of
     ``gmpipe sample``."""
 
     model_cpu_offload_seq = "denoiser->vae"
+    _optional_components = [DECODER]
 
     def __init__(self, denoiser: ModelMixin, vae: AutoencoderKL, scheduler: LatentDiffusionScheduler,
-                 conditioning: dict | None = None, guidance: float = 0.0, stage: str = "train_ldm") -> None:
+                 decoder: AutoencoderTiny | None = None, conditioning: dict | None = None, guidance: float = 0.0,
+                 stage: str = "train_ldm") -> None:
         super().__init__()
-        self.register_modules(denoiser=denoiser, vae=vae, scheduler=scheduler)
+        self.register_modules(denoiser=denoiser, vae=vae, scheduler=scheduler, decoder=decoder)
         self.register_to_config(conditioning=conditioning, guidance=guidance, stage=stage)
         self._wrapped: tuple[ModelMixin, Denoiser] | None = None
 
@@ -118,9 +133,20 @@ class LatentDiffusionPipeline(DiffusionPipeline):
             self._wrapped = (self.denoiser, Denoiser.around(self.denoiser, folder, self.config.stage))
         scheduler = self.scheduler
         settings = {**scheduler.sampling_settings, "guidance": float(self.config.guidance)}
-        return LatentDiffusion(self._wrapped[1], scheduler.objective, scheduler.latent_stats,
-                               Conditioning.from_config(self.config.conditioning), settings, autoencoder=self.vae,
-                               device=self.device)
+        model = LatentDiffusion(self._wrapped[1], scheduler.objective, scheduler.latent_stats,
+                                Conditioning.from_config(self.config.conditioning), settings, autoencoder=self.vae,
+                                device=self.device)
+        if self.decoder is not None:
+            model.use_decoder(self._small_decoder())
+        return model
+
+    def _small_decoder(self) -> SmallDecoder:
+        """The ``decoder`` component with the latent statistics of the folder it was loaded from."""
+        folder = getattr(self.decoder.config, "_name_or_path", None)
+        if not folder or not (Path(folder) / LATENT_STATS).is_file():
+            raise GmpipeError("the pipeline's decoder was not loaded from a train_decoder folder (its "
+                              f"{LATENT_STATS} is needed); load it with AutoencoderTiny.from_pretrained(folder)")
+        return wrap_small_decoder(self.decoder, folder)
 
     @torch.no_grad()
     def __call__(
@@ -157,7 +183,12 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         model.save(folder, self.config.stage)  # moves the denoiser to the CPU to write it
         self.denoiser.to(device)
         self.vae.save_pretrained(folder / VAE, safe_serialization=True)
-        _write_index(folder, model, self.config.stage)
+        if self.decoder is not None:
+            source = Path(self.decoder.config._name_or_path)
+            save_small_decoder(folder / DECODER, self._small_decoder(),
+                               read_json(source / DECODER_INFO, DECODER_STAGE), source / LATENT_STATS)
+            self.decoder.to(device)
+        _write_index(folder, model, self.config.stage, with_decoder=self.decoder is not None)
 
 
 def save_pipeline_files(folder: Path, model: LatentDiffusion, stage: str, autoencoder: Path,
@@ -175,8 +206,9 @@ def save_pipeline_files(folder: Path, model: LatentDiffusion, stage: str, autoen
     _write_index(folder, model, stage)
 
 
-def _write_index(folder: Path, model: LatentDiffusion, stage: str) -> None:
-    """model_index.json, pipeline.py and scheduler/scheduler_config.json of a model folder."""
+def _write_index(folder: Path, model: LatentDiffusion, stage: str, with_decoder: bool = False) -> None:
+    """model_index.json, pipeline.py and scheduler/scheduler_config.json of a model folder (the index names a
+    ``decoder`` folder when ``with_decoder``)."""
     import diffusers
 
     LatentDiffusionScheduler.of(model.objective, model.stats, model.settings).save_config(folder / SCHEDULER)
@@ -186,6 +218,7 @@ def _write_index(folder: Path, model: LatentDiffusion, stage: str) -> None:
         WEIGHTS: ["diffusers", type(model.denoiser.transformer).__name__],
         SCHEDULER: [LatentDiffusionScheduler.__module__, LatentDiffusionScheduler.__name__],
         VAE: ["diffusers", AutoencoderKL.__name__],
+        **({DECODER: ["diffusers", AutoencoderTiny.__name__]} if with_decoder else {}),
         "conditioning": model.conditioning.to_config(),
         "guidance": float(model.settings["guidance"]),
         "stage": stage,

@@ -30,7 +30,7 @@ from gmpipe.data.prepared import load_manifest, load_split
 from gmpipe.device import resolve_device
 from gmpipe.distill.student import read_student_info, student_folders
 from gmpipe.errors import GmpipeError
-from gmpipe.eval import families, previous_run, report, training_curves
+from gmpipe.eval import end_to_end, families, previous_run, report, training_curves
 from gmpipe.eval.autoencoder import autoencoder_metrics
 from gmpipe.eval.generated import Reference
 from gmpipe.eval.grids import save_grid
@@ -38,7 +38,7 @@ from gmpipe.eval.previous_run import CommittedRun
 from gmpipe.eval.sample_bank import SampleBank
 from gmpipe.eval.timings import SectionTimer
 from gmpipe.family_file import find_model_folders
-from gmpipe.generator import Generator, Likelihood, load_generator
+from gmpipe.generator import Generator, Likelihood, load_decoder_for, load_generator
 from gmpipe.nn.autoencoder import load_autoencoder
 from gmpipe.paths import Paths
 from gmpipe.pixels import uint8_to_signed
@@ -300,6 +300,32 @@ def evaluate_student(config: EvaluateConfig, paths: Paths, folder: Path, referen
     return rows
 
 
+def evaluate_one_step_end_to_end(config: EvaluateConfig, paths: Paths, reference: Reference,
+                                 class_names: list[str], student_rows: list[dict], device: torch.device) -> dict:
+    """The best one-step student (lowest FD among the rows at 1 network evaluation) and the guided teacher (at the
+    student's folded w), end to end with the autoencoder's decoder and with the small one (``gmpipe.eval.
+    end_to_end``): the student on its family-table row's seeds, labels and n, the teacher on one batch of them."""
+    best = min((row for row in student_rows if row["nfe"] == 1), key=lambda row: row["fd_effnet"])
+    name = best["model"].split(":", 1)[1]
+    student = load_generator(paths.student / name, autoencoder=paths.vae, device=device, missing_stage="distill")
+    teacher = load_generator(paths.ldm, autoencoder=paths.vae, device=device)
+    small = load_decoder_for(paths.decoder, paths.vae)
+    n = best["n"]
+    labels = balanced_labels(n, len(class_names)) if student.conditioning.conditional else None
+    teacher_w = best.get("teacher_w", teacher.settings["guidance"])
+    figures, images = end_to_end.measure_end_to_end(
+        teacher, student, small, teacher_settings={"guidance": teacher_w}, student_settings={"steps": best["steps"]},
+        labels=labels, seeds=seed_block(config.seed, HEADLINE_SEEDS, n), timing_images=config.batch_size,
+        batch_size=config.batch_size, fd_of=lambda found: measure(reference, found, labels)["fd_effnet"],
+        fd_full=best["fd_effnet"])
+    figure_name = f"{name}_{best['steps']}step_small_decoder"
+    save_samples(_out(paths) / "samples", figure_name, images, labels, model=name, steps=best["steps"],
+                 decoder=paths.name(paths.decoder))
+    _grid(images, labels, class_names, _out(paths) / "grids" / f"{figure_name}.png")
+    return {"student": name, "steps": best["steps"], "samples": f"{figure_name}.npz",
+            "teacher": {**teacher.resolve_settings({"guidance": teacher_w})}, **figures}
+
+
 def other_model_folders(paths: Paths) -> list[Path]:
     """Every model folder under ``models/`` that is neither the teacher nor a student, whatever its family (the
     autoencoder's own ``vae_prior`` folder, an autoregressive prior, a GAN, ...)."""
@@ -415,6 +441,14 @@ def run(config: EvaluateConfig, device: str, paths: Paths) -> dict:
             row["fd_ratio_to_floor"] = row["fd_effnet"] / max(floor, 1e-12)
         metrics["students"] = {f"{r['model'].split(':', 1)[1]}_{r['steps']}step": r for r in student_rows}
         metrics["targets"] = {"sde_vs_euler": families.sde_target(nfe_rows)}
+        if not paths.decoder.is_dir():
+            notes.append(f"no small decoder in {paths.decoder}: run the 'train_decoder' stage to measure one-step "
+                         "generation end to end")
+        elif not any(row["nfe"] == 1 for row in student_rows):
+            notes.append("no one-step student: one-step generation end to end is not measured")
+        else:
+            metrics["one_step_end_to_end"] = evaluate_one_step_end_to_end(config, paths, reference, class_names,
+                                                                          student_rows, device)
     if paths.vae.is_dir():  # every other family decodes with the autoencoder (the VAE prior is the autoencoder)
         for folder in tqdm(other_model_folders(paths), desc="evaluate: other models", unit="model"):
             row, likelihoods[folder.relative_to(paths.models).as_posix()] = evaluate_model(
@@ -498,6 +532,8 @@ def summary_table(metrics: dict, table: list[dict]) -> str:
         lines += likelihood_lines(metrics["likelihoods"])
     if "targets" in metrics:
         lines += ["", sde_line(metrics["targets"]["sde_vs_euler"])]
+    if "one_step_end_to_end" in metrics:
+        lines += ["", end_to_end.summary_line(metrics["one_step_end_to_end"])]
     lines += ["", f"Classifier test accuracy: {metrics['classifier']['test_accuracy']:.3f}"]
     lines += [f"- {note}" for note in metrics.get("notes", [])]
     return "\n".join(lines)
@@ -630,6 +666,14 @@ def write_report(paths: Paths, n_headline: int) -> None:
     if "targets" in metrics:
         line = sde_line(metrics["targets"]["sde_vs_euler"])
         sections.append(("Reverse-SDE sampler", f"<p>{report.html.escape(line)}</p>"))
+    if "one_step_end_to_end" in metrics:
+        figures = metrics["one_step_end_to_end"]
+        speeds = [{"model": model, "decoder": decoder, "images_per_second": figures["images_per_second"][
+            f"{model}_{decoder}_decoder"], "timed_images": figures["timed_images"][model]}
+            for model in ("teacher", "student") for decoder in end_to_end.DECODERS]
+        sections.append(("One-step generation end to end",
+                         f"<p>{report.html.escape(end_to_end.summary_line(figures))}</p>"
+                         + report.html_table(speeds, ["model", "decoder", "images_per_second", "timed_images"])))
     headline = list(metrics.get("teacher_by_w", {}).values()) + student_rows
     columns = ["model", "sampler", "steps", "nfe", "w", "n", "fd_effnet", "fd_ratio_to_floor", "fd_ratio_to_teacher",
                "kid", "precision", "recall", "accuracy"]

@@ -28,7 +28,7 @@ from gmpipe.nn.autoencoder import load_autoencoder
 from gmpipe.paths import Paths
 from gmpipe.pipelines.latent_diffusion import LatentDiffusionPipeline
 from gmpipe.seeds import SampleNoise
-from gmpipe.stages import cache_latents, distill, evaluate, prepare, train_ldm, train_vae
+from gmpipe.stages import cache_latents, distill, evaluate, prepare, train_decoder, train_ldm, train_vae
 from tests.browser import open_page
 from tests.conftest import REPO, run, smoke_params
 
@@ -217,8 +217,9 @@ def add_noise_family(paths: Paths, monkeypatch) -> Path:
 
 
 @pytest.fixture(scope="module")
-def evaluated(distilled):
-    """evaluate on the smoke models, with a model folder of the test's own family beside them."""
+def evaluated(distilled, small_decoder):
+    """evaluate on the smoke models and the small decoder, with a model folder of the test's own family beside
+    them."""
     params, paths, _ = distilled
     with pytest.MonkeyPatch.context() as monkeypatch:
         noise = add_noise_family(paths, monkeypatch)
@@ -289,6 +290,24 @@ def test_evaluate_writes_metrics_plots_samples_and_report(evaluated):
                for value in likelihoods.values())
     assert metrics["models"]["noise"]["nfe"] == 1 and metrics["models"]["vae"]["nfe"] == 1
     assert metrics["targets"]["sde_vs_euler"]["measured"] is False  # the smoke sweep stops at NFE 8
+    # One-step generation end to end: the best 1-step student's latents decoded by both decoders, at equal n.
+    one_step = metrics["one_step_end_to_end"]
+    best = min((r for r in metrics["students"].values() if r["nfe"] == 1), key=lambda r: r["fd_effnet"])
+    assert one_step["student"] == best["model"].split(":")[1] and one_step["n"] == n and one_step["steps"] == 1
+    assert one_step["fd_full_decoder"] == best["fd_effnet"] and one_step["fd_small_decoder"] > 0
+    assert one_step["fd_ratio"] == pytest.approx(one_step["fd_small_decoder"] / one_step["fd_full_decoder"])
+    speeds = one_step["images_per_second"]
+    assert set(speeds) == {f"{m}_{d}_decoder" for m in ("teacher", "student") for d in ("full", "small")}
+    assert all(value > 0 for value in speeds.values())
+    assert one_step["speedup_vs_teacher"] == pytest.approx(speeds["student_small_decoder"] /
+                                                           speeds["teacher_full_decoder"])
+    assert one_step["timed_images"] == {"teacher": min(params.evaluate.batch_size, n), "student": n}
+    assert one_step["teacher"]["guidance"] == 1.0  # the students' folded w, at the teacher's own sampler and steps
+    assert one_step["teacher"]["steps"] == params.train_ldm.sample_steps
+    assert isinstance(one_step["speedup_met"], bool) and isinstance(one_step["fd_met"], bool)
+    with np.load(out / "samples" / one_step["samples"]) as saved:
+        assert saved["images"].shape == (n, 1, 32, 32) and saved["images"].dtype == np.uint8
+    assert "One-step generation end to end" in summary["markdown"] and "One-step generation end to end" in html
     for family in ("latent_diffusion", "vae_prior", "noise_images"):
         assert f"| {family} |" in summary["markdown"]
     assert "Test likelihoods" in summary["markdown"] and "Every model, one table" in html
@@ -575,3 +594,127 @@ def test_two_machines_on_loopback(trained_vae, tmp_path, prefect_api):
     assert json.loads((root / "models/ldm/training.json").read_text())["steps"] == 10
     assert "launching 1 of 2 processes on machine 1 of 2" in out_1 + err_1
     assert ("127.0.0.1", port) in watch.addresses and {a for a, _ in watch.addresses} == {"127.0.0.1"}
+
+
+@pytest.fixture(scope="module")
+def small_decoder(trained_vae):
+    params, paths = trained_vae
+    return params, paths, train_decoder.run(params.train_decoder, params.compute, paths)
+
+
+def test_train_decoder_writes_a_diffusers_folder_that_decodes(small_decoder):
+    """models/decoder loads with diffusers' own from_pretrained, reads normalized latents, and through gmpipe takes
+    raw latents like the autoencoder: images of the right shape, in [-1, 1], near the autoencoder's."""
+    from diffusers import AutoencoderTiny
+
+    from gmpipe.decoder_folder import load_small_decoder
+    from gmpipe.nn.autoencoder import decode_latents
+
+    params, paths, summary = small_decoder
+    config = params.train_decoder
+    assert summary["steps"] == config.loop.steps and summary["resumed_from"] == 0
+    metrics = json.loads((paths.reports / "train_decoder/metrics.json").read_text())
+    assert metrics["final_loss"] < metrics["first_loss"]
+    assert metrics["test_n"] == config.eval_images and metrics["parameters"] < metrics["autoencoder_decoder_parameters"]
+    assert all(value > 0 for value in metrics["decode_images_per_second"].values())
+    tiny = AutoencoderTiny.from_pretrained(paths.decoder)
+    assert tiny.config.latent_channels == 4 and tiny.config.decoder_block_out_channels == [config.width] * 3
+    assert (paths.decoder / "latent_stats.json").read_text() == (paths.latents / STATS).read_text()
+
+    small, info = load_small_decoder(paths.decoder)
+    assert info.latent_shape == [4, 8, 8] and info.image_shape == [1, 32, 32]
+    z = load_split(paths.latents, "test").mean[:5]
+    stats = LatentStats.load(paths.latents / STATS)
+    with torch.no_grad():
+        direct = tiny.decode(stats.normalize(z)).sample  # diffusers alone, as the decoder's docstring says
+        images = decode_latents(small, z)
+        full = decode_latents(load_autoencoder(paths.vae), z)
+    torch.testing.assert_close(images, direct.clamp(-1, 1))
+    assert images.shape == full.shape == (5, 1, 32, 32) and images.min() >= -1 and images.max() <= 1
+    assert float((images - full).abs().mean()) == pytest.approx(metrics["test_l1_vs_autoencoder"], abs=0.15)
+
+
+def test_train_decoder_resumes_by_fingerprint(small_decoder, tmp_path, capsys):
+    """Killed after its last checkpoint (outputs gone), the stage finishes from it; more steps continue; a changed
+    size starts over with one line naming the key."""
+    params, shared, _ = small_decoder
+    shutil.copytree(shared.root, tmp_path / "copy")
+    paths = Paths(tmp_path / "copy")
+    shutil.rmtree(paths.decoder)
+    config = params.train_decoder
+    steps = config.loop.steps
+    capsys.readouterr()
+    again = train_decoder.run(config, params.compute, paths)
+    assert again["resumed_from"] == steps and (paths.decoder / "diffusion_pytorch_model.safetensors").is_file()
+    assert f"train_decoder: resuming from {paths.checkpoints / 'train_decoder'}" in capsys.readouterr().out
+    more = train_decoder.run(config.replace(steps=steps + 2), params.compute, paths)
+    assert more["resumed_from"] == steps and more["steps"] == steps + 2
+    other = train_decoder.run(config.replace(width=4), params.compute, paths)
+    assert other["resumed_from"] == 0
+    assert "train_decoder: starting over: train_decoder.width changed (8 -> 4)" in capsys.readouterr().out
+
+
+def test_train_decoder_refuses_missing_or_foreign_latents(trained_vae, tmp_path):
+    """No cached latents, or latents with other channels than the autoencoder's: one line naming the stage to
+    rerun, and nothing written."""
+    from gmpipe.data.latents import LatentSplit, save_split
+
+    params, shared = trained_vae
+    paths = Paths(tmp_path / "copy")
+    shutil.copytree(shared.vae, paths.vae)
+    with pytest.raises(GmpipeError, match="run the 'cache_latents' stage first") as missing:
+        train_decoder.run(params.train_decoder, params.compute, paths)
+    shutil.copytree(shared.latents, paths.latents)
+    n = 8
+    save_split(paths.latents, "train", LatentSplit(torch.randn(n, 3, 8, 8), torch.ones(n, 3, 8, 8),
+                                                   torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long)))
+    with pytest.raises(GmpipeError, match="latents with 3 channels .* but .* reads 4; rerun the 'cache_latents'") \
+            as foreign:
+        train_decoder.run(params.train_decoder, params.compute, paths)
+    assert "\n" not in str(missing.value) + str(foreign.value)
+    assert not paths.decoder.exists() and not (paths.checkpoints / "train_decoder").exists()
+
+
+def test_small_decoder_decodes_the_students_everywhere(distilled, small_decoder, tmp_path, capsys):
+    """The same student through load_generator, `gmpipe sample --decoder` and the diffusers pipeline's decoder
+    component: the same images; a decoder of another autoencoder, or for a model that makes no latents, is one
+    clear line."""
+    from diffusers import AutoencoderTiny
+
+    _, paths, _ = distilled
+    folder = paths.student / "progressive-1step"
+    student = load_generator(folder, autoencoder=paths.vae, decoder=paths.decoder)
+    small, _ = student.generate([3, 7], seeds=[0, 1])
+    student.use_decoder(None)
+    full, _ = student.generate([3, 7], seeds=[0, 1])
+    assert small.shape == full.shape == (2, 1, 32, 32) and small.dtype == np.uint8 and not np.array_equal(small, full)
+
+    out = tmp_path / "small.npz"
+    assert main(["sample", "--model", str(folder), "--vae", str(paths.vae), "--decoder", str(paths.decoder),
+                 "--classes", "3", "7", "-n", "1", "--device", "cpu", "--out", str(out)]) == 0
+    with np.load(out) as saved:
+        np.testing.assert_array_equal(saved["images"], small)
+
+    pipe = LatentDiffusionPipeline.from_pretrained(folder, decoder=AutoencoderTiny.from_pretrained(paths.decoder))
+    generators = [torch.Generator().manual_seed(seed) for seed in (0, 1)]
+    images = pipe(class_labels=[3, 7], generator=generators, output_type="pt").images
+    np.testing.assert_array_equal((images * 255).round().to(torch.uint8).numpy(), small)
+    pipe.save_pretrained(tmp_path / "with_decoder")
+    again = LatentDiffusionPipeline.from_pretrained(tmp_path / "with_decoder")
+    assert isinstance(again.decoder, AutoencoderTiny)
+    images = again(class_labels=[3, 7], generator=[torch.Generator().manual_seed(s) for s in (0, 1)],
+                   output_type="pt").images
+    np.testing.assert_array_equal((images * 255).round().to(torch.uint8).numpy(), small)
+
+    foreign = tmp_path / "foreign"
+    shutil.copytree(paths.decoder, foreign)
+    info = json.loads((foreign / "decoder.json").read_text())
+    (foreign / "decoder.json").write_text(json.dumps({**info, "autoencoder_sha256": "0" * 64}))
+    capsys.readouterr()
+    for model, decoder, why in ((folder, foreign, "distilled from another autoencoder than"),
+                                (paths.vae, paths.decoder, "generates images, not latents")):
+        code = main(["sample", "--model", str(model), "--vae", str(paths.vae), "--decoder", str(decoder),
+                     "--device", "cpu", "--out", str(tmp_path / "never.png")])
+        err = capsys.readouterr().err
+        assert code == 1 and len(err.strip().splitlines()) == 1 and why in err and "Traceback" not in err, err
+    assert not (tmp_path / "never.png").exists()

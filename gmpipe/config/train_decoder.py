@@ -1,0 +1,31 @@
+"""``train_decoder:`` the small decoder distilled from the autoencoder's, its size, its losses and the loop."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field
+
+from gmpipe.config.base import ComposedSection, PositiveInt
+from gmpipe.config.loop import LoopConfig
+
+
+class TrainDecoderConfig(ComposedSection):
+    """The loop's keys (``loop``) are written flat beside the decoder's own.
+
+    The decoder (``gmpipe.nn.small_decoder``) has ``width`` channels throughout, ``blocks`` residual blocks at every
+    resolution below the image's (one stage per doubling, as many as the autoencoder's downsampling factor needs)
+    and ``full_resolution_blocks`` at the image's. It learns the autoencoder decoder's image of fresh posterior
+    samples of the cached training latents (L1), plus ``perceptual_weight`` times the perceptual distance to it
+    (``gmpipe.vae.perceptual`` on EfficientNet-Lite0 features at ``perceptual_image_size``; 0 turns it off). The
+    stage compares both decoders on ``eval_images`` test latents."""
+
+    flat_parts = ("loop",)
+
+    loop: LoopConfig = LoopConfig()
+    width: Annotated[int, Field(ge=1, le=1024)] = 16
+    blocks: Annotated[int, Field(ge=0, le=16)] = 2
+    full_resolution_blocks: Annotated[int, Field(ge=0, le=16)] = 0
+    perceptual_weight: Annotated[float, Field(ge=0.0, le=100.0)] = 0.0
+    perceptual_image_size: Annotated[int, Field(ge=16, le=512)] = 32
+    eval_images: PositiveInt = 1000
