@@ -65,14 +65,23 @@ def _all_finite(value) -> bool:
     return value is None or isinstance(value, str) or math.isfinite(value)
 
 
+def assert_same_up_to_rounding(actual: np.ndarray, expected: np.ndarray) -> None:
+    """uint8 images equal but for the last bit of a few pixels: a convolution's float sums depend on the batch size
+    (the kernel the backend picks for it), so a value within 1e-6 of a rounding boundary can land one level apart.
+    A sample that depended on another's seed or request would differ by far more, in many pixels."""
+    assert actual.shape == expected.shape
+    difference = np.abs(actual.astype(np.int16) - expected.astype(np.int16))
+    assert difference.max() <= 1 and (difference > 0).mean() < 0.01, (difference.max(), (difference > 0).mean())
+
+
 def assert_per_sample_seeds(generator, requests: list, seeds: list[int], **settings) -> np.ndarray:
     """Sample i depends on seeds[i] and requests[i] only: the same images in batches of 1 and of all, and each
-    alone; other seeds give other images. Returns the images."""
+    alone (up to the float rounding of batched convolutions); other seeds give other images. Returns the images."""
     together, _ = generator.generate(requests, seeds, batch_size=len(seeds), **settings)
     one_by_one, _ = generator.generate(requests, seeds, batch_size=1, **settings)
-    np.testing.assert_array_equal(together, one_by_one)
+    assert_same_up_to_rounding(together, one_by_one)
     alone, _ = generator.generate(requests[-1:], seeds[-1:], **settings)
-    np.testing.assert_array_equal(alone[0], together[-1])
+    assert_same_up_to_rounding(alone[0], together[-1])
     other, _ = generator.generate(requests, [seed + 1000 for seed in seeds], **settings)
     assert not np.array_equal(other, together)
     return together
