@@ -319,13 +319,11 @@ class StageOutcome:
     peak_memory_mib: int | None = None
 
     def row(self, stage: str) -> str:
-        def shown(value, unit):
-            return "-" if value is None else f"{value:.1f} {unit}" if isinstance(value, float) else f"{value} {unit}"
-
         ran = self.outcome == "ran"
-        own = shown(self.stage_seconds if ran else None, "s")
-        memory = shown(self.peak_memory_mib if ran else None, "MiB")
-        return f"| {stage} | {self.outcome} | {shown(self.seconds, 's')} | {own} | {memory} |"
+        wall = "-" if self.seconds is None else f"{self.seconds:.1f} s"
+        own = f"{self.stage_seconds:.1f} s" if ran and self.stage_seconds is not None else "-"
+        memory = f"{self.peak_memory_mib} MiB" if ran and self.peak_memory_mib is not None else "-"
+        return f"| {stage} | {self.outcome} | {wall} | {own} | {memory} |"
 
 
 def outcome_table(outcome: dict[str, StageOutcome]) -> str:

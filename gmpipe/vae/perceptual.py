@@ -149,12 +149,14 @@ class PerceptualLoss(nn.Module):
         d >= 0, and d = 0 where the normalised feature maps agree (e.g. x = y)."""
         if x.shape != y.shape:
             raise ValueError(f"perceptual loss needs images of one shape, got {tuple(x.shape)} and {tuple(y.shape)}")
-        if torch.is_grad_enabled() and not x.requires_grad:
-            # The usual case in training, x real and y a reconstruction: the backward through the extractor only
-            # needs y's half, so x goes through it without a graph (one backward of B images instead of 2 B).
+        if torch.is_grad_enabled() and x.requires_grad != y.requires_grad:
+            # Training compares an image that needs a gradient with a constant one (a real image, a teacher's
+            # image): only the former's half needs the backward through the extractor, so the constant goes
+            # through it without a graph (one backward of B images instead of 2 B).
             with torch.no_grad():
-                x_maps = self.extractor.feature_maps(x)
-            y_maps = self.extractor.feature_maps(y)
+                constant_maps = self.extractor.feature_maps(y if x.requires_grad else x)
+            graph_maps = self.extractor.feature_maps(x if x.requires_grad else y)
+            x_maps, y_maps = (graph_maps, constant_maps) if x.requires_grad else (constant_maps, graph_maps)
         else:
             # One pass over both batches; the frozen extractor is in eval mode, so samples do not interact.
             maps = self.extractor.feature_maps(torch.cat([x, y]))

@@ -57,7 +57,7 @@ def test_zero_for_identical_positive_for_different_and_gradient_reaches_input():
     assert y.grad is not None and torch.isfinite(y.grad).all() and y.grad.abs().sum() > 0
 
 
-def test_a_real_batch_without_gradient_gives_the_same_distance_and_gradient_as_one_joint_pass():
+def test_a_constant_batch_gives_the_same_distance_and_gradient_as_one_joint_pass():
     """Training passes real x (no gradient) and reconstructions y: x's features are then computed without a graph.
     Distances and grad_y must equal those of the joint pass taken when x needs a gradient too (batch-norm in eval
     mode, so samples do not interact)."""
@@ -71,6 +71,12 @@ def test_a_real_batch_without_gradient_gives_the_same_distance_and_gradient_as_o
     (joint * torch.arange(1.0, 4.0)).sum().backward()
     torch.testing.assert_close(split, joint.detach())
     torch.testing.assert_close(y_split.grad, y_joint.grad)
+    # the same with the arguments swapped: the image that needs a gradient first, the constant second
+    y_first = y.clone().requires_grad_(True)
+    swapped = loss.distance(y_first, x)
+    (swapped * torch.arange(1.0, 4.0)).sum().backward()
+    torch.testing.assert_close(swapped, joint.detach())
+    torch.testing.assert_close(y_first.grad, y_joint.grad)
 
 
 def test_extractor_is_frozen_and_stays_in_eval_mode():
