@@ -320,10 +320,15 @@ class StageOutcome:
 
     def row(self, stage: str) -> str:
         ran = self.outcome == "ran"
-        wall = "-" if self.seconds is None else f"{self.seconds:.1f} s"
-        own = f"{self.stage_seconds:.1f} s" if ran and self.stage_seconds is not None else "-"
+        wall = "-" if self.seconds is None else _duration(self.seconds)
+        own = _duration(self.stage_seconds) if ran and self.stage_seconds is not None else "-"
         memory = f"{self.peak_memory_mib} MiB" if ran and self.peak_memory_mib is not None else "-"
         return f"| {stage} | {self.outcome} | {wall} | {own} | {memory} |"
+
+
+def _duration(seconds: float) -> str:
+    """Seconds for the table: tenths from one second up, hundredths below (a tiny stage is not "0.0 s")."""
+    return f"{seconds:.1f} s" if seconds >= 1 else f"{seconds:.2f} s"
 
 
 def outcome_table(outcome: dict[str, StageOutcome]) -> str:

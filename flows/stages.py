@@ -134,7 +134,7 @@ def _make_flow(stage: str):
                     summary = run_stage_function(stage, params, Paths(Path(root)))
         except (GmpipeError, ParamsError, FileNotFoundError) as exc:
             return Failed(message=str(exc))
-        summary["resources"] = {"seconds": round(time.perf_counter() - start, 1), "peak_memory_mib": peak_memory_mib()}
+        summary["resources"] = {"seconds": round(time.perf_counter() - start, 3), "peak_memory_mib": peak_memory_mib()}
         print(resources_line(stage, summary["resources"]), flush=True)
         create_markdown_artifact(
             key=stage.replace("_", "-"), markdown=summary_markdown(stage, summary), description=f"{stage} summary"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from flows.pipeline import ReproProgress, follow_stage
+from flows.pipeline import ReproProgress, StageOutcome, follow_stage, outcome_table
 
 
 def progress_after(*lines: str, exit_code: int | None = None, reason: str = "", interrupted: bool = False):
@@ -75,3 +75,14 @@ def test_the_resources_a_stage_prints_are_read_behind_a_log_prefix():
     )
     assert progress.resources == {"prepare": (4.2, 312), "train_vae": (612.0, 1890)}
     assert outcomes(progress, ["prepare", "train_vae"]) == ["ran", "ran"]
+
+
+def test_the_table_keeps_a_sub_second_stage_time_visible():
+    table = outcome_table({
+        "prepare": StageOutcome("ran", 3.14, 0.043, 123),
+        "train_vae": StageOutcome("ran", 615.04, 612.0, 1890),
+        "train_ldm": StageOutcome("up to date", 0.8),
+    })
+    assert "| prepare | ran | 3.1 s | 0.04 s | 123 MiB |" in table
+    assert "| train_vae | ran | 615.0 s | 612.0 s | 1890 MiB |" in table
+    assert "| train_ldm | up to date | 0.80 s | - | - |" in table
