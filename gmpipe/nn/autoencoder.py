@@ -138,13 +138,15 @@ def load_autoencoder(directory: str | Path) -> AutoencoderKL:
 
 @torch.no_grad()
 def encode_to_latents(vae: AutoencoderKL, images: np.ndarray, batch_size: int, desc: str,
-                      device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+                      device: torch.device | str = "cpu", bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 images (N, C, H, W) -> posterior mean and std, (N, c, h, w) float32 each on the CPU; the autoencoder
-    runs on ``device`` (where it already is)."""
+    runs on ``device`` (where it already is), under bfloat16 autocast with ``bf16``."""
     means, stds = [], []
+    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
     for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", mininterval=1.0):
         x = uint8_to_signed(torch.from_numpy(images[start : start + batch_size]).to(device))
-        posterior = vae.encode(x).latent_dist
+        with autocast:
+            posterior = vae.encode(x).latent_dist
         means.append(posterior.mean.float().cpu())
         stds.append(posterior.std.float().cpu())
     return torch.cat(means), torch.cat(stds)

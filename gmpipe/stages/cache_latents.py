@@ -27,7 +27,8 @@ def run(config: CacheLatentsConfig, device: str, paths: Paths) -> dict:
     counts = {}
     with atomic_dir(paths.latents) as out:
         for name, split in splits.items():
-            mean, std = encode_to_latents(vae, split.images, config.batch_size, f"cache_latents: {name}", device)
+            mean, std = encode_to_latents(vae, split.images, config.batch_size, f"cache_latents: {name}", device,
+                                           bf16=config.precision == "bf16")
             index = torch.tensor([caption_ids[str(c)] for c in split.captions], dtype=torch.int64)
             latent = LatentSplit(mean, std, torch.from_numpy(split.labels).long(), index)
             save_split(out, name, latent)

@@ -57,6 +57,20 @@ def test_cache_reproduces_the_vae_posterior(trained_vae):
     assert cached.labels.tolist() == load_prepared(paths.prepared, "val").labels.tolist()
 
 
+def test_bf16_cache_is_the_posterior_within_bfloat16_rounding(trained_vae, tmp_path):
+    params, paths = trained_vae
+    bf16 = params.cache_latents.model_copy(update={"precision": "bf16"})
+    for name in ("data/prepared", "models/vae"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).symlink_to(paths.root / name)
+    cache_latents.run(bf16, params.compute.device, Paths(tmp_path))
+    exact, rounded = load_split(paths.latents, "val"), load_split(tmp_path / "data/latents", "val")
+    assert rounded.mean.dtype == torch.float32
+    assert not torch.equal(rounded.mean, exact.mean)  # the encoder did run in bfloat16
+    error = (rounded.mean - exact.mean).abs().mean() / exact.mean.std()
+    assert error < 0.02, error
+
+
 def test_stats_normalize_latents(trained_vae):
     _, paths = trained_vae
     stats = LatentStats.load(paths.latents / STATS)
