@@ -90,10 +90,9 @@ def sweep_row(row: dict, family: str) -> Measured | None:
 
 
 def read_measurements(root: Path) -> tuple[TeacherSetting | None, list[Measured], list[str]]:
-    """(the teacher reference or None, every usable measured setting, notes: which files were read
-    and what was left out).
-    Teacher rows at another guidance weight than the reference's (measured for the students' comparison) are left
-    out, so each teacher curve is one sampler at one w."""
+    """(the teacher reference or None, every usable measured setting, notes: which files were read and what was left
+    out). Teacher rows at another guidance weight than the reference's (measured for the students' comparison) are
+    left out, so each teacher curve is one sampler at one w."""
     metrics = json.loads((root / METRICS).read_text())
     machine = metrics.get("machine", {})
     notes = [f"images/s as evaluate measured them once, on {machine.get('cpus')} CPUs, {machine.get('torch_threads')}"
