@@ -11,7 +11,8 @@ from pathlib import Path
 def parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="tiny sizes: seconds, not minutes")
-    parser.add_argument("--root", type=Path, help="a project folder with trained models (models/ldm, vae, student)")
+    parser.add_argument("--root", type=Path, help="a project folder: its models (models/ldm, vae, student, ...), "
+                        "data and reports (metrics.json, pipeline_run.json)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own choice)")
     return parser
 

@@ -1,5 +1,5 @@
-"""What evaluate's measurements cost, each exact route beside the one it replaced, interleaved repeats on one
-thread (a shared machine's load hits both alike; compare the medians of one run, not across runs).
+"""What evaluate's measurements cost, each exact route beside the one it replaced, in interleaved rounds (a shared
+machine's load hits both alike; compare the medians of one run, not across runs).
 
     python -m bench.evaluate_costs                       # KID, FD, precision/recall at n = 1000, D = 1280
     python -m bench.evaluate_costs --ar models/ar --vae models/vae --batch 250   # + one guided AR batch
@@ -11,6 +11,10 @@ thread (a shared machine's load hits both alike; compare the medians of one run,
 - AR sampling: the language model's growing key/value cache (before) vs one allocated once (now); same tokens.
 - Batch sizes: the teacher's images/s (10 guided Euler steps, decoding included) and EfficientNet-Lite0 features/s
   on 500 images at each batch size (at the threads torch is given: ``--threads``, the demo's 2 by default).
+
+As a section of ``python -m bench`` (:func:`run`): the metric cases always, on random features (the cost does not
+depend on the values); the AR case when ROOT/models/ar exists and the batch sizes when ROOT/models/ldm does (both
+with ROOT/models/vae), at the threads the bench runs with.
 """
 
 from __future__ import annotations
@@ -18,27 +22,51 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
 
 import gmpipe.eval.kid as kid
+from bench.measure import interleave, median, speedup
+from bench.report import Section
 from gmpipe.eval.frechet import feature_statistics, frechet_distance_from_features, trace_sqrt_product
 from gmpipe.eval.precision_recall import knn_radii, manifold_coverage, precision_recall
 
+SIZES = {
+    "full": dict(n=1000, dim=1280, rounds=3, ar_batch=250, batches=(125, 250, 500), batch_images=500),
+    "quick": dict(n=200, dim=128, rounds=2, ar_batch=4, batches=(4, 8), batch_images=8),
+}
+# (what is compared, the case before, the case now) among the cases below.
+METRIC_PAIRS = [("KID, 50 subsets of n/2: Gram matrices once vs per-subset kernels", "KID before", "KID now"),
+                ("FD: sums of variances vs traces of the (D, D) covariances", "FD before", "FD now"),
+                ("precision/recall: one pass vs two coverage passes", "P/R before", "P/R now")]
+AR_PAIR = ("AR sampling: preallocated vs growing key/value cache", "AR growing cache (before)",
+           "AR preallocated cache (now)")
 
-def timed(cases: dict[str, Callable[[], object]], repeats: int) -> None:
-    """Run every case ``repeats`` times, interleaved; print each one's median seconds and its last value."""
-    seconds: dict[str, list[float]] = {name: [] for name in cases}
-    values = {}
-    for _ in range(repeats):
-        for name, case in cases.items():
+
+def timed_values(cases: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[tuple[float, object]]]:
+    """(seconds, value) of every case once per round, in interleaved rounds (``bench.measure.interleave``)."""
+
+    def with_seconds(case: Callable[[], object]) -> Callable[[], tuple[float, object]]:
+        def timed_case() -> tuple[float, object]:
             start = time.perf_counter()
-            values[name] = case()
-            seconds[name].append(time.perf_counter() - start)
-    for name in cases:
-        print(f"{name}: median {np.median(seconds[name]):.2f} s {[round(s, 2) for s in seconds[name]]} "
-              f"-> {values[name]}", flush=True)
+            value = case()
+            return time.perf_counter() - start, value
+
+        return timed_case
+
+    return interleave({name: with_seconds(case) for name, case in cases.items()}, rounds)
+
+
+def timed(cases: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[tuple[float, object]]]:
+    """Run every case ``repeats`` times, interleaved; print each one's median seconds and its last value."""
+    results = timed_values(cases, repeats)
+    for name, runs in results.items():
+        seconds = [s for s, _ in runs]
+        print(f"{name}: median {np.median(seconds):.2f} s {[round(s, 2) for s in seconds]} -> {runs[-1][1]}",
+              flush=True)
+    return results
 
 
 def metric_cases(n: int, dim: int) -> dict[str, Callable[[], object]]:
@@ -64,7 +92,8 @@ def metric_cases(n: int, dim: int) -> dict[str, Callable[[], object]]:
             "P/R now": lambda: tuple(precision_recall(ta, tb, 3))}
 
 
-def ar_cases(model_dir: str, vae_dir: str, batch: int) -> dict[str, Callable[[], object]]:
+def ar_cases(model_dir: str, vae_dir: str, batch: int) -> tuple[dict[str, Callable[[], object]], dict]:
+    """The two cache cases on ``batch`` guided samples, and the tokens each one drew last (by ``preallocated``)."""
     from gmpipe.ar.sampling import sample_tokens
     from gmpipe.generator import load_generator
 
@@ -83,10 +112,11 @@ def ar_cases(model_dir: str, vae_dir: str, batch: int) -> dict[str, Callable[[],
         same = torch.equal(tokens[True], tokens[False]) if len(tokens) == 2 else "-"
         return f"{batch} samples, same tokens as the other cache: {same}"
 
-    return {"AR growing cache (before)": lambda: sample(False), "AR preallocated cache (now)": lambda: sample(True)}
+    return {AR_PAIR[1]: lambda: sample(False), AR_PAIR[2]: lambda: sample(True)}, tokens
 
 
 def batch_cases(teacher_dir: str, vae_dir: str, batches: list[int], n: int = 500) -> dict[str, Callable[[], object]]:
+    """Per batch size, the teacher's images/s and the feature network's on n images."""
     from gmpipe.generator import load_generator
     from gmpipe.nn.features import EffNetLite0Features
     from gmpipe.pixels import uint8_to_signed
@@ -95,21 +125,72 @@ def batch_cases(teacher_dir: str, vae_dir: str, batches: list[int], n: int = 500
     labels, seeds = [i % len(teacher.conditioning.class_names) for i in range(n)], list(range(n))
     images = uint8_to_signed(teacher.generate(labels, seeds, batch_size=max(batches), steps=10)[0])
 
-    def generate(batch: int) -> str:
+    def generate(batch: int) -> float:
         start = time.perf_counter()
         teacher.generate(labels, seeds, batch_size=batch, steps=10)
-        return f"{n / (time.perf_counter() - start):.1f} images/s"
+        return round(n / (time.perf_counter() - start), 1)
 
-    def features(batch: int) -> str:
+    def features(batch: int) -> float:
         start = time.perf_counter()
         extractor.extract(images, batch_size=batch)
-        return f"{n / (time.perf_counter() - start):.0f} images/s"
+        return round(n / (time.perf_counter() - start), 1)
 
     cases: dict[str, Callable[[], object]] = {}
     for batch in batches:
-        cases[f"generate, batch {batch}"] = lambda batch=batch: generate(batch)
-        cases[f"features, batch {batch}"] = lambda batch=batch: features(batch)
+        cases[f"generate images/s, batch {batch}"] = lambda batch=batch: generate(batch)
+        cases[f"features images/s, batch {batch}"] = lambda batch=batch: features(batch)
     return cases
+
+
+def _same(before: object, now: object) -> bool:
+    """Whether two cases' results agree to float rounding (a number or a tuple of numbers each)."""
+    return bool(np.allclose(np.ravel(np.asarray(before, dtype=float)), np.ravel(np.asarray(now, dtype=float)),
+                            rtol=1e-6, atol=1e-12))
+
+
+def pair_row(section: Section, what: str, before: list[tuple[float, object]], now: list[tuple[float, object]],
+             same: bool | None) -> None:
+    """One row (median seconds before and now, the median per-round speed-up, whether the results agree) and its
+    ratio."""
+    before_s, now_s = [s for s, _ in before], [s for s, _ in now]
+    ratio = speedup(now_s, before_s)
+    section.rows.append([what, median(before_s), median(now_s), ratio, "-" if same is None else str(same)])
+    section.ratios[what] = ratio
+
+
+def run(size: str = "full", root: Path | None = None) -> dict:
+    s = SIZES[size]
+    section = Section("evaluate_costs", f"Evaluate's measurements, each exact route vs the one it replaced "
+                      f"(n = {s['n']} features of D = {s['dim']})", s["rounds"],
+                      ["what (now vs before)", "before: median s", "now: median s", "speed-up", "same result"], [])
+    results = timed_values(metric_cases(s["n"], s["dim"]), s["rounds"])
+    for what, before, now in METRIC_PAIRS:
+        pair_row(section, what, results[before], results[now], _same(results[before][-1][1], results[now][-1][1]))
+    samples = {name: [seconds for seconds, _ in runs] for name, runs in results.items()}
+    models = None if root is None else root / "models"
+    vae = None if models is None else models / "vae"
+    if models is not None and (models / "ar").is_dir() and vae.is_dir():
+        cases, tokens = ar_cases(str(models / "ar"), str(vae), s["ar_batch"])
+        ar = timed_values(cases, 1)
+        pair_row(section, f"{AR_PAIR[0]} ({s['ar_batch']} guided samples, 1 round)", ar[AR_PAIR[1]],
+                 ar[AR_PAIR[2]], torch.equal(tokens[True], tokens[False]))
+        samples.update({name: [seconds for seconds, _ in runs] for name, runs in ar.items()})
+    else:
+        section.notes.append("AR cache case not run: needs ROOT/models/ar and ROOT/models/vae (--root)")
+    if models is not None and (models / "ldm").is_dir() and vae.is_dir():
+        batches, images = list(s["batches"]), s["batch_images"]
+        sized = timed_values(batch_cases(str(models / "ldm"), str(vae), batches, images), s["rounds"])
+        for kind, label in (("generate", "teacher, 10 guided steps + decoding"), ("features", "EffNet-Lite0 features")):
+            first = sized[f"{kind} images/s, batch {batches[0]}"]
+            for batch in batches[1:]:
+                pair_row(section, f"{label}, {images} images: batch {batch} vs {batches[0]}", first,
+                         sized[f"{kind} images/s, batch {batch}"], None)
+        samples.update({name: [seconds for seconds, _ in runs] for name, runs in sized.items()})
+    else:
+        section.notes.append("batch-size cases not run: need ROOT/models/ldm and ROOT/models/vae (--root)")
+    section.notes.append(f"{torch.get_num_threads()} torch thread(s); random features for the metric cases (their "
+                         "cost does not depend on the values)")
+    return section.finish(samples)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     timed(metric_cases(args.n, args.dim), args.repeats)
     if args.ar:
-        timed(ar_cases(args.ar, args.vae, args.batch), 1)
+        timed(ar_cases(args.ar, args.vae, args.batch)[0], 1)
     if args.teacher:
         torch.set_num_threads(args.threads)
         timed(batch_cases(args.teacher, args.vae, [int(b) for b in args.batches.split(",")]), args.repeats)

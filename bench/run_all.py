@@ -2,8 +2,13 @@
 
     python -m bench                      # full sizes (minutes; run it on a quiet machine)
     python -m bench --quick              # tiny sizes (seconds): checks that everything runs
-    python -m bench --root DIR           # DIR/models/{ldm,vae,student/*} for the sampling section
+    python -m bench --root DIR           # DIR: a project that ran the pipeline (models/, data/, reports/)
     python -m bench --only sampling data --threads 1 --out /tmp/bench
+
+Sections that measure models (sampling, one_step_decoding, evaluate_costs' model cases) use DIR's models, or random
+ones of the demo's sizes without them; family_speed and demo_stages measure nothing themselves: they read DIR's
+reports/metrics.json (with reports/evaluate/plots/nfe_sweep.csv) and reports/pipeline_run.json (DIR defaults to the
+current folder for those two).
 """
 
 from __future__ import annotations
@@ -19,8 +24,12 @@ from bench import (
     command,
     conv_layout,
     data_throughput,
+    demo_stages,
+    evaluate_costs,
+    family_speed,
     hardware_use,
     latent_caching,
+    one_step_decoding,
     orchestration,
     sampling,
     scale_plan,
@@ -37,6 +46,10 @@ SECTIONS: dict[str, Callable[..., dict]] = {
     "data": data_throughput.run,
     "conv_layout": conv_layout.run,
     "scale_plan": scale_plan.run,
+    "evaluate_costs": evaluate_costs.run,
+    "one_step_decoding": one_step_decoding.run,
+    "family_speed": family_speed.run,
+    "demo_stages": demo_stages.run,
 }
 
 

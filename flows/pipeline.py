@@ -5,6 +5,11 @@ child).
 A run holds the workspace lock for its whole length (two runs on one workspace would otherwise race on
 ``params.yaml``, ``dvc.lock`` and the outputs, and DVC's own repo lock makes the second ``dvc repro`` fail rather
 than wait). When a DVC remote is configured, the run pulls from it first and pushes to it after the stages.
+
+A run that succeeds also writes ``reports/pipeline_run.json`` (:data:`RUN_RECORD`): per stage its outcome, wall
+time in ``dvc repro``, own time and peak memory, with the date, the code version and the load average before and
+after, which ``python -m bench`` tabulates (``bench.demo_stages``). It is no DVC output (git-ignored, as
+``reports/bench.json``): a record of this run on this machine, not a result of the stages.
 """
 
 from __future__ import annotations
@@ -16,13 +21,15 @@ import json
 import os
 import queue
 import re
+import subprocess
 import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import yaml
@@ -39,6 +46,7 @@ from flows.overrides import restore_after_killed_run
 from flows.processes import run_streaming
 
 WORKSPACE_LOCK = Path(".dvc") / "tmp" / "gmpipe-workspace.lock"
+RUN_RECORD = Path("reports") / "pipeline_run.json"
 REMOTE_ENV = "GMPIPE_DVC_REMOTE"
 ENV_REMOTE_NAME = "gmpipe"
 
@@ -318,6 +326,10 @@ class StageOutcome:
     stage_seconds: float | None = None
     peak_memory_mib: int | None = None
 
+    def to_dict(self) -> dict:
+        return {"outcome": self.outcome, "wall_seconds": None if self.seconds is None else round(self.seconds, 3),
+                "stage_seconds": self.stage_seconds, "peak_memory_mib": self.peak_memory_mib}
+
     def row(self, stage: str) -> str:
         ran = self.outcome == "ran"
         wall = "-" if self.seconds is None else _duration(self.seconds)
@@ -338,6 +350,52 @@ def outcome_table(outcome: dict[str, StageOutcome]) -> str:
     return "\n".join([header, *(result.row(stage) for stage, result in outcome.items())])
 
 
+def code_version(root: str | Path) -> str | None:
+    """``git describe --always --dirty`` of the workspace (``abc1234-dirty`` with uncommitted changes), or None
+    outside git."""
+    try:
+        described = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=root, capture_output=True,
+                                   text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return described.stdout.strip() if described.returncode == 0 and described.stdout.strip() else None
+
+
+def _load_average() -> list[float]:
+    return [round(value, 2) for value in os.getloadavg()]
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What ``reports/pipeline_run.json`` holds: when and on what code the run started, the stages asked for (and
+    whether that was every stage of ``dvc.yaml``), the CPUs and the 1/5/15-minute load average before and after the
+    ``dvc repro``, its wall seconds, and each stage's :class:`StageOutcome`."""
+
+    date: str
+    commit: str | None
+    stages_selected: list[str]
+    all_stages: bool
+    force: bool
+    cpus: int | None
+    load_average_start: list[float]
+    load_average_end: list[float]
+    repro_seconds: float
+    stages: dict[str, StageOutcome]
+
+    def to_dict(self) -> dict:
+        fields = asdict(self)
+        fields["stages"] = {stage: outcome.to_dict() for stage, outcome in self.stages.items()}
+        return fields
+
+    def write(self, root: str | Path) -> Path:
+        from gmpipe.artifacts import write_json
+
+        path = Path(root) / RUN_RECORD
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, self.to_dict())
+        return path
+
+
 def _cancel(task_runs: dict, started: list[str], why: str) -> None:
     """Mark the stage task runs that never started Cancelled: they did not run, because of ``why``."""
     with get_client(sync_client=True) as client:
@@ -349,8 +407,9 @@ def _cancel(task_runs: dict, started: list[str], why: str) -> None:
 @flow(name="pipeline", log_prints=True)
 def pipeline(stages: list[str] | None = None, root: str = ".", force: bool = False) -> dict[str, str] | State:
     """Run ``stages`` (default: all, in DVC order) under the workspace lock, between a ``dvc pull`` and a
-    ``dvc push`` when a remote is configured; returns what happened to each stage. The first stage that fails
-    fails the run with its reason, and nothing is pushed."""
+    ``dvc push`` when a remote is configured; returns what happened to each stage and writes it with its times and
+    peak memory to ``ROOT/reports/pipeline_run.json`` (:class:`RunRecord`). The first stage that fails fails the run
+    with its reason, and nothing is pushed or written."""
     order = dvc_stage_order(root)
     unknown = sorted(set(stages or []) - set(order))
     if unknown:
@@ -362,12 +421,17 @@ def pipeline(stages: list[str] | None = None, root: str = ".", force: bool = Fal
             pull_outputs(remote, root)
         else:
             print(f"no DVC remote configured ({REMOTE_ENV} or `dvc remote add -d`): nothing pulled or pushed")
+        date = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        load_before, start = _load_average(), time.perf_counter()
         outcome = repro_stages(selected, root, force)
         if isinstance(outcome, State):
             return outcome
+        record = RunRecord(date, code_version(root), selected, selected == order, force, os.cpu_count(), load_before,
+                           _load_average(), round(time.perf_counter() - start, 3), outcome)
         if remote:
             push_outputs(remote, root)
     table = outcome_table(outcome)
     print(table)
+    print(f"wrote {record.write(root)}")
     create_markdown_artifact(key="pipeline", markdown=table)
     return {stage: result.outcome for stage, result in outcome.items()}

@@ -466,7 +466,7 @@ def run(config: EvaluateConfig, device: str, paths: Paths) -> dict:
     nfe_curve = [dict(r, curve=f"teacher {r['sampler']}") for r in nfe_rows]
     nfe_curve += [dict(r, curve=r["model"]) for r in student_rows]
     _write_csv(plots / "nfe_sweep.csv", nfe_curve, ["curve", "model", "sampler", "steps", "nfe", "w", "n",
-                                                    "fd_effnet", "kid", "accuracy"])
+                                                    "fd_effnet", "kid", "accuracy", "images_per_second"])
     _write_csv(plots / "guidance_sweep.csv", guidance_rows, ["w", "n", "nfe", "fd_effnet", "kid", "accuracy",
                                                              "precision", "recall"])
     n_headline = min(config.n_samples, real["n_reference"])

@@ -48,6 +48,16 @@ def test_pipeline_flow_runs_dvc_repro_then_skips(prefect_api, dvc_project):
     printed = row.search(first.stdout + first.stderr)
     assert printed and float(printed.group(1)) >= float(printed.group(2)) > 0 and 50 < int(printed.group(3)) < 4096
     assert any(row.search(a.data) for a in _artifacts("pipeline"))
+    # The same figures in reports/pipeline_run.json (what `python -m bench` tabulates), with the run's context.
+    record = json.loads((root / "reports/pipeline_run.json").read_text())
+    stage = record["stages"]["prepare"]
+    assert stage["outcome"] == "ran" and stage["peak_memory_mib"] == int(printed.group(3))
+    assert abs(stage["wall_seconds"] - float(printed.group(1))) <= 0.05
+    assert abs(stage["stage_seconds"] - float(printed.group(2))) <= 0.005
+    assert record["repro_seconds"] >= stage["wall_seconds"] and record["stages_selected"] == ["prepare"]
+    assert record["all_stages"] is False and record["force"] is False and record["commit"] is None  # no commit yet
+    assert len(record["load_average_start"]) == len(record["load_average_end"]) == 3 and record["cpus"] >= 1
+    assert record["date"].endswith("+00:00")
 
 
 def test_stage_reports_bad_params_without_traceback(prefect_api, dvc_project):

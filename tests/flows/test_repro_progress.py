@@ -1,11 +1,14 @@
 """What the pipeline's task run for a stage concludes from the output of its one `dvc repro`, line by line as DVC
-3 writes it (no server: the task's plain function)."""
+3 writes it (no server: the task's plain function), and the record of a run it writes."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+
 import pytest
 
-from flows.pipeline import ReproProgress, StageOutcome, follow_stage, outcome_table
+from flows.pipeline import ReproProgress, RunRecord, StageOutcome, code_version, follow_stage, outcome_table
 
 
 def progress_after(*lines: str, exit_code: int | None = None, reason: str = "", interrupted: bool = False):
@@ -86,3 +89,34 @@ def test_the_table_keeps_a_sub_second_stage_time_visible():
     assert "| prepare | ran | 3.1 s | 0.04 s | 123 MiB |" in table
     assert "| train_vae | ran | 615.0 s | 612.0 s | 1890 MiB |" in table
     assert "| train_ldm | up to date | 0.80 s | - | - |" in table
+
+
+def test_the_run_record_names_the_commit_and_every_stage(tmp_path):
+    def git(*arguments):
+        subprocess.run(["git", "-c", "user.name=ci", "-c", "user.email=ci@example.invalid", *arguments], cwd=tmp_path,
+                       check=True, capture_output=True)
+
+    git("init", "-q")
+    assert code_version(tmp_path) is None  # no commit yet
+    (tmp_path / "params.yaml").write_text("a: 1\n")
+    git("add", "params.yaml")
+    git("commit", "-q", "-m", "first")
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tmp_path, capture_output=True,
+                          text=True).stdout.strip()
+    assert code_version(tmp_path) == head
+    (tmp_path / "params.yaml").write_text("a: 2\n")
+    assert code_version(tmp_path) == f"{head}-dirty"
+
+    stages = {"prepare": StageOutcome("up to date", 0.8), "train_vae": StageOutcome("ran", 615.04, 612.0, 1890)}
+    record = RunRecord("2026-01-02T03:04:05+00:00", code_version(tmp_path), ["prepare", "train_vae"], False, True, 2,
+                       [1.5, 1.0, 0.5], [2.0, 1.2, 0.6], 640.25, stages)
+    written = json.loads(record.write(tmp_path).read_text())
+    assert written == {
+        "date": "2026-01-02T03:04:05+00:00", "commit": f"{head}-dirty", "stages_selected": ["prepare", "train_vae"],
+        "all_stages": False, "force": True, "cpus": 2, "load_average_start": [1.5, 1.0, 0.5],
+        "load_average_end": [2.0, 1.2, 0.6], "repro_seconds": 640.25,
+        "stages": {"prepare": {"outcome": "up to date", "wall_seconds": 0.8, "stage_seconds": None,
+                               "peak_memory_mib": None},
+                   "train_vae": {"outcome": "ran", "wall_seconds": 615.04, "stage_seconds": 612.0,
+                                 "peak_memory_mib": 1890}}}
+    assert (tmp_path / "reports" / "pipeline_run.json").is_file()

@@ -258,7 +258,8 @@ def test_evaluate_writes_metrics_plots_samples_and_report(evaluated):
     assert metrics["students"]["reflow_2step"]["n"] == n
     out = paths.reports / "evaluate"
     sweep = (out / "plots/nfe_sweep.csv").read_text().splitlines()
-    assert sweep[0].startswith("curve,model,sampler,steps,nfe")
+    assert sweep[0].startswith("curve,model,sampler,steps,nfe") and sweep[0].endswith(",images_per_second")
+    assert all(float(line.rsplit(",", 1)[1]) > 0 for line in sweep[1:])  # what bench.family_speed reads
     assert sum(line.startswith("teacher") for line in sweep) == 3 * 2  # samplers x steps of the smoke sweep
     assert len((out / "plots/guidance_sweep.csv").read_text().splitlines()) == 1 + 2
     assert set(metrics["teacher_by_w"]) >= {"w1"}  # the teacher at the students' folded w, at equal n
