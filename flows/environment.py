@@ -21,10 +21,12 @@ PRIVATE_HOME = ".prefect"
 PARENT_TASK_RUNS = "GMPIPE_PREFECT_PARENT_TASK_RUNS"
 
 
-def configure(root: str | Path = ".") -> str | None:
+def configure(root: str | Path = ".", refresh: bool = True) -> str | None:
     """The API URL the user configured, or None after switching this process and its children to gmpipe's private
     home under ``root`` (a flow then runs on Prefect's temporary server unless :func:`use_api` names a server gmpipe
-    started: the pipeline's own, or the project's shared one, :mod:`flows.project_server`)."""
+    started: the pipeline's own, or the project's shared one, :mod:`flows.project_server`). ``refresh=False`` leaves
+    Prefect's settings in this process to the :func:`use_api` that the caller makes next (each reading of them costs
+    about 0.1 s)."""
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     from prefect.settings import get_current_settings
 
@@ -36,7 +38,7 @@ def configure(root: str | Path = ".") -> str | None:
         "PREFECT_SERVER_EPHEMERAL_ENABLED": "true",
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    })
+    }, refresh)
     return None
 
 
@@ -72,8 +74,9 @@ def unreachable_reason() -> str | None:
             f"({type(error).__name__}: {error}); start that server, or choose another API")
 
 
-def _update_environment(values: dict[str, str]) -> None:
-    from prefect.context import refresh_global_settings_context
-
+def _update_environment(values: dict[str, str], refresh: bool = True) -> None:
     os.environ.update(values)
-    refresh_global_settings_context()
+    if refresh:
+        from prefect.context import refresh_global_settings_context
+
+        refresh_global_settings_context()

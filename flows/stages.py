@@ -7,6 +7,7 @@ run, so the Prefect UI shows it inside the pipeline run.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import resource
@@ -22,6 +23,7 @@ from prefect.states import Failed
 from tqdm import tqdm
 
 from flows.environment import PARENT_TASK_RUNS
+from flows.heartbeats import flow_run_heartbeats
 from flows.processes import run_streaming
 from gmpipe.config.params import Params, ParamsError, load_params
 from gmpipe.errors import GmpipeError
@@ -121,9 +123,12 @@ def peak_memory_mib() -> int:
     return round(max(own, children) / 1024)
 
 
-def _make_flow(stage: str):
+@functools.cache
+def stage_flow(stage: str):
+    """The flow of ``stage``, made when first asked for: a process runs one stage, and each flow costs a few ms."""
+
     @flow(name=stage, log_prints=True, validate_parameters=False)
-    def stage_flow(params_file: str = "params.yaml", root: str = "."):
+    def run_flow(params_file: str = "params.yaml", root: str = "."):
         start = time.perf_counter()
         try:
             params = load_params(Path(root) / params_file)
@@ -141,27 +146,30 @@ def _make_flow(stage: str):
         )
         return summary
 
-    return stage_flow
-
-
-STAGE_FLOWS = {stage: _make_flow(stage) for stage in STAGES}
+    return run_flow
 
 
 def run_stage(stage: str, params_file: str = "params.yaml", root: str = "."):
     """Run one stage flow; return its final Prefect state (never raises for a user error). Under the pipeline
     (``GMPIPE_PREFECT_PARENT_TASK_RUNS`` names a task run for this stage), the flow run is that task run's child."""
-    from prefect.client.orchestration import get_client
+    from prefect.context import SyncClientContext
     from prefect.flow_engine import run_flow_sync
     from prefect.states import Pending
 
-    stage_flow = STAGE_FLOWS[stage]
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; the stages are {', '.join(STAGES)}")
+    the_flow = stage_flow(stage)
     parameters = {"params_file": params_file, "root": root}
-    with get_client(sync_client=True) as client:
+    # One API client for creating the flow run and for the engine that runs it (the engine takes the one in context):
+    # a second one would load its TLS certificates and ask the server for its version again.
+    with SyncClientContext.get_or_create() as context:
+        client = context.client
         # The flow run is created here rather than by calling the flow: that path serializes the parameters with
         # FastAPI's encoder, whose import alone costs 0.3 s per stage, for two strings.
-        flow_run = client.create_flow_run(stage_flow, parameters=parameters, state=Pending(),
+        flow_run = client.create_flow_run(the_flow, parameters=parameters, state=Pending(),
                                           parent_task_run_id=_parent_task_run(stage, client))
-    return run_flow_sync(stage_flow, flow_run=flow_run, parameters=parameters, return_type="state")
+        with flow_run_heartbeats(flow_run, the_flow.name):
+            return run_flow_sync(the_flow, flow_run=flow_run, parameters=parameters, return_type="state")
 
 
 def _parent_task_run(stage: str, client) -> uuid.UUID | None:

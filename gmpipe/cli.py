@@ -141,17 +141,20 @@ def cmd_stage(args: argparse.Namespace) -> int:
     try:
         with sigterm_as_interrupt():
             server = None
-            if environment.configure(args.root):
+            # Unconfigured, Prefect reads its settings again only once, in use_api below, before the flow module's
+            # imports set up its logging from them.
+            if environment.configure(args.root, refresh=False):
                 if problem := environment.unreachable_reason():
                     return _fail(problem)
             else:
                 server = _project_server(environment.private_home())
-            from flows.stages import run_stage
             from gmpipe.stages.runner import stage_module
 
             stage_module(args.name)  # the stage's own imports (torch...) while a server that was just started starts
             if server is not None:
                 environment.use_api(server.api_url())
+            from flows.stages import run_stage
+
             state = run_stage(args.name, args.params, args.root)
     except KeyboardInterrupt as interrupt:
         return _fail(f"stage '{args.name}' interrupted", exit_code(interrupt))
