@@ -116,7 +116,8 @@ TEMPORARY_SERVER_FLOW = """
 from flows import environment
 environment.configure(".")
 from flows.stages import run_stage
-assert run_stage("prepare", "params.yaml", "temporary").is_completed()
+state = run_stage("prepare", "../params.yaml", "temporary")  # the params file is relative to the root
+assert state.is_completed(), state.message
 """
 
 
@@ -143,7 +144,9 @@ def run(size: str = "full", root=None) -> dict:
                         [sys.executable, "-c", TEMPORARY_SERVER_FLOW], project,
                         env | {"PREFECT_HOME": str(tmp / "prefect-temporary")})()
                 except RuntimeError as exc:  # on a busy machine it may not start within Prefect's timeout
-                    notes.append(f"Prefect's temporary server: {str(exc).strip().splitlines()[-1][:200]}")
+                    lines = str(exc).strip().splitlines()  # the error, not the server's goodbye that follows it
+                    why = next((line for line in reversed(lines) if "Error" in line), lines[-1])
+                    notes.append(f"Prefect's temporary server: {why[:200]}")
             command_case(["dvc", "repro", "--single-item", "--force", "prepare", "prepare_copy"], project, env)()
             noop_outputs: list[str] = []
             direct = tmp / "direct"
