@@ -103,7 +103,7 @@ def load_models(root: Path | None, preset: str, params) -> tuple[object, object,
 
 
 def run(size: str = "full", root: Path | None = None) -> dict:
-    from gmpipe.stages.evaluate import HEADLINE_SEEDS, balanced_labels
+    from gmpipe.stages import evaluate
 
     s = SIZES[size]
     own = None if root is None else root / "params.yaml"
@@ -114,8 +114,8 @@ def run(size: str = "full", root: Path | None = None) -> dict:
     batch = min(ev.batch_size, n)
     teacher, student, teacher_settings, small, trained, notes = load_models(root, s["preset"], params)
     student_settings = {"steps": 1} if student is not teacher else {"steps": 1, "guidance": 0.0}
-    labels = balanced_labels(n, len(student.conditioning.rows())) if student.conditioning.conditional else None
-    seeds = seed_block(ev.seed, HEADLINE_SEEDS, n)  # the seeds and labels of evaluate's family-table rows
+    labels = evaluate.balanced_labels(n, len(student.conditioning.rows())) if student.conditioning.conditional else None
+    seeds = seed_block(ev.seed, evaluate.HEADLINE_SEEDS, n)  # the seeds and labels of evaluate's family-table rows
     images: dict[str, np.ndarray] = {}
 
     def case(name: str, generator, decoder, count: int, settings: dict):

@@ -19,6 +19,12 @@ from tests.conftest import run, smoke_params
 STOP_WITHIN_SECONDS = 20  # measured on 2 busy cores: 2.7-3.0 s after SIGINT, 2.1-2.3 s after SIGTERM
 
 
+def _ctrl_c_as_in_a_terminal() -> None:
+    """SIGINT at its default disposition in the pipeline, as in a terminal: a test session started in the
+    background by a non-interactive shell ignores SIGINT, and every process it starts would inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize(("stop_signal", "exit_code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)],
                          ids=["ctrl-c", "sigterm"])
 def test_an_interrupted_pipeline_stops_its_stage_and_its_server(stop_signal, exit_code, prefect_api, dvc_project,
@@ -33,7 +39,7 @@ def test_an_interrupted_pipeline_stops_its_stage_and_its_server(stop_signal, exi
     with open(output, "wb") as log:  # no Prefect API configured: gmpipe starts a server, and must stop it
         pipeline = subprocess.Popen(["gmpipe", "pipeline", "train_vae"], cwd=root,
                                     env=unconfigured_env(tmp_path / "home"), stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+                                    start_new_session=True, preexec_fn=_ctrl_c_as_in_a_terminal)
     try:
         deadline = time.monotonic() + 300
         while "train_vae: step 1/100000" not in output.read_text() and pipeline.poll() is None:

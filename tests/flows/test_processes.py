@@ -3,6 +3,7 @@ tree stopped on an interrupt, also the processes that left its group (as torch's
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -59,10 +60,14 @@ def test_an_interrupt_stops_the_whole_tree_before_it_goes_on(tmp_path, monkeypat
         time.sleep(0.3)
         os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C does: a real signal, which interrupts the blocked read
 
+    # Ctrl-C raises KeyboardInterrupt here even when the test session was started in the background by a
+    # non-interactive shell (which leaves SIGINT ignored).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     threading.Thread(target=interrupt_when_ready, daemon=True).start()
     lines: list[str] = []
     started = time.monotonic()
-    with pytest.raises(KeyboardInterrupt):
+    with contextlib.ExitStack() as restore, pytest.raises(KeyboardInterrupt):
+        restore.callback(signal.signal, signal.SIGINT, previous)
         run_streaming([sys.executable, "-c", script], lines.append)
     assert time.monotonic() - started < 15
     assert lines == ["ready"]
