@@ -23,7 +23,6 @@ from prefect.states import Failed
 from tqdm import tqdm
 
 from flows.environment import PARENT_TASK_RUNS
-from flows.heartbeats import flow_run_heartbeats
 from flows.processes import run_streaming
 from gmpipe.config.params import Params, ParamsError, load_params
 from gmpipe.errors import GmpipeError
@@ -168,8 +167,7 @@ def run_stage(stage: str, params_file: str = "params.yaml", root: str = "."):
         # FastAPI's encoder, whose import alone costs 0.3 s per stage, for two strings.
         flow_run = client.create_flow_run(the_flow, parameters=parameters, state=Pending(),
                                           parent_task_run_id=_parent_task_run(stage, client))
-        with flow_run_heartbeats(flow_run, the_flow.name):
-            return run_flow_sync(the_flow, flow_run=flow_run, parameters=parameters, return_type="state")
+        return run_flow_sync(the_flow, flow_run=flow_run, parameters=parameters, return_type="state")
 
 
 def _parent_task_run(stage: str, client) -> uuid.UUID | None:
