@@ -140,8 +140,9 @@ class LatentDiffusion(LatentGenerator):
         for start in range(0, len(seeds), batch_size):
             stop = min(start + batch_size, len(seeds))
             cond = self.conditioning.encode(requests[start:stop], self.device)
-            latents, nfe = self.sample_latents(cond, noise.take(start, stop), **chosen)
-            images.append(signed_to_uint8(self.decode(latents)))
+            with self.autocast():
+                latents, nfe = self.sample_latents(cond, noise.take(start, stop), **chosen)
+                images.append(signed_to_uint8(self.decode(latents)))
         return Generated(np.concatenate(images), nfe)
 
     def likelihood(self, images: np.ndarray, requests: Sequence[Request] | None, seeds: Sequence[int], *,
@@ -186,7 +187,7 @@ class LatentDiffusion(LatentGenerator):
         null = self.denoiser.null_condition(len(noise), like=cond)
         model_fn = make_guided_model_fn(lambda x_t, t, c: self.denoiser(x_t, t, c), cond, null, w)
         latents, nfe = sample(model_fn, self.objective, start, steps, shift=shift, generator=noise)
-        return latents.cpu(), nfe
+        return latents.float().cpu(), nfe
 
 
 def denoising_step(denoiser: Denoiser, objective: Objective, p_uncond: float, name: str = "denoiser") -> LossStep:

@@ -113,6 +113,36 @@ def test_settings_are_the_models_own_unless_given(model):
         model.generate([0, 1], [1])
 
 
+def autocast_seen(*networks: torch.nn.Module) -> list[bool]:
+    """Whether bfloat16 autocast was on at each forward of ``networks`` (forward pre-hooks, left in place: the
+    returned list keeps filling)."""
+    seen: list[bool] = []
+    for network in networks:
+        network.register_forward_pre_hook(lambda module, args: seen.append(
+            torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16))
+    return seen
+
+
+def test_bf16_precision_runs_the_networks_under_autocast_and_keeps_the_images(tmp_path):
+    """precision "bf16": the denoiser and the decoder run under bfloat16 autocast, the images are uint8 within a
+    few levels of float32's, and the same seed still gives the same image; float32 runs no network in autocast.
+    An unknown precision is one clear error."""
+    ldm, vae = write_model_folders(tmp_path)
+    exact, half = load_generator(ldm, autoencoder=vae), load_generator(ldm, autoencoder=vae, precision="bf16")
+    assert (exact.precision, half.precision) == ("fp32", "bf16")
+    seen_exact = autocast_seen(exact.denoiser, exact.autoencoder.decoder)
+    seen_half = autocast_seen(half.denoiser, half.autoencoder.decoder)
+    reference = exact.generate(REQUESTS, SEEDS, steps=4).images
+    images = half.generate(REQUESTS, SEEDS, steps=4).images
+    assert seen_exact and not any(seen_exact)
+    assert seen_half and all(seen_half)
+    assert images.dtype == np.uint8 and images.shape == reference.shape
+    assert np.abs(images.astype(int) - reference.astype(int)).mean() < 3.0
+    np.testing.assert_array_equal(half.generate(REQUESTS[:2], SEEDS[:2], steps=4).images, images[:2])
+    with pytest.raises(GmpipeError, match="precision 'fp16': choose one of fp32, bf16"):
+        load_generator(ldm, autoencoder=vae, precision="fp16")
+
+
 def test_model_folders_are_found_by_their_family_file(tmp_path):
     """models/NAME and models/GROUP/NAME with a family.json are model folders; anything else, or hidden (an
     interrupted atomic write), is not."""

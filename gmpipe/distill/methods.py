@@ -59,7 +59,7 @@ class Reflow(DistillMethod):
     """A rectified-flow velocity student on the teacher's own (noise, sample) couplings, sampled with Euler in 1,
     2 or 4 steps."""
 
-    keys = ("reflow_pairs", "reflow_sampler", "reflow_teacher_steps")
+    keys = ("reflow_pairs", "reflow_sampler", "reflow_teacher_steps", "reflow_precision")
     paper = "Liu et al. 2022, Flow Straight and Fast: Learning to Generate and Transfer Data with Rectified Flow"
 
     def distill(self, session: DistillSession) -> list[Student]:
@@ -129,8 +129,10 @@ def cached_couplings(session: DistillSession, fingerprint: Fingerprint) -> Coupl
         sample = teacher_sample_fn(session.denoise, session.objective, config.reflow_teacher_steps,
                                    sampler=config.reflow_sampler, w=session.w, null_condition=session.null,
                                    shift=config.time_shift)
-        made = make_couplings(sample, n, session.latent_shape, seed=seed, cond=cond, batch_size=512,
-                              device=accelerator.device)
+        # bf16: the teacher's network evaluations under bfloat16 autocast (the sampler's state stays float32)
+        with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=config.reflow_precision == "bf16"):
+            made = make_couplings(sample, n, session.latent_shape, seed=seed, cond=cond, batch_size=512,
+                                  device=accelerator.device)
         with atomic_file(cache, "wb") as handle:
             handle.write(save({"noise": made.noise.contiguous(), "data": made.data.contiguous()},
                               metadata={"fingerprint": json.dumps(fingerprint.to_dict())}))

@@ -118,7 +118,8 @@ class LatentGAN(LatentGenerator):
         images, nfe = [], 0
         for start in range(0, len(seeds), batch_size):
             stop = min(start + batch_size, len(seeds))
-            latents, nfe = sample_latents(self.generator, None if labels is None else labels[start:stop],
-                                          list(seeds[start:stop]), batch_size, chosen["truncation"])
-            images.append(signed_to_uint8(self.decode(latents)))
+            with self.autocast():
+                latents, nfe = sample_latents(self.generator, None if labels is None else labels[start:stop],
+                                              list(seeds[start:stop]), batch_size, chosen["truncation"])
+                images.append(signed_to_uint8(self.decode(latents.float())))
         return Generated(np.concatenate(images), nfe)

@@ -159,4 +159,4 @@ def decode_latents(vae: AutoencoderKL | None, z: torch.Tensor, device: torch.dev
     them here."""
     if vae is None:
         raise GmpipeError("no autoencoder loaded: load the model with autoencoder=<the models/vae folder>")
-    return vae.decode(z.to(device)).sample.clamp(-1, 1).cpu()
+    return vae.decode(z.to(device)).sample.float().clamp(-1, 1).cpu()

@@ -202,7 +202,7 @@ def evaluate_teacher(config: EvaluateConfig, paths: Paths, reference: Reference,
     sampler and steps: at the chosen w (the headline) and at every w a student was distilled at; then its test
     likelihood. Every set is the first n of one list of samples (the headline seeds and labels), so a point met
     twice is generated and measured once (``gmpipe.eval.sample_bank``)."""
-    generator = load_generator(paths.ldm, autoencoder=paths.vae, device=device)
+    generator = load_generator(paths.ldm, autoencoder=paths.vae, device=device, precision=config.precision)
     conditional = generator.conditioning.conditional
     default = generator.settings
     n_sweep = min(config.sweep_samples, len(reference.features))
@@ -284,7 +284,8 @@ def evaluate_student(config: EvaluateConfig, paths: Paths, folder: Path, referen
     rows = []
     n = len(seeds)
     info = read_student_info(folder)
-    generator = load_generator(folder, autoencoder=paths.vae, device=device, missing_stage="distill")
+    generator = load_generator(folder, autoencoder=paths.vae, device=device, missing_stage="distill",
+                               precision=config.precision)
     labels = balanced_labels(n, len(class_names)) if generator.conditioning.conditional else None
     designed = [s for s in config.student_steps if s in info.steps] or info.steps[:1]
     for steps in designed:
@@ -307,8 +308,9 @@ def evaluate_one_step_end_to_end(config: EvaluateConfig, paths: Paths, reference
     end_to_end``): the student on its family-table row's seeds, labels and n, the teacher on one batch of them."""
     best = min((row for row in student_rows if row["nfe"] == 1), key=lambda row: row["fd_effnet"])
     name = best["model"].split(":", 1)[1]
-    student = load_generator(paths.student / name, autoencoder=paths.vae, device=device, missing_stage="distill")
-    teacher = load_generator(paths.ldm, autoencoder=paths.vae, device=device)
+    student = load_generator(paths.student / name, autoencoder=paths.vae, device=device, missing_stage="distill",
+                             precision=config.precision)
+    teacher = load_generator(paths.ldm, autoencoder=paths.vae, device=device, precision=config.precision)
     small = load_decoder_for(paths.decoder, paths.vae)
     n = best["n"]
     labels = balanced_labels(n, len(class_names)) if student.conditioning.conditional else None
@@ -340,7 +342,7 @@ def evaluate_model(config: EvaluateConfig, paths: Paths, folder: Path, reference
     test likelihood if its family defines one."""
     name = folder.relative_to(paths.models).as_posix()
     with timer.section(f"model {name}: samples"):
-        generator = load_generator(folder, autoencoder=paths.vae, device=device)
+        generator = load_generator(folder, autoencoder=paths.vae, device=device, precision=config.precision)
         n = min(config.n_samples, len(reference.features))
         labels = balanced_labels(n, len(class_names)) if generator.conditioning.conditional else None
         images, nfe, speed = timed_generate(generator, labels, seed_block(config.seed, HEADLINE_SEEDS, n),
@@ -408,7 +410,7 @@ def run(config: EvaluateConfig, device: str, paths: Paths) -> dict:
     torch.manual_seed(config.seed)
     timer = SectionTimer(log=tqdm.write, prefix="evaluate: ")
     started = time.perf_counter()
-    metrics: dict = {"machine": {**machine(), "device": str(device)}}
+    metrics: dict = {"machine": {**machine(), "device": str(device), "generation_precision": config.precision}}
     reference, real = build_reference(config, paths, class_names, device, timer)
     metrics.update({"classifier": {"test_accuracy": real["classifier_test_accuracy"],
                                    "test_n": real["classifier_test_n"]},
@@ -622,7 +624,8 @@ def write_report(paths: Paths, n_headline: int) -> None:
     sections.append(("Every model, one table",
                      "<p>One row per model and setting. FD-EffNetLite0 against as many real test images (n); floor: "
                      "train vs test images at the same n; images/s: generation including decoding on this machine "
-                     f"({machine_info['cpus']} CPUs, {machine_info['torch_threads']} torch threads, 1-minute load "
+                     f"({machine_info['cpus']} CPUs, {machine_info['torch_threads']} torch threads, networks in "
+                     f"{machine_info.get('generation_precision', 'fp32')}, 1-minute load "
                      f"{machine_info['load_average_1min']} at the start); likelihood: the model's own test "
                      "likelihood, in the unit and space below (not comparable across spaces).</p>"
                      + report.html_table(table, families.COLUMNS, families.HEADERS)))

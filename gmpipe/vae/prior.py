@@ -92,7 +92,8 @@ class VAEPrior(Generator):
         for start in range(0, len(seeds), batch_size):
             stop = min(start + batch_size, len(seeds))
             z = temperature * noise.take(start, stop).randn((stop - start, *self.latent_shape))
-            images.append(signed_to_uint8(self.autoencoder.decode(z.to(self.device)).sample))
+            with self.autocast():
+                images.append(signed_to_uint8(self.autoencoder.decode(z.to(self.device)).sample))
         return Generated(np.concatenate(images), 1)
 
     def likelihood(self, images: np.ndarray, requests: Sequence[Request] | None, seeds: Sequence[int], *,

@@ -26,6 +26,7 @@ from gmpipe.generator import load_generator
 from gmpipe.paths import Paths
 from gmpipe.stages import cache_latents, prepare, train_ar, train_gan, train_vae
 from tests.conftest import smoke_params
+from tests.test_generator import autocast_seen
 
 CLASSES = 10
 
@@ -174,6 +175,21 @@ def test_train_gan_writes_a_generator_grids_and_path_length(trained_gan, tmp_pat
                  "--device", "cpu", "--out", str(out)]) == 0
     with np.load(out) as saved:
         assert saved["images"].shape == (3, 1, 32, 32)
+
+
+@pytest.mark.parametrize("family", ["ar", "gan"])
+def test_bf16_precision_generates_under_autocast(trained_ar, trained_gan, family):
+    """``precision="bf16"`` (evaluate's ``precision``): the GAN's generator and every decoder run under bfloat16
+    autocast, the autoregressive prior's token loop in float32 (faster there); the images keep their shape, dtype
+    and per-seed determinism."""
+    _, paths, _ = trained_ar if family == "ar" else trained_gan
+    model = load_generator(getattr(paths, family), autoencoder=paths.vae, precision="bf16")
+    network = autocast_seen(*(model.model if family == "ar" else model.generator).modules())
+    decoder = autocast_seen(model.autoencoder.decoder)
+    images = assert_per_sample_seeds(model, [0, 3, 9], [11, 12, 13])
+    assert images.shape == (3, 1, 32, 32) and images.dtype == np.uint8
+    assert decoder and all(decoder)
+    assert network and all(network) == (family == "gan") and any(network) == (family == "gan")
 
 
 def test_unconditional_families_train_and_generate(latents, tmp_path):

@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from safetensors.torch import load_file
 
 from gmpipe.cli import main
 from gmpipe.conditioning import ClassLabels, Conditioning
@@ -254,6 +255,7 @@ def test_evaluate_writes_metrics_plots_samples_and_report(evaluated):
     assert metrics["teacher"]["fd_effnet"] > 0 and 0 <= metrics["teacher"]["accuracy"] <= 1
     assert metrics["vae"]["n"] == n and "psnr" in metrics["vae"]
     assert metrics["notes"] == []
+    assert metrics["machine"]["generation_precision"] == params.evaluate.precision == "fp32"
     assert metrics["students"]["progressive-1step_1step"]["nfe"] == 1
     assert metrics["students"]["reflow_2step"]["n"] == n
     out = paths.reports / "evaluate"
@@ -518,6 +520,18 @@ def test_distill_reruns_only_what_changed(distilled, tmp_path, capsys):
     assert "distill reflow: resuming from" in out and "distill progressive 1-step: resuming from" in out
     assert sorted(root.glob("reflow-couplings-*")) == couplings
     assert (root / "consistency.stale").is_dir()
+    # The teacher's precision while it makes the couplings is theirs: bf16 remakes them (close to float32's) and
+    # restarts reflow alone.
+    exact = load_file(couplings[0])["data"]
+    changed = changed.replace(reflow_precision="bf16")
+    distill.run(changed, params.compute, paths)
+    out = capsys.readouterr().out
+    assert 'distill reflow: starting over: distill.reflow_precision changed ("fp32" -> "bf16")' in out, out
+    assert out.count("starting over") == 1, out
+    couplings = sorted(root.glob("reflow-couplings-*"))
+    rounded = load_file(couplings[0])["data"]
+    assert len(couplings) == 1 and not torch.equal(rounded, exact)
+    assert (rounded - exact).abs().mean() < 0.05 * exact.std()
     # A new guidance weight changes every student and the teacher couplings reflow trains on.
     guided = changed.replace(guidance=2.0)
     distill.run(guided, params.compute, paths)
