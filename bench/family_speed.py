@@ -96,7 +96,8 @@ def read_measurements(root: Path) -> tuple[TeacherSetting | None, list[Measured]
     metrics = json.loads((root / METRICS).read_text())
     machine = metrics.get("machine", {})
     notes = [f"images/s as evaluate measured them once, on {machine.get('cpus')} CPUs, {machine.get('torch_threads')}"
-             f" torch threads, device {machine.get('device')}, 1-minute load {machine.get('load_average_1min')} when "
+             f" torch threads, device {machine.get('device')}, networks in {machine.get('generation_precision', 'fp32')},"
+             f" 1-minute load {machine.get('load_average_1min')} when "
              f"it started; read from {root / METRICS}"]
     teacher = metrics.get("teacher")
     reference = None if not teacher else TeacherSetting(teacher["sampler"], int(teacher["steps"]), float(teacher["w"]))

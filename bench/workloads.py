@@ -66,7 +66,8 @@ def synthetic_images(n: int, seed: int = 0) -> torch.Tensor:
 
 
 def demo_autoencoder():
-    """The demo's AutoencoderKL (``train_vae`` defaults: widths 32, 64, 64, 4 latent channels), random init."""
+    """An AutoencoderKL of ``train_vae``'s default shape (widths 32, 64, 64, 4 latent channels; the demo's params use
+    32, 32, 64), random init."""
     from gmpipe.nn.autoencoder import build_autoencoder
 
     config = TrainVAEConfig()
