@@ -23,6 +23,7 @@ from prefect.states import Failed
 from tqdm import tqdm
 
 from flows.environment import PARENT_TASK_RUNS
+from flows.heartbeats import engine_heartbeats_off, flow_run_heartbeats
 from flows.processes import run_streaming
 from gmpipe.config.params import Params, ParamsError, load_params
 from gmpipe.errors import GmpipeError
@@ -128,24 +129,32 @@ def stage_flow(stage: str):
 
     @flow(name=stage, log_prints=True, validate_parameters=False)
     def run_flow(params_file: str = "params.yaml", root: str = "."):
-        start = time.perf_counter()
-        try:
-            params = load_params(Path(root) / params_file)
-            if needs_launcher(stage, params):
-                summary = launch_stage(stage, params, params_file, root)
-            else:
-                with listening(ProgressToPrefect()):
-                    summary = run_stage_function(stage, params, Paths(Path(root)))
-        except (GmpipeError, ParamsError, FileNotFoundError) as exc:
-            return Failed(message=str(exc))
-        summary["resources"] = {"seconds": round(time.perf_counter() - start, 3), "peak_memory_mib": peak_memory_mib()}
-        print(resources_line(stage, summary["resources"]), flush=True)
-        create_markdown_artifact(
-            key=stage.replace("_", "-"), markdown=summary_markdown(stage, summary), description=f"{stage} summary"
-        )
-        return summary
+        # Run through run_stage, the flow run's heartbeats are gmpipe's, sent from inside the run (flows.heartbeats).
+        with flow_run_heartbeats():
+            return _stage_in_flow_run(stage, params_file, root)
 
     return run_flow
+
+
+def _stage_in_flow_run(stage: str, params_file: str, root: str):
+    """The body of a stage's flow: the stage's summary (also as a markdown artifact), or a Failed state for a user
+    error."""
+    start = time.perf_counter()
+    try:
+        params = load_params(Path(root) / params_file)
+        if needs_launcher(stage, params):
+            summary = launch_stage(stage, params, params_file, root)
+        else:
+            with listening(ProgressToPrefect()):
+                summary = run_stage_function(stage, params, Paths(Path(root)))
+    except (GmpipeError, ParamsError, FileNotFoundError) as exc:
+        return Failed(message=str(exc))
+    summary["resources"] = {"seconds": round(time.perf_counter() - start, 3), "peak_memory_mib": peak_memory_mib()}
+    print(resources_line(stage, summary["resources"]), flush=True)
+    create_markdown_artifact(
+        key=stage.replace("_", "-"), markdown=summary_markdown(stage, summary), description=f"{stage} summary"
+    )
+    return summary
 
 
 def run_stage(stage: str, params_file: str = "params.yaml", root: str = "."):
@@ -167,7 +176,8 @@ def run_stage(stage: str, params_file: str = "params.yaml", root: str = "."):
         # FastAPI's encoder, whose import alone costs 0.3 s per stage, for two strings.
         flow_run = client.create_flow_run(the_flow, parameters=parameters, state=Pending(),
                                           parent_task_run_id=_parent_task_run(stage, client))
-        return run_flow_sync(the_flow, flow_run=flow_run, parameters=parameters, return_type="state")
+        with engine_heartbeats_off():
+            return run_flow_sync(the_flow, flow_run=flow_run, parameters=parameters, return_type="state")
 
 
 def _parent_task_run(stage: str, client) -> uuid.UUID | None:
