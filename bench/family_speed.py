@@ -95,10 +95,10 @@ def read_measurements(root: Path) -> tuple[TeacherSetting | None, list[Measured]
     left out, so each teacher curve is one sampler at one w."""
     metrics = json.loads((root / METRICS).read_text())
     machine = metrics.get("machine", {})
+    precision = machine.get("generation_precision", "fp32")
     notes = [f"images/s as evaluate measured them once, on {machine.get('cpus')} CPUs, {machine.get('torch_threads')}"
-             f" torch threads, device {machine.get('device')}, networks in {machine.get('generation_precision', 'fp32')},"
-             f" 1-minute load {machine.get('load_average_1min')} when "
-             f"it started; read from {root / METRICS}"]
+             f" torch threads, device {machine.get('device')}, networks in {precision}, 1-minute load "
+             f"{machine.get('load_average_1min')} when it started; read from {root / METRICS}"]
     teacher = metrics.get("teacher")
     reference = None if not teacher else TeacherSetting(teacher["sampler"], int(teacher["steps"]), float(teacher["w"]))
     rows = [family_row(row) for row in metrics.get("families", {}).values()]

@@ -116,3 +116,16 @@ def flow_run_heartbeats() -> Iterator[None]:
     finally:
         stop.set()
         thread.join(JOIN_SECONDS)
+        _wait_until_sent(JOIN_SECONDS)
+
+
+def _wait_until_sent(seconds: float) -> None:
+    """Wait (at most ``seconds``) until the process's events worker has sent every event queued so far, as Prefect's
+    task runners do before they finish: a heartbeat sent as the run ends is delivered, and a stage that fails at once
+    does not end its output with the worker's "Still processing items" warning at exit, after its one error line."""
+    from prefect.events.worker import EventsWorker
+
+    worker = EventsWorker.instance()
+    waiter = threading.Thread(target=worker.wait_until_empty, daemon=True, name="gmpipe: events sent")
+    waiter.start()
+    waiter.join(seconds)

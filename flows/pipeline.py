@@ -421,12 +421,14 @@ def pipeline(stages: list[str] | None = None, root: str = ".", force: bool = Fal
             pull_outputs(remote, root)
         else:
             print(f"no DVC remote configured ({REMOTE_ENV} or `dvc remote add -d`): nothing pulled or pushed")
-        date = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        # The code the run starts on: described before dvc repro rewrites dvc.lock and the reports (which would
+        # make every finished run read "-dirty").
+        date, commit = datetime.now(timezone.utc).isoformat(timespec="seconds"), code_version(root)
         load_before, start = _load_average(), time.perf_counter()
         outcome = repro_stages(selected, root, force)
         if isinstance(outcome, State):
             return outcome
-        record = RunRecord(date, code_version(root), selected, selected == order, force, os.cpu_count(), load_before,
+        record = RunRecord(date, commit, selected, selected == order, force, os.cpu_count(), load_before,
                            _load_average(), round(time.perf_counter() - start, 3), outcome)
         if remote:
             push_outputs(remote, root)

@@ -64,6 +64,16 @@ def test_pipeline_flow_runs_dvc_repro_then_skips(prefect_api, dvc_project):
     assert len(record["load_average_start"]) == len(record["load_average_end"]) == 3 and record["cpus"] >= 1
     assert record["date"].endswith("+00:00")
 
+    # On a clean commit the record names it as the run started, though the run rewrites dvc.lock and the reports.
+    params["prepare"]["max_per_class"] = 4
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-q", "-m", "four per class"], root)
+    head = run(["git", "rev-parse", "--short", "HEAD"], root).stdout.strip()
+    run(["gmpipe", "pipeline", "prepare"], root)
+    assert run(["git", "status", "--porcelain"], root).stdout.strip()  # the run changed tracked files
+    assert json.loads((root / "reports/pipeline_run.json").read_text())["commit"] == head
+
 
 def test_stage_reports_bad_params_without_traceback(prefect_api, dvc_project):
     root = dvc_project(smoke_params(data={"image_size": 2}))
