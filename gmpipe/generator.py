@@ -41,6 +41,7 @@ from gmpipe.artifacts import ArtifactError, read_json
 from gmpipe.conditioning import Conditioning, Request
 from gmpipe.errors import GmpipeError
 from gmpipe.family_file import FAMILY_FILE, FamilyFile, write_family_file
+from gmpipe.precision import bf16_autocast
 from gmpipe.registry import MODEL_FAMILIES
 
 DEFAULT_BATCH_SIZE = 256
@@ -101,7 +102,7 @@ class Generator:
     def autocast(self) -> torch.autocast:
         """The context every network evaluation of ``generate`` runs under: bfloat16 autocast on the model's device
         type with ``precision`` "bf16", else a disabled one."""
-        return torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+        return bf16_autocast(self.device, self.precision == "bf16")
 
     @classmethod
     def load(cls, folder: Path, stage: str, *, autoencoder: Path | None = None,

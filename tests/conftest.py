@@ -94,3 +94,15 @@ def dvc_project(tmp_path) -> callable:
         return root
 
     return make
+
+
+def autocast_seen(*networks) -> list[bool]:
+    """Whether bfloat16 autocast was on at each forward of ``networks`` (torch modules; forward pre-hooks, left in
+    place: the returned list keeps filling)."""
+    import torch
+
+    seen: list[bool] = []
+    for network in networks:
+        network.register_forward_pre_hook(lambda module, args: seen.append(
+            torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16))
+    return seen

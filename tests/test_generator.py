@@ -20,6 +20,7 @@ from gmpipe.latent_diffusion import LatentDiffusion
 from gmpipe.pixels import signed_to_uint8
 from gmpipe.registry import MODEL_FAMILIES, SAMPLERS
 from gmpipe.seeds import SampleNoise
+from tests.conftest import autocast_seen
 from tests.hostile import write_model_folders
 
 REQUESTS = [0, 1, 1, 0, 1, 0, 0]
@@ -111,16 +112,6 @@ def test_settings_are_the_models_own_unless_given(model):
         model.generate([0], [1], temperature=0.7)
     with pytest.raises(ValueError, match="2 requests but 1 seeds"):
         model.generate([0, 1], [1])
-
-
-def autocast_seen(*networks: torch.nn.Module) -> list[bool]:
-    """Whether bfloat16 autocast was on at each forward of ``networks`` (forward pre-hooks, left in place: the
-    returned list keeps filling)."""
-    seen: list[bool] = []
-    for network in networks:
-        network.register_forward_pre_hook(lambda module, args: seen.append(
-            torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16))
-    return seen
 
 
 def test_bf16_precision_runs_the_networks_under_autocast_and_keeps_the_images(tmp_path):

@@ -86,3 +86,4 @@ PositiveInt = Annotated[int, Field(ge=1)]
 # numpy's legacy seeding takes 32 bits, and the loop derives per-epoch torch seeds as seed * 1_000_003 + epoch,
 # which must stay below 2**64.
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
+Precision = Literal["fp32", "bf16"]  # of networks that only run (encoding, sampling): float32 or bfloat16 autocast

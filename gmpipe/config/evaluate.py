@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import Field
 
-from gmpipe.config.base import Section, Seed, one_of
+from gmpipe.config.base import Precision, Section, Seed, one_of
 from gmpipe.registry import SAMPLERS
 
 Steps = Annotated[int, Field(ge=1, le=1000)]
@@ -21,8 +21,8 @@ class EvaluateConfig(Section):
     Inception-v3 returning 2048-d pool features); EfficientNet-Lite0 distances are always reported as fd_effnet.
     ``likelihood_samples`` test images for the test likelihood of every model whose family defines one (0: off).
     ``precision``: of the models' network evaluations while they generate (sampling and decoding; "bf16": bfloat16
-    autocast, ~2x faster on a CPU with bf16 instructions); the judges (feature network, classifier) and the
-    likelihoods always run in float32. Every row records the precision it was generated in.
+    autocast: 1.5-2x faster sampling on a CPU with bf16 instructions); the judges (feature network, classifier) and the
+    likelihoods always run in float32. ``metrics.json`` records it (``machine.generation_precision``).
     """
 
     seed: Seed = 0
@@ -30,7 +30,7 @@ class EvaluateConfig(Section):
     sweep_samples: Annotated[int, Field(ge=10)] = 500
     feature_image_size: Annotated[int, Field(ge=32, le=512)] = 64
     batch_size: Annotated[int, Field(ge=1)] = 250
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Precision = "fp32"
     sweep_samplers: list[one_of(SAMPLERS)] = ["euler", "heun", "ddim", "ddpm", "sde"]
     sweep_steps: list[Steps] = [1, 2, 4, 8, 16, 32, 50]
     guidance_sweep: list[Annotated[float, Field(ge=0.0, le=50.0)]] = [0.0, 0.5, 1.0, 2.0, 3.0, 5.0]

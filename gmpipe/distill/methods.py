@@ -24,6 +24,7 @@ from gmpipe.distill.reflow import Couplings, make_couplings, reflow_objective, t
 from gmpipe.distill.session import DistillMethod, DistillSession, Student
 from gmpipe.errors import GmpipeError
 from gmpipe.fingerprint import Fingerprint, hash_tensors
+from gmpipe.precision import bf16_autocast
 
 
 class ProgressiveDistillation(DistillMethod):
@@ -130,7 +131,7 @@ def cached_couplings(session: DistillSession, fingerprint: Fingerprint) -> Coupl
                                    sampler=config.reflow_sampler, w=session.w, null_condition=session.null,
                                    shift=config.time_shift)
         # bf16: the teacher's network evaluations under bfloat16 autocast (the sampler's state stays float32)
-        with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=config.reflow_precision == "bf16"):
+        with bf16_autocast(accelerator.device, config.reflow_precision == "bf16"):
             made = make_couplings(sample, n, session.latent_shape, seed=seed, cond=cond, batch_size=512,
                                   device=accelerator.device)
         with atomic_file(cache, "wb") as handle:

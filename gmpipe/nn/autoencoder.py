@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from gmpipe.artifacts import load_model_folder
 from gmpipe.errors import GmpipeError
 from gmpipe.pixels import uint8_to_signed
+from gmpipe.precision import bf16_autocast
 
 
 def build_autoencoder(
@@ -142,7 +143,7 @@ def encode_to_latents(vae: AutoencoderKL, images: np.ndarray, batch_size: int, d
     """uint8 images (N, C, H, W) -> posterior mean and std, (N, c, h, w) float32 each on the CPU; the autoencoder
     runs on ``device`` (where it already is), under bfloat16 autocast with ``bf16``."""
     means, stds = [], []
-    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
+    autocast = bf16_autocast(device, bf16)
     for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", mininterval=1.0):
         x = uint8_to_signed(torch.from_numpy(images[start : start + batch_size]).to(device))
         with autocast:

@@ -25,8 +25,7 @@ from gmpipe.gan.family import LatentGAN
 from gmpipe.generator import load_generator
 from gmpipe.paths import Paths
 from gmpipe.stages import cache_latents, prepare, train_ar, train_gan, train_vae
-from tests.conftest import smoke_params
-from tests.test_generator import autocast_seen
+from tests.conftest import autocast_seen, smoke_params
 
 CLASSES = 10
 
