@@ -1,6 +1,6 @@
-"""The precision of networks that only run (encoding latents, sampling, decoding): a ``precision`` setting of
-``fp32`` or ``bf16`` (``gmpipe.config.base.Precision``) becomes one autocast context. Training takes its precision
-from ``compute.mixed_precision`` through accelerate instead."""
+"""The precision of networks that only run (encoding latents, sampling, decoding) and of the evaluate stage's judge
+classifier while it trains: a ``precision`` setting of ``fp32`` or ``bf16`` (``gmpipe.config.base.Precision``)
+becomes one autocast context. The training stages take theirs from ``compute.mixed_precision`` through accelerate."""
 
 from __future__ import annotations
 

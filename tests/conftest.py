@@ -12,7 +12,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gmpipe.config import yaml_io
+# `make test` runs the suite in pytest-xdist workers, one per core. Each worker, and every process it starts, gets one
+# torch/OpenMP thread unless OMP_NUM_THREADS says otherwise: with torch's default (a thread per core in every
+# worker) the workers' threads outnumber the cores and small kernels slow down many times over.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+from gmpipe.config import yaml_io  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE_FASHION_MNIST = REPO / "tests" / "fixtures" / "fashion-mnist-mini"
@@ -57,8 +65,17 @@ def prefect_api(tmp_path_factory) -> str:
 
     with local_server(log_file=home / "server.log") as api_url:
         os.environ["PREFECT_API_URL"] = api_url
+        _prefect_reads_the_environment()
         yield api_url
     os.environ.pop("PREFECT_API_URL", None)
+
+
+def _prefect_reads_the_environment() -> None:
+    """Prefect reads its settings from the environment once, when it is first imported: a test module that imported
+    it before the session's settings were set would otherwise run its flows on a temporary server of its own, in the
+    default PREFECT_HOME (~/.prefect), not on the session's."""
+    if "prefect.context" in sys.modules:
+        sys.modules["prefect.context"].refresh_global_settings_context()
 
 
 def run(command: list[str], cwd: Path, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:

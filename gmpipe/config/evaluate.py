@@ -23,6 +23,8 @@ class EvaluateConfig(Section):
     ``precision``: of the models' network evaluations while they generate (sampling and decoding; "bf16": bfloat16
     autocast: 1.5-2x faster sampling on a CPU with bf16 instructions); the judges (feature network, classifier) and the
     likelihoods always run in float32. ``metrics.json`` records it (``machine.generation_precision``).
+    ``classifier_precision``: the classifier's forward passes while it trains on the real data ("bf16": bfloat16
+    autocast, 1.7x faster here at equal test accuracy); it always predicts in float32.
     """
 
     seed: Seed = 0
@@ -38,6 +40,7 @@ class EvaluateConfig(Section):
     likelihood_samples: Annotated[int, Field(ge=0, le=100_000)] = 256
     classifier_steps: Annotated[int, Field(ge=1)] = 1500
     classifier_batch_size: Annotated[int, Field(ge=1)] = 128
+    classifier_precision: Precision = "fp32"
     kid_subsets: Annotated[int, Field(ge=1)] = 50
     pr_k: Annotated[int, Field(ge=1)] = 3
     fid_module: str | None = None

@@ -18,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gmpipe.artifacts import atomic_file, load_model_folder, read_json, read_safetensors
+from gmpipe.precision import bf16_autocast
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -70,12 +71,14 @@ def train_classifier(
     progress: bool = False,
     width: int = 32,
     device: torch.device | str = "cpu",
+    precision: str = "fp32",
 ) -> SmallCNN:
     """Train a ``SmallCNN`` with AdamW and cross-entropy on images (N, C, H, W) in [-1, 1], labels (N,).
 
     Batches are drawn uniformly with replacement. Initialisation and batches depend only on ``seed`` (the global
-    RNG is left untouched). The model trains on ``device`` (the data stays on the CPU; each batch is moved).
-    Returns the model in eval mode, on ``device``.
+    RNG is left untouched). The model trains on ``device`` (the data stays on the CPU; each batch is moved), its
+    forward passes under bfloat16 autocast when ``precision`` is "bf16" (weights, gradients and the optimizer stay
+    float32). Returns the model in eval mode, on ``device``; it predicts in float32 either way.
     """
     if images.ndim != 4 or images.shape[1] not in (1, 3) or len(images) != len(labels):
         raise ValueError(
@@ -92,7 +95,9 @@ def train_classifier(
     bar = tqdm(range(steps), desc="classifier", disable=not progress)
     for _ in bar:
         index = torch.randint(len(images), (batch_size,), generator=generator)
-        loss = F.cross_entropy(model(images[index].to(device).float()), labels[index].to(device))
+        with bf16_autocast(device, precision == "bf16"):
+            logits = model(images[index].to(device).float())
+        loss = F.cross_entropy(logits.float(), labels[index].to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

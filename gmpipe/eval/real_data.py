@@ -124,17 +124,18 @@ class RealClassifier:
 
 def real_classifier(train: Split, test: Split, num_classes: int, steps: int, batch_size: int, seed: int,
                     data: dict[str, str], device: torch.device, cache: ContentCache,
-                    progress: bool = False) -> RealClassifier:
-    """``train_classifier`` on the train split and its accuracy on the test split, from ``cache`` when it holds
-    them."""
+                    progress: bool = False, precision: str = "fp32") -> RealClassifier:
+    """``train_classifier`` on the train split (forward passes in ``precision``) and its accuracy on the test split,
+    from ``cache`` when it holds them."""
     fingerprint = _fingerprint({"evaluate.seed": seed, "evaluate.classifier_steps": steps,
-                                "evaluate.classifier_batch_size": batch_size, "num_classes": num_classes}, data, device)
+                                "evaluate.classifier_batch_size": batch_size, "num_classes": num_classes,
+                                "evaluate.classifier_precision": precision}, data, device)
     config = ClassifierConfig(in_channels=train.images.shape[1], num_classes=num_classes)
 
     def compute() -> dict[str, torch.Tensor]:
         model = train_classifier(uint8_to_signed(train.images), torch.from_numpy(train.labels), num_classes,
                                  steps=steps, batch_size=batch_size, seed=seed, progress=progress,
-                                 width=config.width, device=device)
+                                 width=config.width, device=device, precision=precision)
         test_accuracy = accuracy(model, uint8_to_signed(test.images), torch.from_numpy(test.labels))
         return {**{f"model.{name}": value for name, value in model.state_dict().items()},
                 "test_accuracy": torch.tensor(test_accuracy, dtype=torch.float64)}

@@ -93,7 +93,8 @@ def build_reference(config: EvaluateConfig, paths: Paths, class_names: list[str]
 
     with timer.section("classifier"):
         classifier = real_classifier(train, test, len(class_names), config.classifier_steps,
-                                     config.classifier_batch_size, config.seed, data, device, cache, progress=True)
+                                     config.classifier_batch_size, config.seed, data, device, cache, progress=True,
+                                     precision=config.classifier_precision)
         save_classifier(classifier.model, _out(paths) / "classifier")
 
     extra = {}
@@ -413,7 +414,8 @@ def run(config: EvaluateConfig, device: str, paths: Paths) -> dict:
     metrics: dict = {"machine": {**machine(), "device": str(device), "generation_precision": config.precision}}
     reference, real = build_reference(config, paths, class_names, device, timer)
     metrics.update({"classifier": {"test_accuracy": real["classifier_test_accuracy"],
-                                   "test_n": real["classifier_test_n"]},
+                                   "test_n": real["classifier_test_n"],
+                                   "training_precision": config.classifier_precision},
                     "floor": real["floor"], "cache": real["cached"]})
     if paths.vae.is_dir():
         with timer.section("autoencoder"):

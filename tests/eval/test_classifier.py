@@ -47,6 +47,27 @@ def test_training_is_seeded_and_leaves_global_rng_alone():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_training_forward_passes_run_in_the_precision_asked_and_prediction_in_float32(precision, monkeypatch):
+    images, labels = quadrant_task(256, seed=0)
+    seen = []
+    original = SmallCNN.forward
+
+    def forward(self, x):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return original(self, x)
+
+    monkeypatch.setattr(SmallCNN, "forward", forward)
+    model = train_classifier(images, labels, num_classes=4, steps=60, batch_size=32, lr=3e-3, seed=0, width=16,
+                             precision=precision)
+    assert seen == [precision == "bf16"] * 60
+    seen.clear()
+    test_images, test_labels = quadrant_task(200, seed=1)
+    assert accuracy(model, test_images, test_labels) > 0.9  # bf16 learns the task as well
+    assert seen and not any(seen)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
 def test_rgb_input_at_64_px():
     model = SmallCNN(ClassifierConfig(in_channels=3, num_classes=5, width=8))
     assert model(torch.zeros(2, 3, 64, 64)).shape == (2, 5)

@@ -75,3 +75,6 @@ def test_a_second_run_reads_the_classifier_the_first_trained(prepared, tmp_path)
     for name, value in first.model.state_dict().items():
         torch.testing.assert_close(second.model.state_dict()[name], value, rtol=0, atol=0)
     assert not real_classifier(train, test, 3, 5, 8, 0, data_hashes(folder), CPU, cache).cached  # more steps
+    bf16 = real_classifier(train, test, 3, 4, 8, 0, data_hashes(folder), CPU, cache, precision="bf16")
+    assert not bf16.cached  # another training precision is another classifier
+    assert real_classifier(train, test, 3, 4, 8, 0, data_hashes(folder), CPU, cache, precision="bf16").cached

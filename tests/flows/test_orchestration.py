@@ -23,6 +23,15 @@ def _artifacts(key: str) -> list:
         return client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
 
 
+def test_flows_run_in_the_test_process_report_to_the_session_server(prefect_api):
+    # Prefect may have been imported (by another test module) before the session server existed; its settings must
+    # still name that server, or in-process flows would start a temporary server of their own.
+    import prefect  # noqa: F401
+    from prefect.settings import get_current_settings
+
+    assert get_current_settings().api.url == prefect_api
+
+
 def test_pipeline_flow_runs_dvc_repro_then_skips(prefect_api, dvc_project):
     root = dvc_project(smoke_params(prepare={"max_per_class": 5}))
     first = run(["gmpipe", "pipeline", "prepare"], root)

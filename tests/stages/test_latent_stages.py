@@ -426,6 +426,7 @@ def test_evaluate_names_missing_models(tmp_path):
         "run the 'train_vae' stage to evaluate it", "run the 'train_ldm' stage to evaluate it",
         "run the 'distill' stage to evaluate it"]
     assert "teacher" not in metrics and metrics["floor"]["20"]["n"] == 20
+    assert metrics["classifier"]["training_precision"] == "fp32"  # smoke params: the default
     assert metrics["floor"]["20"]["fid"] > 0  # true FID on the user's own network + local weights file
     timings = metrics["timings"]  # wall seconds per part; the parts do not overlap, so they add up to at most the total
     assert {"real features", "classifier", "floor", "total"} <= set(timings) and timings["classifier"] > 0
