@@ -23,8 +23,10 @@ class EvaluateConfig(Section):
     ``precision``: of the models' network evaluations while they generate (sampling and decoding; "bf16": bfloat16
     autocast: 1.5-2x faster sampling on a CPU with bf16 instructions); the judges (feature network, classifier) and the
     likelihoods always run in float32. ``metrics.json`` records it (``machine.generation_precision``).
-    ``classifier_precision``: the classifier's forward passes while it trains on the real data ("bf16": bfloat16
-    autocast, 1.7x faster here at equal test accuracy); it always predicts in float32.
+    ``batch_size`` images per generating batch; ``feature_batch_size`` per forward pass of the feature networks
+    (small is fast on a CPU, larger on a GPU; the features do not depend on it). ``classifier_precision``: the
+    classifier's forward passes while it trains on the real data ("bf16": bfloat16 autocast, 1.7x faster here at
+    equal test accuracy); it always predicts in float32.
     """
 
     seed: Seed = 0
@@ -32,6 +34,7 @@ class EvaluateConfig(Section):
     sweep_samples: Annotated[int, Field(ge=10)] = 500
     feature_image_size: Annotated[int, Field(ge=32, le=512)] = 64
     batch_size: Annotated[int, Field(ge=1)] = 250
+    feature_batch_size: Annotated[int, Field(ge=1)] = 64  # gmpipe.nn.features.FEATURE_BATCH_SIZE (no torch here)
     precision: Precision = "fp32"
     sweep_samplers: list[one_of(SAMPLERS)] = ["euler", "heun", "ddim", "ddpm", "sde"]
     sweep_steps: list[Steps] = [1, 2, 4, 8, 16, 32, 50]

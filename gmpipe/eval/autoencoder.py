@@ -46,12 +46,11 @@ def autoencoder_metrics(vae, test_images: np.ndarray, train_images: np.ndarray, 
     test = uint8_to_signed(test_images[test_index])
     reconstructions, kl = reconstruct(vae, test, batch_size, device)
     if real_features is None:
-        real_features = (features.extract(test, batch_size=batch_size),
-                         features.extract(uint8_to_signed(train_images[train_index]), batch_size=batch_size))
+        real_features = (features.extract(test), features.extract(uint8_to_signed(train_images[train_index])))
     f_test, f_train = real_features
     if len(f_test) != n or len(f_train) != n:
         raise ValueError(f"real features for {len(f_test)} test and {len(f_train)} train images; expected {n} each")
-    fd_recon = frechet_distance_from_features(features.extract(reconstructions, batch_size=batch_size), f_test)
+    fd_recon = frechet_distance_from_features(features.extract(reconstructions), f_test)
     fd_floor = frechet_distance_from_features(f_train, f_test)
     return {
         "n": n,

@@ -88,8 +88,8 @@ def build_reference(config: EvaluateConfig, paths: Paths, class_names: list[str]
     data = data_hashes(paths.prepared)
     with timer.section("real features"):
         extractor = EffNetLite0Features(image_size=config.feature_image_size).to(device)
-        features = real_features(extractor, train, test, selection, data, config.seed, config.batch_size, device,
-                                 cache)
+        features = real_features(extractor, train, test, selection, data, config.seed, config.feature_batch_size,
+                                 device, cache)
 
     with timer.section("classifier"):
         classifier = real_classifier(train, test, len(class_names), config.classifier_steps,
@@ -102,7 +102,7 @@ def build_reference(config: EvaluateConfig, paths: Paths, class_names: list[str]
         with timer.section("real features (fid)"):
             extra["fid"] = _fid_extractor(config, uint8_to_signed(test.images[selection.test_order]), device)
     reference = Reference(features.test, extractor, classifier.model, extra, config.kid_subsets, config.pr_k,
-                          config.batch_size)
+                          config.feature_batch_size)
 
     # The real-data floor: train vs test images, at each n used below.
     floor = {}
@@ -129,7 +129,7 @@ def _fid_extractor(config: EvaluateConfig, test_images: torch.Tensor, device: to
     if not Path(config.fid_weights).is_file():
         raise GmpipeError(f"evaluate.fid_weights: {config.fid_weights}: file not found")
     extractor = load_state_dict_features(factory_fn, config.fid_weights).to(device)
-    return extractor, extractor.extract(test_images, batch_size=config.batch_size)
+    return extractor, extractor.extract(test_images, batch_size=config.feature_batch_size)
 
 
 def choose_guidance(guidance_rows: list[dict], real_accuracy: float) -> float:

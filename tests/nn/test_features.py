@@ -4,7 +4,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from gmpipe.config.evaluate import EvaluateConfig
 from gmpipe.nn.features import (
+    FEATURE_BATCH_SIZE,
     IMAGENET_MEAN,
     IMAGENET_STD,
     EffNetLite0Features,
@@ -46,6 +48,12 @@ def test_effnet_gives_finite_pooled_features(effnet):
     # Batching does not change the result, and grey input equals its 3-channel repeat.
     np.testing.assert_allclose(features[:5], effnet.extract(grey, batch_size=10), rtol=1e-4, atol=1e-5)
     assert effnet.extract(rgb).shape == (5, 1280)
+
+
+def test_the_default_feature_batch_is_evaluates_and_gives_the_same_features(effnet):
+    assert EvaluateConfig().feature_batch_size == FEATURE_BATCH_SIZE
+    images = synthetic_images(FEATURE_BATCH_SIZE + 7, 1, 32, seed=2)  # two batches, the last one short
+    np.testing.assert_allclose(effnet.extract(images), effnet.extract(images, batch_size=250), rtol=1e-4, atol=1e-5)
 
 
 def test_effnet_stays_frozen_in_eval_mode(effnet):
