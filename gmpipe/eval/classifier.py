@@ -18,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gmpipe.artifacts import atomic_file, load_model_folder, read_json, read_safetensors
+from gmpipe.config.base import Precision
 from gmpipe.precision import bf16_autocast
 
 CONFIG_FILE = "config.json"
@@ -71,7 +72,7 @@ def train_classifier(
     progress: bool = False,
     width: int = 32,
     device: torch.device | str = "cpu",
-    precision: str = "fp32",
+    precision: Precision = "fp32",
 ) -> SmallCNN:
     """Train a ``SmallCNN`` with AdamW and cross-entropy on images (N, C, H, W) in [-1, 1], labels (N,).
 

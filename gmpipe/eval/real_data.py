@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gmpipe.config.base import Precision
 from gmpipe.content_cache import ContentCache
 from gmpipe.data.prepared import Split
 from gmpipe.eval.autoencoder import autoencoder_selection
@@ -124,7 +125,7 @@ class RealClassifier:
 
 def real_classifier(train: Split, test: Split, num_classes: int, steps: int, batch_size: int, seed: int,
                     data: dict[str, str], device: torch.device, cache: ContentCache,
-                    progress: bool = False, precision: str = "fp32") -> RealClassifier:
+                    progress: bool = False, precision: Precision = "fp32") -> RealClassifier:
     """``train_classifier`` on the train split (forward passes in ``precision``) and its accuracy on the test split,
     from ``cache`` when it holds them."""
     fingerprint = _fingerprint({"evaluate.seed": seed, "evaluate.classifier_steps": steps,
