@@ -65,12 +65,12 @@ def prefect_api(tmp_path_factory) -> str:
 
     with local_server(log_file=home / "server.log") as api_url:
         os.environ["PREFECT_API_URL"] = api_url
-        _prefect_reads_the_environment()
+        prefect_reads_the_environment()
         yield api_url
     os.environ.pop("PREFECT_API_URL", None)
 
 
-def _prefect_reads_the_environment() -> None:
+def prefect_reads_the_environment() -> None:
     """Prefect reads its settings from the environment once, when it is first imported: a test module that imported
     it before the session's settings were set would otherwise run its flows on a temporary server of its own, in the
     default PREFECT_HOME (~/.prefect), not on the session's."""

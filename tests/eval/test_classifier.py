@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from gmpipe.errors import GmpipeError
+from gmpipe.eval import classifier as classifier_module
 from gmpipe.eval.classifier import (
     ClassifierConfig,
     SmallCNN,
@@ -11,6 +12,7 @@ from gmpipe.eval.classifier import (
     save_classifier,
     train_classifier,
 )
+from tests.conftest import autocast_seen
 
 
 def quadrant_task(count: int, seed: int, size: int = 28) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,16 +52,17 @@ def test_training_is_seeded_and_leaves_global_rng_alone():
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_training_forward_passes_run_in_the_precision_asked_and_prediction_in_float32(precision, monkeypatch):
     images, labels = quadrant_task(256, seed=0)
-    seen = []
-    original = SmallCNN.forward
+    built = []
 
-    def forward(self, x):
-        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
-        return original(self, x)
+    class Watched(SmallCNN):
+        def __init__(self, config):
+            super().__init__(config)
+            built.append(autocast_seen(self))
 
-    monkeypatch.setattr(SmallCNN, "forward", forward)
+    monkeypatch.setattr(classifier_module, "SmallCNN", Watched)
     model = train_classifier(images, labels, num_classes=4, steps=60, batch_size=32, lr=3e-3, seed=0, width=16,
                              precision=precision)
+    (seen,) = built
     assert seen == [precision == "bf16"] * 60
     seen.clear()
     test_images, test_labels = quadrant_task(200, seed=1)

@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from gmpipe.stages import STAGES
-from tests.conftest import REPO, run, smoke_params
+from tests.conftest import REPO, prefect_reads_the_environment, run, smoke_params
 
 
 def _artifacts(key: str) -> list:
@@ -30,6 +30,19 @@ def test_flows_run_in_the_test_process_report_to_the_session_server(prefect_api)
     from prefect.settings import get_current_settings
 
     assert get_current_settings().api.url == prefect_api
+
+
+def test_a_prefect_imported_before_the_settings_reads_them_once_told(monkeypatch):
+    import prefect  # noqa: F401
+    from prefect.settings import get_current_settings
+
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    try:
+        prefect_reads_the_environment()
+        assert get_current_settings().api.url == "http://127.0.0.1:9/api"
+    finally:
+        monkeypatch.undo()
+        prefect_reads_the_environment()
 
 
 def test_pipeline_flow_runs_dvc_repro_then_skips(prefect_api, dvc_project):
