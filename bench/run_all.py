@@ -33,6 +33,7 @@ from bench import (
     orchestration,
     sampling,
     scale_plan,
+    thread_policy,
     trainer_overhead,
 )
 from bench.report import machine_info, markdown_table, ratio_lines, section_markdown
@@ -45,6 +46,7 @@ SECTIONS: dict[str, Callable[..., dict]] = {
     "orchestration": orchestration.run,
     "data": data_throughput.run,
     "conv_layout": conv_layout.run,
+    "thread_policy": thread_policy.run,
     "scale_plan": scale_plan.run,
     "evaluate_costs": evaluate_costs.run,
     "one_step_decoding": one_step_decoding.run,
