@@ -1,5 +1,5 @@
-"""How torch's OpenMP threads wait: gmpipe makes them spin (``OMP_WAIT_POLICY=ACTIVE``, measured fastest alone and
-beside other work by ``bench.thread_policy``) unless the user chose a policy; the bench's cases reach its workers."""
+"""How torch's OpenMP threads wait: gmpipe makes them spin (``OMP_WAIT_POLICY=ACTIVE``, the fastest policy on a machine
+to itself, ``bench.thread_policy``) unless the user chose a policy; the bench's cases reach its workers."""
 
 from __future__ import annotations
 
