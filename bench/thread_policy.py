@@ -2,11 +2,12 @@
 batch 32) under each OpenMP wait policy and on one thread, alone and beside other work.
 
 How OpenMP worker threads wait between parallel regions is fixed when torch loads its OpenMP runtime (libgomp), so
-every case runs in a new process whose environment sets ``OMP_NUM_THREADS`` and ``OMP_WAIT_POLICY`` (absent for
-libgomp's own default: a short spin, then sleep); the worker imports torch before gmpipe, whose own default
-(``gmpipe/__init__.py``) would otherwise apply. Each case runs alone, beside a busy one-thread Python process (any
-other job), and beside a copy of itself started at the same moment (a second training job with the same settings);
-a row gives the median seconds per step of that process (the mean of the two copies' medians beside a copy).
+every case runs in a new process whose environment sets ``OMP_NUM_THREADS``, ``OMP_WAIT_POLICY`` (absent for
+libgomp's own default: a short spin, then sleep) and ``GOMP_SPINCOUNT`` (gmpipe's bounded spin, or absent); the worker
+imports torch before gmpipe, whose own default (``gmpipe/__init__.py``) would otherwise apply. Each case runs alone,
+beside a busy one-thread Python process (any other job), and beside a copy of itself started at the same moment (a
+second training job with the same settings); a row gives the median seconds per step of that process (the mean of
+the two copies' medians beside a copy).
 
 The question it answers: which default to ship. A setting that is fast alone but many times slower beside other
 work is the collapse the threads default must avoid; one thread cannot collapse that way but leaves a core idle
@@ -28,13 +29,21 @@ SIZES = {
 }
 CORES = len(os.sched_getaffinity(0))
 # name -> environment of the worker (None: the variable is removed)
+# gmpipe's GOMP_SPINCOUNT (gmpipe/__init__.py), written out: importing gmpipe here would set the policy of the worker
+# processes that run this module, before their torch loads (tests/test_threads.py checks that the two agree).
+SPIN_COUNT = "100000000"
+SPINNING = f"{CORES} threads, spinning (gmpipe's default)"
 SETTINGS = {
-    f"{CORES} threads, spinning (ACTIVE)": {"OMP_NUM_THREADS": str(CORES), "OMP_WAIT_POLICY": "ACTIVE"},
-    f"{CORES} threads, libgomp default": {"OMP_NUM_THREADS": str(CORES), "OMP_WAIT_POLICY": None},
-    f"{CORES} threads, sleeping (PASSIVE)": {"OMP_NUM_THREADS": str(CORES), "OMP_WAIT_POLICY": "PASSIVE"},
-    "1 thread": {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": None},
+    SPINNING: {"OMP_NUM_THREADS": str(CORES), "OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": SPIN_COUNT},
+    f"{CORES} threads, spinning unbounded (ACTIVE)": {"OMP_NUM_THREADS": str(CORES), "OMP_WAIT_POLICY": "ACTIVE",
+                                                      "GOMP_SPINCOUNT": None},
+    f"{CORES} threads, libgomp default": {"OMP_NUM_THREADS": str(CORES), "OMP_WAIT_POLICY": None,
+                                          "GOMP_SPINCOUNT": None},
+    f"{CORES} threads, sleeping (PASSIVE)": {"OMP_NUM_THREADS": str(CORES), "OMP_WAIT_POLICY": "PASSIVE",
+                                             "GOMP_SPINCOUNT": None},
+    "1 thread": {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": None},
 }
-QUICK_SETTINGS = (f"{CORES} threads, spinning (ACTIVE)", "1 thread")
+QUICK_SETTINGS = (SPINNING, "1 thread")
 CONDITIONS = ("alone", "beside a busy process", "beside a copy of itself")
 QUICK_CONDITIONS = CONDITIONS[:2]
 BUSY = [sys.executable, "-c", "while True: pass"]
@@ -103,7 +112,7 @@ def run(size: str = "full", root=None) -> dict:
                       f"{CORES} cores", 1,
                       ["setting", *(f"ms/step {c}" for c in conditions), "worst / alone", "speed alone vs best"],
                       rows)
-    spinning, one = names[0], "1 thread"
+    spinning, one = SPINNING, "1 thread"
     for condition in conditions:
         section.ratios[f"{CORES} threads spinning / 1 thread speed, {condition}"] = (
             seconds[one][condition] / seconds[spinning][condition])
@@ -111,7 +120,8 @@ def run(size: str = "full", root=None) -> dict:
         sleeping = f"{CORES} threads, sleeping (PASSIVE)"
         section.ratios["spinning / sleeping speed, alone"] = seconds[sleeping]["alone"] / seconds[spinning]["alone"]
     section.notes.append(f"{s['warmup']} warm-up and {s['measured']} measured steps per process; gmpipe's default "
-                         f"is OMP_WAIT_POLICY=ACTIVE with torch's threads (compute.threads: null)")
+                         f"is OMP_WAIT_POLICY=ACTIVE, GOMP_SPINCOUNT={SPIN_COUNT} and torch's threads "
+                         "(compute.threads: null)")
     return section.finish(seconds)
 
 
