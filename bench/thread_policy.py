@@ -28,11 +28,11 @@ SIZES = {
     "quick": dict(batch_size=2, warmup=1, measured=1),
 }
 CORES = len(os.sched_getaffinity(0))
-# name -> environment of the worker (None: the variable is removed)
 # gmpipe's GOMP_SPINCOUNT (gmpipe/__init__.py), written out: importing gmpipe here would set the policy of the worker
 # processes that run this module, before their torch loads (tests/test_threads.py checks that the two agree).
 SPIN_COUNT = "100000000"
 SPINNING = f"{CORES} threads, spinning (gmpipe's default)"
+# name -> environment of the worker (None: the variable is removed)
 SETTINGS = {
     SPINNING: {"OMP_NUM_THREADS": str(CORES), "OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": SPIN_COUNT},
     f"{CORES} threads, spinning unbounded (ACTIVE)": {"OMP_NUM_THREADS": str(CORES), "OMP_WAIT_POLICY": "ACTIVE",
@@ -112,13 +112,12 @@ def run(size: str = "full", root=None) -> dict:
                       f"{CORES} cores", 1,
                       ["setting", *(f"ms/step {c}" for c in conditions), "worst / alone", "speed alone vs best"],
                       rows)
-    spinning, one = SPINNING, "1 thread"
     for condition in conditions:
         section.ratios[f"{CORES} threads spinning / 1 thread speed, {condition}"] = (
-            seconds[one][condition] / seconds[spinning][condition])
+            seconds["1 thread"][condition] / seconds[SPINNING][condition])
     if size == "full":
         sleeping = f"{CORES} threads, sleeping (PASSIVE)"
-        section.ratios["spinning / sleeping speed, alone"] = seconds[sleeping]["alone"] / seconds[spinning]["alone"]
+        section.ratios["spinning / sleeping speed, alone"] = seconds[sleeping]["alone"] / seconds[SPINNING]["alone"]
     section.notes.append(f"{s['warmup']} warm-up and {s['measured']} measured steps per process; gmpipe's default "
                          f"is OMP_WAIT_POLICY=ACTIVE, GOMP_SPINCOUNT={SPIN_COUNT} and torch's threads "
                          "(compute.threads: null)")
