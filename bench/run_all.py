@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench import (
+    attention_kernel,
     command,
     conv_layout,
     data_throughput,
@@ -47,6 +48,7 @@ SECTIONS: dict[str, Callable[..., dict]] = {
     "data": data_throughput.run,
     "conv_layout": conv_layout.run,
     "thread_policy": thread_policy.run,
+    "attention_kernel": attention_kernel.run,
     "scale_plan": scale_plan.run,
     "evaluate_costs": evaluate_costs.run,
     "one_step_decoding": one_step_decoding.run,

@@ -62,6 +62,9 @@ def build_causal_lm(preset: ARPreset, vocab_size: int, positions: int, dropout: 
     config = GPT2Config(
         vocab_size=vocab_size, n_positions=positions, n_embd=preset.width, n_layer=preset.layers,
         n_head=preset.heads, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+        # GPT-2's gelu (tanh approximation) in PyTorch's fused kernel: transformers' default "gelu_new" is the same
+        # function as separate elementwise ops, a quarter of the demo's bf16 train_ar step (1.2x faster fused)
+        activation_function="gelu_pytorch_tanh",
         bos_token_id=None, eos_token_id=None, pad_token_id=None,  # GPT-2's defaults (50256) lie outside this vocabulary
     )
     return GPT2LMHeadModel(config)

@@ -30,12 +30,20 @@ phase would move by more than one radian over the whole trajectory, so the netwo
 time; scaled to [0, 1000] the embedding spreads over the range it was designed for. The direction already
 agrees (a larger step index is noisier), and the time stays continuous (no rounding to integer steps).
 
+Attention kernel: a forward pass with gradients on a CPU in bfloat16 or float16 (autocast or half weights) over at
+most ``MATH_ATTENTION_TOKENS`` tokens runs under ``sdpa_kernel(SDPBackend.MATH)``. PyTorch's fused CPU attention is
+slow in half precision on short sequences (forward + backward, 4 heads of 32: 177 vs 24 ms for the math kernel at
+16 tokens, 114 vs 43 at 64, 33 vs 94 at 256; in float32 the fused one wins everywhere: ``python -m
+bench.attention_kernel``), which made the demo's bf16 train_ldm step (8x8 latents in 2x2 patches: 16 tokens) slower
+than float32. Sampling (no gradients) keeps the fused kernel, faster there.
+
 Initialization is diffusers' (PyTorch defaults), not the DiT paper's zero-initialized modulation and output
 layers: a fresh denoiser's output already depends on x_t, t and the condition.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -46,11 +54,15 @@ from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel
 from diffusers.models.embeddings import LabelEmbedding
 from safetensors.torch import save_file
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gmpipe.artifacts import ArtifactError, load_model_folder, read_json, read_safetensors
 from gmpipe.diffusion.guidance import drop_conditions, drop_text_conditions
 from gmpipe.diffusion.times import as_time
 from gmpipe.nn.presets import DENOISER_PRESETS, DenoiserPreset, get_denoiser_preset
+
+MATH_ATTENTION_TOKENS = 128  # at most this many tokens: the math attention kernel (training, CPU, half precision)
+HALF = (torch.bfloat16, torch.float16)
 
 __all__ = ["DENOISER_PRESETS", "CaptionDenoiser", "Denoiser", "DenoiserPreset", "LabelDenoiser",
            "UnconditionalDenoiser", "get_denoiser_preset"]
@@ -118,6 +130,16 @@ def disable_label_dropout(model: nn.Module) -> None:
             module.dropout_prob = 0.0
 
 
+def attention_kernel(x: Tensor, tokens: int) -> contextlib.AbstractContextManager:
+    """The attention kernel for a forward pass on ``x`` over ``tokens`` tokens: the math one while training in half
+    precision on a CPU with at most ``MATH_ATTENTION_TOKENS`` tokens (see the module docstring), else PyTorch's."""
+    device = x.device.type
+    half = x.dtype in HALF or (torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) in HALF)
+    if device == "cpu" and half and torch.is_grad_enabled() and tokens <= MATH_ATTENTION_TOKENS:
+        return sdpa_kernel(SDPBackend.MATH)
+    return contextlib.nullcontext()
+
+
 class Denoiser(nn.Module):
     """denoiser(x_t (B, C, h, w), t (B,) in [0, 1], cond) -> prediction (B, C, h, w); see the module docstring.
 
@@ -139,9 +161,15 @@ class Denoiser(nn.Module):
         if sample_size % self.preset.patch_size:
             raise ValueError(f"latent size {sample_size} is not divisible by patch size {self.preset.patch_size}")
 
+    @property
+    def tokens(self) -> int:
+        """The transformer's sequence length: latent patches."""
+        return (self.sample_size // self.preset.patch_size) ** 2
+
     def forward(self, x_t: Tensor, t: Tensor | float, cond: Any = None) -> Tensor:
         """The prediction (B, C, h, w) for x_t (B, C, h, w) at times t ((B,) or a float) under cond."""
-        return self.predict(x_t, as_time(t, x_t) * DIFFUSERS_TIMESTEPS, cond)
+        with attention_kernel(x_t, self.tokens):
+            return self.predict(x_t, as_time(t, x_t) * DIFFUSERS_TIMESTEPS, cond)
 
     def predict(self, x_t: Tensor, timestep: Tensor, cond: Any) -> Tensor:
         """The transformer's prediction at diffusers timesteps (B,) = t * 1000."""

@@ -98,3 +98,14 @@ def test_the_preallocated_cache_gives_the_logits_of_the_growing_one():
         grown, growing = model.next_logits(tokens[:, t : t + 1], labels, growing)
         allocated, preallocated = model.next_logits(tokens[:, t : t + 1], labels, preallocated)
     torch.testing.assert_close(allocated, grown, rtol=0, atol=1e-6)
+
+
+def test_the_activation_is_gpt2s_gelu_in_one_kernel():
+    """gelu_pytorch_tanh is transformers' GPT-2 "gelu_new" (the tanh approximation) computed by PyTorch's fused
+    kernel: the same function, so a model built before the switch means what it meant."""
+    from transformers.activations import ACT2FN
+
+    act = random_model().lm.transformer.h[0].mlp.act
+    x = torch.linspace(-6, 6, 1001)
+    assert not isinstance(act, type(ACT2FN["gelu_new"]))
+    torch.testing.assert_close(act(x), ACT2FN["gelu_new"](x), rtol=1e-6, atol=1e-6)

@@ -4,13 +4,16 @@ import pytest
 import torch
 from diffusers.models.embeddings import LabelEmbedding
 
+from gmpipe.nn import denoiser as denoiser_module
 from gmpipe.nn.denoiser import (
     DENOISER_PRESETS,
+    MATH_ATTENTION_TOKENS,
     CaptionDenoiser,
     Denoiser,
     DenoiserPreset,
     LabelDenoiser,
     UnconditionalDenoiser,
+    attention_kernel,
     get_denoiser_preset,
 )
 
@@ -190,6 +193,46 @@ def test_gradient_checkpointing_gives_the_same_gradients(mode):
     assert len(grads[0]) == len(grads[1]) > 0
     for plain, checkpointed in zip(*grads, strict=True):
         torch.testing.assert_close(checkpointed, plain)
+
+
+def _math_only(x, tokens) -> bool:
+    """Whether attention_kernel(x, tokens) leaves only the math kernel enabled (flash attention switched off)."""
+    with attention_kernel(x, tokens):
+        return not torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
+
+
+def test_the_math_attention_kernel_only_while_training_in_half_precision_on_short_sequences():
+    x, half = torch.zeros(2), torch.zeros(2, dtype=torch.bfloat16)
+    assert torch.backends.cuda.flash_sdp_enabled()
+    assert _math_only(half, 16) and _math_only(half, MATH_ATTENTION_TOKENS)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _math_only(x, 16)
+    assert not _math_only(half, MATH_ATTENTION_TOKENS + 1)  # long sequences: the fused kernel is faster
+    assert not _math_only(x, 16)  # float32: the fused kernel is faster
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not _math_only(x, 16)  # sampling: the fused kernel is faster
+    assert torch.backends.cuda.flash_sdp_enabled()  # the switch does not outlive the pass
+
+
+@pytest.mark.parametrize("mode", ["class", "text"])
+def test_training_in_bf16_gives_the_fused_kernels_gradients(mode, monkeypatch):
+    """The demo's DiT in bf16 autocast: gradients with the math attention kernel agree with the fused kernel's as
+    closely as either agrees with float32 (what the kernel choice may change is rounding only)."""
+    x_t, t, cond = make_inputs(mode)
+    assert make_denoiser(mode).tokens <= MATH_ATTENTION_TOKENS
+
+    def gradients(limit: int, bf16: bool) -> torch.Tensor:
+        monkeypatch.setattr(denoiser_module, "MATH_ATTENTION_TOKENS", limit)
+        denoiser = make_denoiser(mode).train()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = denoiser(x_t, t, cond)
+        out.float().square().mean().backward()
+        return torch.cat([p.grad.flatten() for p in denoiser.transformer.parameters() if p.grad is not None])
+
+    exact, math, fused = gradients(0, False), gradients(MATH_ATTENTION_TOKENS, True), gradients(0, True)
+    relative = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+    assert relative(math, exact) < 0.05 and relative(fused, exact) < 0.05
+    assert relative(math, fused) < 0.05
 
 
 def test_small_preset_size():

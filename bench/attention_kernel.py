@@ -1,0 +1,110 @@
+"""10. Attention kernel on a CPU: PyTorch's fused attention vs the math one, forward + backward, and the train_ldm
+step under bf16 autocast with the denoiser's rule (the math kernel while training in half precision on at most
+``MATH_ATTENTION_TOKENS`` tokens, ``gmpipe.nn.denoiser``) against the fused kernel everywhere.
+
+Kernel cases: 4 heads of 32 channels, the same number of tokens in every case (batch x sequence length fixed), in
+float32 and bfloat16, each kernel forced with ``sdpa_kernel``. Step cases: the demo's ``small`` DiT and train_ldm
+loss on synthetic latents of the demo's shape, fused AdamW; "fused everywhere" sets the rule's token limit to 0.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from bench.measure import interleave, median, speedup, spread
+from bench.report import Section
+from bench.workloads import ldm_batches, ldm_config, ldm_step, synthetic_latents
+from gmpipe.nn import denoiser as denoiser_module
+
+SIZES = {
+    "full": dict(tokens=[16, 64, 128, 256], total_tokens=16_384, batch_size=256, warmup=2, measured=5, rounds=3),
+    "quick": dict(tokens=[16, 64], total_tokens=256, batch_size=8, warmup=1, measured=1, rounds=1),
+}
+KERNELS = {"fused": SDPBackend.FLASH_ATTENTION, "math": SDPBackend.MATH}
+
+
+def kernel_seconds(tokens: int, total: int, dtype: torch.dtype, kernel: SDPBackend, repeats: int) -> float:
+    """Median seconds of one attention forward + backward at ``tokens`` tokens (batch total // tokens)."""
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(max(1, total // tokens), 4, tokens, 32, generator=generator).to(dtype).requires_grad_()
+               for _ in range(3))
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        with sdpa_kernel(kernel):
+            out = F.scaled_dot_product_attention(q, k, v)
+        out.float().sum().backward()
+        times.append(time.perf_counter() - start)
+    return median(times[1:])
+
+
+def ldm_training(batch_size: int):
+    """One train_ldm step closure per case, on the same initial weights and batch, under bf16 autocast."""
+    torch.manual_seed(0)
+    split, stats = synthetic_latents(batch_size)
+    batch = ldm_batches(split, stats)(torch.arange(batch_size), "cpu")
+    step = ldm_step(ldm_config("small", batch_size))
+    optimizer = torch.optim.AdamW(step.module.parameters(), lr=1e-4, fused=True)
+
+    def seconds_per_step(limit: int, warmup: int, measured: int) -> float:
+        saved = denoiser_module.MATH_ATTENTION_TOKENS
+        denoiser_module.MATH_ATTENTION_TOKENS = limit
+        try:
+            stamps = []
+            for _ in range(warmup + measured + 1):
+                stamps.append(time.perf_counter())
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    loss, _ = step.loss(batch, 0, {}, {step.name: step.module})
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        finally:
+            denoiser_module.MATH_ATTENTION_TOKENS = saved
+        window = stamps[warmup:]
+        return median([b - a for a, b in zip(window, window[1:], strict=False)])
+
+    return seconds_per_step
+
+
+def run(size: str = "full", root=None) -> dict:
+    s = SIZES[size]
+    cases = {}
+    for dtype, label in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        for tokens in s["tokens"]:
+            for name, kernel in KERNELS.items():
+                cases[f"{label} {tokens} tokens {name}"] = (
+                    lambda t=tokens, d=dtype, k=kernel: kernel_seconds(t, s["total_tokens"], d, k, s["measured"]))
+    step = ldm_training(s["batch_size"])
+    limit = denoiser_module.MATH_ATTENTION_TOKENS
+    cases["train_ldm step, bf16, gmpipe's rule"] = lambda: step(limit, s["warmup"], s["measured"])
+    cases["train_ldm step, bf16, fused everywhere"] = lambda: step(0, s["warmup"], s["measured"])
+    seconds = interleave(cases, s["rounds"])
+
+    rows = []
+    section = Section("attention_kernel", f"Attention kernel, forward + backward on a CPU: 4 heads x 32, "
+                      f"{s['total_tokens']} tokens per case; train_ldm step (small DiT, batch {s['batch_size']}), "
+                      f"{torch.get_num_threads()} thread(s)", s["rounds"],
+                      ["case", "ms", "ms range", "speed vs fused"], rows)
+    for name, times in seconds.items():
+        fused_name = name.replace(" math", " fused").replace("gmpipe's rule", "fused everywhere")
+        rows.append([name, median(times) * 1000, spread([1000 * t for t in times]),
+                     speedup(times, seconds[fused_name])])
+    for label in ("fp32", "bf16"):
+        for tokens in s["tokens"]:
+            section.ratios[f"{label} {tokens} tokens: math / fused speed"] = speedup(
+                seconds[f"{label} {tokens} tokens math"], seconds[f"{label} {tokens} tokens fused"])
+    section.ratios["train_ldm bf16 step: gmpipe's rule / fused speed"] = speedup(
+        seconds["train_ldm step, bf16, gmpipe's rule"], seconds["train_ldm step, bf16, fused everywhere"])
+    section.notes.append(f"gmpipe's rule: the math kernel while training in bf16/fp16 on a CPU with at most "
+                         f"{limit} tokens (the demo's DiT: 16); sampling and float32 keep the fused kernel")
+    return section.finish(seconds)
+
+
+if __name__ == "__main__":
+    from bench.command import section_main
+
+    section_main(run)
