@@ -21,9 +21,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench import (
-    attention_kernel,
     command,
     conv_layout,
+    cpu_kernels,
     data_throughput,
     demo_stages,
     evaluate_costs,
@@ -48,7 +48,7 @@ SECTIONS: dict[str, Callable[..., dict]] = {
     "data": data_throughput.run,
     "conv_layout": conv_layout.run,
     "thread_policy": thread_policy.run,
-    "attention_kernel": attention_kernel.run,
+    "cpu_kernels": cpu_kernels.run,
     "scale_plan": scale_plan.run,
     "evaluate_costs": evaluate_costs.run,
     "one_step_decoding": one_step_decoding.run,

@@ -55,6 +55,9 @@ class ARFile(BaseModel):
     class_every_position: bool = False  # folders written before it existed read the class at the prefix only
 
 
+ACTIVATION = "gelu"  # of models built now (GPT2Config.activation_function)
+
+
 def build_causal_lm(preset: ARPreset, vocab_size: int, positions: int, dropout: float = 0.0):
     """A randomly initialised GPT2LMHeadModel of the given sizes (input and output embeddings tied)."""
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -62,9 +65,10 @@ def build_causal_lm(preset: ARPreset, vocab_size: int, positions: int, dropout: 
     config = GPT2Config(
         vocab_size=vocab_size, n_positions=positions, n_embd=preset.width, n_layer=preset.layers,
         n_head=preset.heads, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
-        # GPT-2's gelu (tanh approximation) in PyTorch's fused kernel: transformers' default "gelu_new" is the same
-        # function as separate elementwise ops, a quarter of the demo's bf16 train_ar step (1.2x faster fused)
-        activation_function="gelu_pytorch_tanh",
+        # exact GELU, not GPT-2's tanh approximation ("gelu_new", within 5e-4 of it): on a CPU the approximation
+        # costs 4x the exact kernel, and transformers' "gelu_new" runs it as separate elementwise ops, a quarter of
+        # the demo's bf16 train_ar step (``python -m bench.cpu_kernels``); a saved model keeps its own activation
+        activation_function=ACTIVATION,
         bos_token_id=None, eos_token_id=None, pad_token_id=None,  # GPT-2's defaults (50256) lie outside this vocabulary
     )
     return GPT2LMHeadModel(config)

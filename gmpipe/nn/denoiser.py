@@ -32,10 +32,15 @@ agrees (a larger step index is noisier), and the time stays continuous (no round
 
 Attention kernel: a forward pass with gradients on a CPU in bfloat16 or float16 (autocast or half weights) over at
 most ``MATH_ATTENTION_TOKENS`` tokens runs under ``sdpa_kernel(SDPBackend.MATH)``. PyTorch's fused CPU attention is
-slow in half precision on short sequences (forward + backward, 4 heads of 32: 177 vs 24 ms for the math kernel at
-16 tokens, 114 vs 43 at 64, 33 vs 94 at 256; in float32 the fused one wins everywhere: ``python -m
-bench.attention_kernel``), which made the demo's bf16 train_ldm step (8x8 latents in 2x2 patches: 16 tokens) slower
-than float32. Sampling (no gradients) keeps the fused kernel, faster there.
+slow in half precision on short sequences (bf16 forward + backward, 4 heads of 32, 16,384 tokens per case: 176 vs
+26 ms for the math kernel at 16 tokens, 99 vs 46 at 64, 106 vs 95 at 128, but 78 vs 166 at 256; in float32 the
+fused one wins at every length: ``python -m bench.cpu_kernels``), which made the demo's bf16 train_ldm step (8x8
+latents in 2x2 patches: 16 tokens) slower than float32. Sampling (no gradients) keeps the fused kernel, faster there.
+
+Activation: exact GELU in the feed-forward blocks (``ACTIVATION``), not DiT's and PixArt's tanh approximation
+(diffusers' default "gelu-approximate", within 5e-4 of it): on a CPU the approximation costs 4x the exact kernel
+(bf16, 8,000 x 512: 4.3 vs 1.0 ms forward, 13.3 vs 6.3 ms forward + backward), a quarter of the demo's bf16
+sampling step. A saved model keeps the activation its ``config.json`` names.
 
 Initialization is diffusers' (PyTorch defaults), not the DiT paper's zero-initialized modulation and output
 layers: a fresh denoiser's output already depends on x_t, t and the condition.
@@ -63,6 +68,7 @@ from gmpipe.nn.presets import DENOISER_PRESETS, DenoiserPreset, get_denoiser_pre
 
 MATH_ATTENTION_TOKENS = 128  # at most this many tokens: the math attention kernel (training, CPU, half precision)
 HALF = (torch.bfloat16, torch.float16)
+ACTIVATION = "gelu"  # the feed-forward's of denoisers built now (diffusers' activation_fn; see the module docstring)
 
 __all__ = ["DENOISER_PRESETS", "CaptionDenoiser", "Denoiser", "DenoiserPreset", "LabelDenoiser",
            "UnconditionalDenoiser", "get_denoiser_preset"]
@@ -99,6 +105,7 @@ def build_dit(preset: DenoiserPreset, in_channels: int, sample_size: int, num_cl
         # DiT's "number of AdaLayerNorm embeddings" is its number of classes; diffusers always builds the label
         # table with dropout 0.1, which is what gives it the extra null row
         num_embeds_ada_norm=num_classes,
+        activation_fn=ACTIVATION,
     )
     disable_label_dropout(model)
     return model
@@ -118,6 +125,7 @@ def build_pixart(preset: DenoiserPreset, in_channels: int, sample_size: int, tex
         interpolation_scale=1,
         use_additional_conditions=False,  # no resolution / aspect-ratio embeddings (PixArt enables them at 128)
         caption_channels=text_dim,
+        activation_fn=ACTIVATION,
     )
 
 

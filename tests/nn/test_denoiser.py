@@ -235,6 +235,25 @@ def test_training_in_bf16_gives_the_fused_kernels_gradients(mode, monkeypatch):
     assert relative(math, fused) < 0.05
 
 
+@pytest.mark.parametrize("mode", ["class", "text"])
+def test_new_denoisers_use_exact_gelu_and_a_saved_one_keeps_its_own(mode, tmp_path):
+    """Denoisers built now run exact GELU (4x cheaper than the tanh approximation on a CPU); a folder saved with
+    diffusers' default "gelu-approximate" loads with the approximation it was trained with, and the same weights
+    under the two activations differ by rounding only."""
+    denoiser = make_denoiser(mode)
+    assert denoiser.transformer.transformer_blocks[0].ff.net[0].approximate == "none"
+    denoiser.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["activation_fn"] == "gelu"
+    (tmp_path / "config.json").write_text(json.dumps({**config, "activation_fn": "gelu-approximate"}))
+    old = Denoiser.from_pretrained(tmp_path)
+    assert old.transformer.transformer_blocks[0].ff.net[0].approximate == "tanh"
+    x_t, t, cond = make_inputs(mode)
+    with torch.no_grad():
+        torch.testing.assert_close(old(x_t, t, cond), denoiser.eval()(x_t, t, cond), rtol=1e-2, atol=1e-2)
+        assert not torch.equal(old(x_t, t, cond), denoiser(x_t, t, cond))
+
+
 def test_small_preset_size():
     denoiser = LabelDenoiser(4, 8, "small", num_classes=10)
     assert 1.3e6 < denoiser.num_parameters() < 1.5e6

@@ -1,10 +1,12 @@
-"""10. Attention kernel on a CPU: PyTorch's fused attention vs the math one, forward + backward, and the train_ldm
-step under bf16 autocast with the denoiser's rule (the math kernel while training in half precision on at most
+"""10. CPU kernels the transformers choose between: attention (PyTorch's fused kernel vs the math one) and GELU (the
+tanh approximation DiT and GPT-2 were published with vs the exact one), forward + backward, and the train_ldm step
+under bf16 autocast with the denoiser's attention rule (the math kernel while training in half precision on at most
 ``MATH_ATTENTION_TOKENS`` tokens, ``gmpipe.nn.denoiser``) against the fused kernel everywhere.
 
-Kernel cases: 4 heads of 32 channels, the same number of tokens in every case (batch x sequence length fixed), in
-float32 and bfloat16, each kernel forced with ``sdpa_kernel``. Step cases: the demo's ``small`` DiT and train_ldm
-loss on synthetic latents of the demo's shape, fused AdamW; "fused everywhere" sets the rule's token limit to 0.
+Attention cases: 4 heads of 32 channels, the same number of tokens in every case (batch x sequence length fixed),
+in float32 and bfloat16, each kernel forced with ``sdpa_kernel``. GELU cases: a (tokens, 512) activation, the
+demo DiT's feed-forward width. Step cases: the demo's ``small`` DiT and train_ldm loss on synthetic latents of the
+demo's shape, fused AdamW; "fused everywhere" sets the rule's token limit to 0.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from bench.workloads import ldm_batches, ldm_config, ldm_step, synthetic_latents
 from gmpipe.nn import denoiser as denoiser_module
 
 SIZES = {
-    "full": dict(tokens=[16, 64, 128, 256], total_tokens=16_384, batch_size=256, warmup=2, measured=5, rounds=3),
-    "quick": dict(tokens=[16, 64], total_tokens=256, batch_size=8, warmup=1, measured=1, rounds=1),
+    "full": dict(tokens=[16, 64, 128, 256], total_tokens=16_384, gelu_rows=8_000, batch_size=256, warmup=2,
+                 measured=5, rounds=3),
+    "quick": dict(tokens=[16, 64], total_tokens=256, gelu_rows=64, batch_size=8, warmup=1, measured=1, rounds=1),
 }
 KERNELS = {"fused": SDPBackend.FLASH_ATTENTION, "math": SDPBackend.MATH}
 
@@ -38,6 +41,17 @@ def kernel_seconds(tokens: int, total: int, dtype: torch.dtype, kernel: SDPBacke
         with sdpa_kernel(kernel):
             out = F.scaled_dot_product_attention(q, k, v)
         out.float().sum().backward()
+        times.append(time.perf_counter() - start)
+    return median(times[1:])
+
+
+def gelu_seconds(rows: int, dtype: torch.dtype, approximate: str, repeats: int) -> float:
+    """Median seconds of one GELU forward + backward on a (rows, 512) activation."""
+    x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(0)).to(dtype).requires_grad_()
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        F.gelu(x, approximate=approximate).float().sum().backward()
         times.append(time.perf_counter() - start)
     return median(times[1:])
 
@@ -78,6 +92,9 @@ def run(size: str = "full", root=None) -> dict:
             for name, kernel in KERNELS.items():
                 cases[f"{label} {tokens} tokens {name}"] = (
                     lambda t=tokens, d=dtype, k=kernel: kernel_seconds(t, s["total_tokens"], d, k, s["measured"]))
+        for approximate in ("tanh", "none"):
+            cases[f"{label} gelu {approximate}"] = (
+                lambda d=dtype, a=approximate: gelu_seconds(s["gelu_rows"], d, a, s["measured"]))
     step = ldm_training(s["batch_size"])
     limit = denoiser_module.MATH_ATTENTION_TOKENS
     cases["train_ldm step, bf16, gmpipe's rule"] = lambda: step(limit, s["warmup"], s["measured"])
@@ -85,22 +102,26 @@ def run(size: str = "full", root=None) -> dict:
     seconds = interleave(cases, s["rounds"])
 
     rows = []
-    section = Section("attention_kernel", f"Attention kernel, forward + backward on a CPU: 4 heads x 32, "
-                      f"{s['total_tokens']} tokens per case; train_ldm step (small DiT, batch {s['batch_size']}), "
-                      f"{torch.get_num_threads()} thread(s)", s["rounds"],
-                      ["case", "ms", "ms range", "speed vs fused"], rows)
+    section = Section("cpu_kernels", f"CPU kernels, forward + backward: attention over 4 heads x 32 "
+                      f"({s['total_tokens']} tokens per case), GELU on {s['gelu_rows']} x 512, train_ldm step (small "
+                      f"DiT, batch {s['batch_size']}); {torch.get_num_threads()} thread(s)", s["rounds"],
+                      ["case", "ms", "ms range", "speed vs fused / tanh"], rows)
     for name, times in seconds.items():
-        fused_name = name.replace(" math", " fused").replace("gmpipe's rule", "fused everywhere")
+        reference = (name.replace(" math", " fused").replace("gmpipe's rule", "fused everywhere")
+                     .replace("gelu none", "gelu tanh"))
         rows.append([name, median(times) * 1000, spread([1000 * t for t in times]),
-                     speedup(times, seconds[fused_name])])
+                     speedup(times, seconds[reference])])
     for label in ("fp32", "bf16"):
         for tokens in s["tokens"]:
             section.ratios[f"{label} {tokens} tokens: math / fused speed"] = speedup(
                 seconds[f"{label} {tokens} tokens math"], seconds[f"{label} {tokens} tokens fused"])
+        section.ratios[f"{label} gelu: exact / tanh approximation speed"] = speedup(
+            seconds[f"{label} gelu none"], seconds[f"{label} gelu tanh"])
     section.ratios["train_ldm bf16 step: gmpipe's rule / fused speed"] = speedup(
         seconds["train_ldm step, bf16, gmpipe's rule"], seconds["train_ldm step, bf16, fused everywhere"])
     section.notes.append(f"gmpipe's rule: the math kernel while training in bf16/fp16 on a CPU with at most "
-                         f"{limit} tokens (the demo's DiT: 16); sampling and float32 keep the fused kernel")
+                         f"{limit} tokens (the demo's DiT: 16); sampling and float32 keep the fused kernel. New "
+                         f"denoisers and AR priors use exact GELU; the step cases are built with it")
     return section.finish(seconds)
 
 
