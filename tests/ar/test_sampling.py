@@ -65,7 +65,7 @@ def test_zero_guidance_is_conditional_sampling_in_one_pass():
     model = random_model(BINS, CLASSES, LENGTH)
     batch_sizes = []
     record = lambda module, args, kwargs: batch_sizes.append(kwargs["inputs_embeds"].shape[0])  # noqa: E731
-    model.lm.register_forward_pre_hook(record, with_kwargs=True)
+    model.lm.transformer.register_forward_pre_hook(record, with_kwargs=True)
     sample_tokens(model, LABELS, SEEDS, guidance=0.0)
     assert batch_sizes == [len(LABELS)] * LENGTH
     batch_sizes.clear()
@@ -77,8 +77,8 @@ def test_zero_guidance_is_conditional_sampling_in_one_pass():
 def test_the_cache_gives_the_same_samples_with_one_position_per_step(guidance):
     model = random_model(BINS, CLASSES, LENGTH)
     lengths = []
-    model.lm.register_forward_pre_hook(lambda module, args, kwargs: lengths.append(kwargs["inputs_embeds"].shape[1]),
-                                       with_kwargs=True)
+    record = lambda module, args, kwargs: lengths.append(kwargs["inputs_embeds"].shape[1])  # noqa: E731
+    model.lm.transformer.register_forward_pre_hook(record, with_kwargs=True)
     cached, _ = sample_tokens(model, LABELS, SEEDS, guidance=guidance, top_k=4)
     assert lengths == [1] * LENGTH
     uncached, _ = sample_tokens(model, LABELS, SEEDS, guidance=guidance, top_k=4, use_cache=False)

@@ -11,6 +11,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from gmpipe.ar.data import tokenize_split
@@ -178,17 +179,23 @@ def test_train_gan_writes_a_generator_grids_and_path_length(trained_gan, tmp_pat
 
 @pytest.mark.parametrize("family", ["ar", "gan"])
 def test_bf16_precision_generates_under_autocast(trained_ar, trained_gan, family):
-    """``precision="bf16"`` (evaluate's ``precision``): the GAN's generator and every decoder run under bfloat16
-    autocast, the autoregressive prior's token loop in float32 (faster there); the images keep their shape, dtype
-    and per-seed determinism."""
+    """``precision="bf16"`` (evaluate's ``precision``): the GAN's generator, the autoregressive prior's transformer
+    blocks and every decoder run under bfloat16 autocast, the prior's output layer in float32 (its logits are
+    sampling probabilities); the images keep their shape, dtype and per-seed determinism."""
     _, paths, _ = trained_ar if family == "ar" else trained_gan
     model = load_generator(getattr(paths, family), autoencoder=paths.vae, precision="bf16")
-    network = autocast_seen(*(model.model if family == "ar" else model.generator).modules())
+    network = autocast_seen(*(model.model.lm.transformer if family == "ar" else model.generator).modules())
     decoder = autocast_seen(model.autoencoder.decoder)
+    if family == "ar":
+        head_inputs = []
+        model.model.lm.lm_head.register_forward_pre_hook(lambda module, args: head_inputs.append(args[0].dtype))
+        head = autocast_seen(model.model.lm.lm_head)
     images = assert_per_sample_seeds(model, [0, 3, 9], [11, 12, 13])
     assert images.shape == (3, 1, 32, 32) and images.dtype == np.uint8
     assert decoder and all(decoder)
-    assert network and all(network) == (family == "gan") and any(network) == (family == "gan")
+    assert network and all(network)
+    if family == "ar":
+        assert head and not any(head) and set(head_inputs) == {torch.float32}
 
 
 def test_unconditional_families_train_and_generate(latents, tmp_path):
