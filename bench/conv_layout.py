@@ -14,6 +14,7 @@ import torch
 
 from bench.measure import interleave, median, speedup, spread
 from bench.report import Section
+from bench.workloads import steady_seconds
 from gmpipe.config.data import DataConfig
 from gmpipe.config.train_vae import TrainVAEConfig
 
@@ -51,8 +52,7 @@ def seconds_per_step(state, batch: torch.Tensor, warmup: int, measured: int) -> 
             loss.backward()
             optimizers[s.name].step()
             optimizers[s.name].zero_grad(set_to_none=True)
-    window = stamps[warmup:]
-    return median([b - a for a, b in zip(window, window[1:], strict=False)])
+    return steady_seconds(stamps, warmup)
 
 
 def run(size: str = "full", root=None) -> dict:

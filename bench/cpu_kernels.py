@@ -19,7 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bench.measure import interleave, median, speedup, spread
 from bench.report import Section
-from bench.workloads import ldm_batches, ldm_config, ldm_step, synthetic_latents
+from bench.workloads import ldm_batches, ldm_config, ldm_step, steady_seconds, synthetic_latents
 from gmpipe.nn import denoiser as denoiser_module
 
 SIZES = {
@@ -30,30 +30,35 @@ SIZES = {
 KERNELS = {"fused": SDPBackend.FLASH_ATTENTION, "math": SDPBackend.MATH}
 
 
+def median_seconds(fn, repeats: int) -> float:
+    """Median seconds of ``repeats`` calls of ``fn`` after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return median(times)
+
+
 def kernel_seconds(tokens: int, total: int, dtype: torch.dtype, kernel: SDPBackend, repeats: int) -> float:
     """Median seconds of one attention forward + backward at ``tokens`` tokens (batch total // tokens)."""
     generator = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(max(1, total // tokens), 4, tokens, 32, generator=generator).to(dtype).requires_grad_()
                for _ in range(3))
-    times = []
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
+
+    def forward_backward() -> None:
         with sdpa_kernel(kernel):
             out = F.scaled_dot_product_attention(q, k, v)
         out.float().sum().backward()
-        times.append(time.perf_counter() - start)
-    return median(times[1:])
+
+    return median_seconds(forward_backward, repeats)
 
 
 def gelu_seconds(rows: int, dtype: torch.dtype, approximate: str, repeats: int) -> float:
     """Median seconds of one GELU forward + backward on a (rows, 512) activation."""
     x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(0)).to(dtype).requires_grad_()
-    times = []
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
-        F.gelu(x, approximate=approximate).float().sum().backward()
-        times.append(time.perf_counter() - start)
-    return median(times[1:])
+    return median_seconds(lambda: F.gelu(x, approximate=approximate).float().sum().backward(), repeats)
 
 
 def ldm_training(batch_size: int):
@@ -78,8 +83,7 @@ def ldm_training(batch_size: int):
                 optimizer.zero_grad(set_to_none=True)
         finally:
             denoiser_module.MATH_ATTENTION_TOKENS = saved
-        window = stamps[warmup:]
-        return median([b - a for a, b in zip(window, window[1:], strict=False)])
+        return steady_seconds(stamps, warmup)
 
     return seconds_per_step
 

@@ -75,7 +75,7 @@ def demo_autoencoder():
                              config.layers_per_block, config.norm_num_groups, config.mid_block_attention).eval()
 
 
-def _steady_seconds(stamps: list[float], warmup: int) -> float:
+def steady_seconds(stamps: list[float], warmup: int) -> float:
     """Median seconds per step between the starts of steps warmup .. len - 1 (each interval is one whole step).
 
     The median, not the mean: a burst of load from another process on a shared machine hits a few steps only.
@@ -102,7 +102,7 @@ def loop_seconds_per_step(config: TrainLDMConfig, step: LossStep, n_items: int, 
     with tempfile.TemporaryDirectory(prefix="gmpipe-bench-") as tmp:
         train(run_config, [step], n_items, stamped_batch, Path(tmp) / "checkpoints", live_dir=Path(tmp) / "live",
               ema_of=step.name, description="bench loop")
-    return _steady_seconds(stamps, warmup)
+    return steady_seconds(stamps, warmup)
 
 
 def bare_seconds_per_step(config: TrainLDMConfig, step: LossStep, n_items: int, make_batch, warmup: int,
@@ -129,4 +129,4 @@ def bare_seconds_per_step(config: TrainLDMConfig, step: LossStep, n_items: int, 
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
             ema.update(model)
-    return _steady_seconds(stamps, warmup)
+    return steady_seconds(stamps, warmup)

@@ -101,7 +101,7 @@ def test_the_preallocated_cache_gives_the_logits_of_the_growing_one():
 
 
 def test_new_models_use_exact_gelu_and_a_saved_model_keeps_its_own(tmp_path):
-    """Models built now use exact GELU (within 5e-4 of GPT-2's tanh approximation, 4x cheaper on a CPU); a model
+    """Models built now use exact GELU (within 5e-4 of GPT-2's tanh approximation, 2-4x cheaper on a CPU); a model
     saved with GPT-2's "gelu_new" still runs the approximation it was trained with."""
     from transformers.activations import ACT2FN
 
