@@ -1,7 +1,9 @@
 """10. CPU kernels the transformers choose between: attention (PyTorch's fused kernel vs the math one) and GELU (the
 tanh approximation DiT and GPT-2 were published with vs the exact one), forward + backward, and the train_ldm step
 under bf16 autocast with the denoiser's attention rule (the math kernel while training in half precision on at most
-``MATH_ATTENTION_TOKENS`` tokens, ``gmpipe.nn.denoiser``) against the fused kernel everywhere.
+``MATH_ATTENTION_TOKENS`` tokens, ``gmpipe.nn.denoiser``) against the fused kernel everywhere. And the feature
+network every stage measures or trains with, EfficientNet-Lite0, as its library builds it against gmpipe's folded
+one (batch norms folded into the convolutions, channels-last weights).
 
 Attention cases: 4 heads of 32 channels, the same number of tokens in every case (batch x sequence length fixed),
 in float32 and bfloat16, each kernel forced with ``sdpa_kernel``. GELU cases: a (tokens, 512) activation, the
@@ -24,8 +26,9 @@ from gmpipe.nn import denoiser as denoiser_module
 
 SIZES = {
     "full": dict(tokens=[16, 64, 128, 256], total_tokens=16_384, gelu_rows=8_000, batch_size=256, warmup=2,
-                 measured=5, rounds=3),
-    "quick": dict(tokens=[16, 64], total_tokens=256, gelu_rows=64, batch_size=8, warmup=1, measured=1, rounds=1),
+                 measured=5, rounds=3, feature_batch=64, perceptual_batch=32),
+    "quick": dict(tokens=[16, 64], total_tokens=256, gelu_rows=64, batch_size=8, warmup=1, measured=1, rounds=1,
+                  feature_batch=4, perceptual_batch=2),
 }
 KERNELS = {"fused": SDPBackend.FLASH_ATTENTION, "math": SDPBackend.MATH}
 
@@ -59,6 +62,34 @@ def gelu_seconds(rows: int, dtype: torch.dtype, approximate: str, repeats: int) 
     """Median seconds of one GELU forward + backward on a (rows, 512) activation."""
     x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(0)).to(dtype).requires_grad_()
     return median_seconds(lambda: F.gelu(x, approximate=approximate).float().sum().backward(), repeats)
+
+
+def effnet_cases(feature_batch: int, perceptual_batch: int, repeats: int) -> dict:
+    """EfficientNet-Lite0 as the library builds it vs folded (``gmpipe.nn.features.fold_batch_norms``): evaluate's
+    features (float32, 32 px images resized to 64, no gradients) and the perceptual loss of train_vae and
+    train_decoder (32 px, bf16 autocast, forward of both images + backward through one)."""
+    from gmpipe.nn.features import EffNetLite0Features
+
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(feature_batch, 1, 32, 32, generator=generator) * 2 - 1
+    pair = (torch.rand(2, perceptual_batch, 1, 32, 32, generator=generator) * 2 - 1).unbind()
+    cases = {}
+    for name, folded in (("library", False), ("folded", True)):
+        features = EffNetLite0Features(image_size=64, folded=folded)
+        perceptual = EffNetLite0Features(image_size=32, folded=folded)
+
+        def perceptual_step(network=perceptual) -> None:
+            x = pair[0].clone().requires_grad_()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                with torch.no_grad():
+                    targets = network.feature_maps(pair[1])
+                loss = sum((a - b).abs().mean() for a, b in zip(network.feature_maps(x), targets, strict=True))
+            loss.backward()
+
+        cases[f"effnet features fp32 {name}"] = lambda network=features: median_seconds(
+            lambda: network(images), repeats)
+        cases[f"effnet perceptual bf16 {name}"] = lambda step=perceptual_step: median_seconds(step, repeats)
+    return cases
 
 
 def ldm_training(batch_size: int):
@@ -99,6 +130,7 @@ def run(size: str = "full", root=None) -> dict:
         for approximate in ("tanh", "none"):
             cases[f"{label} gelu {approximate}"] = (
                 lambda d=dtype, a=approximate: gelu_seconds(s["gelu_rows"], d, a, s["measured"]))
+    cases.update(effnet_cases(s["feature_batch"], s["perceptual_batch"], s["measured"]))
     step = ldm_training(s["batch_size"])
     limit = denoiser_module.MATH_ATTENTION_TOKENS
     cases["train_ldm step, bf16, gmpipe's rule"] = lambda: step(limit, s["warmup"], s["measured"])
@@ -108,11 +140,13 @@ def run(size: str = "full", root=None) -> dict:
     rows = []
     section = Section("cpu_kernels", f"CPU kernels, forward + backward: attention over 4 heads x 32 "
                       f"({s['total_tokens']} tokens per case), GELU on {s['gelu_rows']} x 512, train_ldm step (small "
-                      f"DiT, batch {s['batch_size']}); {torch.get_num_threads()} thread(s)", s["rounds"],
-                      ["case", "ms", "ms range", "speed vs fused / tanh"], rows)
+                      f"DiT, batch {s['batch_size']}), EfficientNet-Lite0 ({s['feature_batch']} feature images at 64 "
+                      f"px, "
+                      f"perceptual loss on {s['perceptual_batch']} pairs at 32 px); {torch.get_num_threads()} "
+                      "thread(s)", s["rounds"], ["case", "ms", "ms range", "speed vs fused / tanh / library"], rows)
     for name, times in seconds.items():
         reference = (name.replace(" math", " fused").replace("gmpipe's rule", "fused everywhere")
-                     .replace("gelu none", "gelu tanh"))
+                     .replace("gelu none", "gelu tanh").replace(" folded", " library"))
         rows.append([name, median(times) * 1000, spread([1000 * t for t in times]),
                      speedup(times, seconds[reference])])
     for label in ("fp32", "bf16"):
@@ -121,6 +155,9 @@ def run(size: str = "full", root=None) -> dict:
                 seconds[f"{label} {tokens} tokens math"], seconds[f"{label} {tokens} tokens fused"])
         section.ratios[f"{label} gelu: exact / tanh approximation speed"] = speedup(
             seconds[f"{label} gelu none"], seconds[f"{label} gelu tanh"])
+    for case in ("features fp32", "perceptual bf16"):
+        section.ratios[f"effnet {case}: folded / library speed"] = speedup(
+            seconds[f"effnet {case} folded"], seconds[f"effnet {case} library"])
     section.ratios["train_ldm bf16 step: gmpipe's rule / fused speed"] = speedup(
         seconds["train_ldm step, bf16, gmpipe's rule"], seconds["train_ldm step, bf16, fused everywhere"])
     section.notes.append(f"gmpipe's rule: the math kernel while training in bf16/fp16 on a CPU with at most "

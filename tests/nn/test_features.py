@@ -124,3 +124,43 @@ def test_mismatched_state_dict_is_refused(tmp_path):
     save_file({"other.weight": torch.zeros(1)}, tmp_path / "wrong.safetensors")
     with pytest.raises(ValueError, match="wrong.safetensors"):
         load_state_dict_features(TinyFeatureNet, tmp_path / "wrong.safetensors")
+
+
+def test_folded_network_computes_the_library_networks_features_and_gradients(effnet):
+    """The folded, channels-last network is the library's up to float rounding: pooled features, feature maps at
+    every stride and their gradients in the images (the perceptual losses train through them)."""
+    reference = EffNetLite0Features(image_size=64, folded=False)
+    images = synthetic_images(6, 1, 32, seed=3)
+    torch.testing.assert_close(effnet(images), reference(images), rtol=1e-4, atol=1e-5)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in effnet.modules())
+
+    grads = []
+    for extractor in (effnet, reference):
+        x = images.clone().requires_grad_(True)
+        maps = extractor.feature_maps(x)
+        sum(m.square().mean() for m in maps).backward()
+        grads.append((maps, x.grad))
+    for folded, library in zip(grads[0][0], grads[1][0], strict=True):
+        torch.testing.assert_close(folded, library, rtol=1e-3, atol=1e-3)
+    # ReLU6 units at their kinks make the input gradient sensitive to rounding: the library's own network differs
+    # by ~0.3% (relative norm) between float32 and float64 on these images, so that is the scale to compare at.
+    folded, library = grads[0][1], grads[1][1]
+    assert (folded - library).norm() / library.norm() < 1e-2
+
+
+@pytest.mark.parametrize("size", [31, 32, 33])
+def test_folded_convolution_pads_as_tensorflow_same(size):
+    """Stride 2 on odd and even sides (the odd pixel of padding goes at the end) and stride 1, k = 3 and 5."""
+    from efficientnet_lite_pytorch.utils import Conv2dDynamicSamePadding
+
+    from gmpipe.nn.features import FoldedSameConv
+
+    torch.manual_seed(size)
+    x = torch.randn(2, 4, size, size)
+    for kernel, stride, groups in [(3, 2, 1), (5, 2, 4), (3, 1, 4), (5, 1, 1)]:
+        conv = Conv2dDynamicSamePadding(4, 4, kernel, stride=stride, groups=groups, bias=False)
+        norm = nn.BatchNorm2d(4, eps=1e-3)
+        norm.running_mean.uniform_(-1, 1), norm.running_var.uniform_(0.5, 2)
+        nn.init.uniform_(norm.weight, 0.5, 1.5), nn.init.uniform_(norm.bias, -0.5, 0.5)
+        expected = norm.eval()(conv(x))
+        torch.testing.assert_close(FoldedSameConv(conv, norm)(x), expected, rtol=1e-5, atol=1e-5)
