@@ -140,10 +140,10 @@ def run(size: str = "full", root=None) -> dict:
     rows = []
     section = Section("cpu_kernels", f"CPU kernels, forward + backward: attention over 4 heads x 32 "
                       f"({s['total_tokens']} tokens per case), GELU on {s['gelu_rows']} x 512, train_ldm step (small "
-                      f"DiT, batch {s['batch_size']}), EfficientNet-Lite0 ({s['feature_batch']} feature images at 64 "
-                      f"px, "
-                      f"perceptual loss on {s['perceptual_batch']} pairs at 32 px); {torch.get_num_threads()} "
-                      "thread(s)", s["rounds"], ["case", "ms", "ms range", "speed vs fused / tanh / library"], rows)
+                      f"DiT, batch {s['batch_size']}), EfficientNet-Lite0 ({s['feature_batch']} feature images at "
+                      f"64 px, perceptual loss on {s['perceptual_batch']} pairs at 32 px); "
+                      f"{torch.get_num_threads()} thread(s)", s["rounds"],
+                      ["case", "ms", "ms range", "speed vs fused / tanh / library"], rows)
     for name, times in seconds.items():
         reference = (name.replace(" math", " fused").replace("gmpipe's rule", "fused everywhere")
                      .replace("gelu none", "gelu tanh").replace(" folded", " library"))
