@@ -44,6 +44,7 @@ from prefect.task_engine import run_task_sync
 from flows.environment import PARENT_TASK_RUNS
 from flows.overrides import restore_after_killed_run
 from flows.processes import run_streaming
+from flows.stage_client import stage_server
 
 WORKSPACE_LOCK = Path(".dvc") / "tmp" / "gmpipe-workspace.lock"
 RUN_RECORD = Path("reports") / "pipeline_run.json"
@@ -133,10 +134,10 @@ class DvcFailed(RuntimeError):
 
 
 def run_dvc(arguments: list[str], root: str | Path, on_line: Callable[[str], None] | None = None,
-            parent_task_runs: dict[str, uuid.UUID] | None = None) -> list[str]:
+            parent_task_runs: dict[str, uuid.UUID] | None = None, env: dict[str, str] | None = None) -> list[str]:
     """Run ``dvc ARGUMENTS`` in ``root``, its output into the flow log one finished line at a time (a progress
     bar's redraws make one line) and to ``on_line``; raise :class:`DvcFailed` on failure. An interrupt stops dvc and
-    its stage first."""
+    its stage first. ``env``: dvc's environment, if not ``_dvc_environment(parent_task_runs)``."""
     command = ["dvc", *arguments]
     print(f"$ {' '.join(command)}", flush=True)
 
@@ -145,7 +146,7 @@ def run_dvc(arguments: list[str], root: str | Path, on_line: Callable[[str], Non
         if on_line is not None:
             on_line(line)
 
-    code, lines = run_streaming(command, relay, cwd=root, env=_dvc_environment(parent_task_runs))
+    code, lines = run_streaming(command, relay, cwd=root, env=env or _dvc_environment(parent_task_runs))
     if code != 0:
         raise DvcFailed(' '.join(command), code, _failure_reason(lines))
     return lines
@@ -298,7 +299,9 @@ def repro_stages(stages: list[str], root: str = ".", force: bool = False) -> dic
     follower.start()
     command = ["repro", "--single-item", *stages] + (["--force"] if force else [])
     try:
-        run_dvc(command, root, on_line=progress.read_line, parent_task_runs={s: r.id for s, r in task_runs.items()})
+        # Each stage dvc starts is forked from a process that has imported what stages import (flows.stage_server).
+        with stage_server(root, _dvc_environment({s: r.id for s, r in task_runs.items()})) as env:
+            run_dvc(command, root, on_line=progress.read_line, env=env)
         progress.exited(0)
     except DvcFailed as exc:
         progress.exited(exc.code, exc.reason)

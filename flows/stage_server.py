@@ -1,0 +1,293 @@
+"""A process that has imported what every stage imports, and forks one child per ``gmpipe stage`` of the pipeline.
+
+A stage run through ``dvc repro`` spends ~4 s importing torch, diffusers, transformers and Prefect before its
+function starts, nine times per pipeline. The pipeline (``flows.pipeline.repro_stages``) starts this server for its
+one ``dvc repro`` (``flows.stage_client.stage_server``) and names its socket in the environment dvc passes to its
+stages. The ``gmpipe stage`` that dvc starts sends its arguments, working folder, environment and standard streams
+to the server (``flows.stage_client.run_in_server``), which forks a child that runs exactly that command
+(``gmpipe.cli.main``) in that folder with that environment, writing to those streams, and returns its exit code;
+the client exits with it. What dvc started is what ran: the same command, the same code, the same output.
+
+The server declines (and the client runs the stage itself, as without a server) whenever the child could differ from
+a new process: a gmpipe or flows source file it imported changed since (:class:`CodeSnapshot`), an environment
+variable differs from the one it was started with (apart from those set per stage, ``PER_STAGE_VARIABLES``:
+libraries read theirs at import), another working folder or command, a thread running in the server (fork copies
+only the calling thread), CUDA initialised, or a peer that is not this user. Packages installed into the
+environment while the pipeline runs are not detected. The server imports with one OpenMP thread (libgomp's workers
+do not survive a fork) and each child sets the threads, the torch and numpy generators as a new process has them.
+
+Stopping: the client forwards SIGINT, SIGTERM and SIGHUP to the child, so Ctrl-C and the pipeline's stop reach it as
+they reach a stage dvc started itself; a client that goes away (SIGKILL) gets its child stopped by the server
+(SIGTERM); the server stops its child and exits when the pipeline closes its stdin, and a child whose server dies
+gets SIGTERM from the kernel. Nothing is served unless the pipeline started the server: ``dvc repro`` and
+``gmpipe stage`` run by hand start their stages in new processes, as always.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+import time
+from pathlib import Path
+
+from flows.stage_client import PER_STAGE_VARIABLES, SOCKET_ENV, MessageReader, send_message
+
+# --- server ------------------------------------------------------------------------------------------------------
+
+class CodeSnapshot:
+    """SHA-256 of every imported module's source under the given package folders, taken when the server has
+    imported them: :meth:`changed` names the first that differs now (edited, deleted), or None."""
+
+    def __init__(self, folders: list[Path]):
+        self.folders = [folder.resolve() for folder in folders]
+        self.hashes = {path: self._hash(path) for path in self._module_files()}
+
+    def _module_files(self) -> list[Path]:
+        files = set()
+        for module in list(sys.modules.values()):
+            name = getattr(module, "__file__", None)
+            if not name:
+                continue
+            path = Path(name).resolve()
+            if any(path.is_relative_to(folder) for folder in self.folders):
+                files.add(path)
+        return sorted(files)
+
+    @staticmethod
+    def _hash(path: Path) -> str | None:
+        try:
+            return hashlib.sha256(path.read_bytes()).hexdigest()
+        except OSError:
+            return None
+
+    def changed(self) -> Path | None:
+        return next((path for path, digest in self.hashes.items() if self._hash(path) != digest), None)
+
+
+def preimport() -> None:
+    """What ``gmpipe stage`` imports for any stage, in its order: the command, the environment, each stage's module,
+    then the flow module (whose import sets up Prefect's logging from the settings in force)."""
+    import importlib
+
+    import gmpipe.cli  # noqa: F401
+    from flows import environment, processes  # noqa: F401
+    from gmpipe.stages import STAGES
+
+    for stage in STAGES:
+        importlib.import_module(f"gmpipe.stages.{stage}")
+    importlib.import_module("flows.stages")
+
+
+def _threads() -> int:
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        import threading
+
+        return threading.active_count()
+
+
+class StageServer:
+    """Serves one request at a time on a listening Unix socket (module docstring)."""
+
+    def __init__(self, listener: socket.socket, root: Path, environment: dict[str, str], code: CodeSnapshot,
+                 threads: int):
+        self.listener, self.root, self.environment, self.code = listener, root, environment, code
+        self.threads = threads  # torch's number of threads in a new process with ``environment``
+
+    def decline_reason(self, request: dict, peer_uid: int) -> str | None:
+        if peer_uid != os.getuid():
+            return f"the client runs as user {peer_uid}, the server as {os.getuid()}"
+        argv = request.get("argv") or []
+        if len(argv) < 3 or argv[1] != "stage":
+            return "only 'gmpipe stage NAME' is served"
+        if Path(request.get("cwd", "")).resolve() != self.root:
+            return f"the server serves {self.root}, not {request.get('cwd')}"
+        env = request.get("env") or {}
+        differs = sorted(key for key in set(env) | set(self.environment) if key not in PER_STAGE_VARIABLES
+                         and env.get(key) != self.environment.get(key))
+        if differs:
+            return f"the environment differs from the server's in {', '.join(differs[:5])}"
+        if (changed := self.code.changed()) is not None:
+            return f"{changed} changed since the server imported it"
+        if (threads := _threads()) != 1:
+            return f"{threads} threads run in the server"
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_initialized():
+            return "CUDA is initialised in the server"
+        return None
+
+    def serve(self, until_closed) -> None:
+        """Answer requests until ``until_closed`` (a readable file, the pipeline's pipe) reaches its end."""
+        while True:
+            ready, _, _ = select.select([self.listener, until_closed], [], [])
+            if until_closed in ready and not os.read(until_closed.fileno(), 4096):
+                return
+            if self.listener in ready:
+                connection, _ = self.listener.accept()
+                with connection:
+                    if self._answer(connection, until_closed) == "stop":
+                        return
+
+    def _answer(self, connection: socket.socket, until_closed) -> str | None:
+        reader = MessageReader(connection)
+        try:
+            request, fds = reader.read(with_fds=3)
+        except (OSError, ValueError):
+            return None
+        try:
+            uid = struct.unpack("3i", connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                            struct.calcsize("3i")))[1]
+            reason = "no request" if request is None else (
+                "the client did not send its standard streams" if len(fds) != 3 else self.decline_reason(request, uid))
+            if reason:
+                with contextlib.suppress(OSError):
+                    send_message(connection, {"declined": reason})
+                return None
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:
+                self._child(request, fds, connection, until_closed)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        try:
+            send_message(connection, {"pid": pid})
+        except OSError:
+            pass
+        status, stop = self._wait(pid, connection, until_closed)
+        with contextlib.suppress(OSError):
+            send_message(connection, {"exit": status})
+        return "stop" if stop else None
+
+    @staticmethod
+    def _wait(pid: int, connection: socket.socket, until_closed) -> tuple[int, bool]:
+        """The child's exit code (128 + the signal that ended it); stops it (SIGTERM, then SIGKILL) if its client
+        goes away or the pipeline closes the server's stdin, and then says to stop serving in the latter case."""
+        stop, stopping_since = False, None
+        watched = [connection, until_closed]
+        while True:
+            finished, status = os.waitpid(pid, os.WNOHANG)
+            if finished:
+                code = os.waitstatus_to_exitcode(status)
+                return (128 - code if code < 0 else code), stop
+            ready, _, _ = select.select(watched, [], [], 0.2)
+            for source in ready:
+                gone = not (connection.recv(4096) if source is connection else os.read(source.fileno(), 4096))
+                if gone:
+                    watched.remove(source)
+                    stop = stop or source is until_closed
+                    if stopping_since is None:
+                        stopping_since = time.monotonic()
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGTERM)
+            if stopping_since is not None and time.monotonic() - stopping_since > 10:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+    def _child(self, request: dict, fds: list[int], connection: socket.socket, until_closed) -> None:
+        code = 1
+        try:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
+                signal.signal(signum, signal.SIG_DFL)
+            _die_with_parent()
+            self.listener.close()
+            connection.close()
+            for target, fd in enumerate(fds):
+                os.dup2(fd, target)
+                os.close(fd)
+            os.chdir(request["cwd"])
+            env = {key: value for key, value in request["env"].items() if key != SOCKET_ENV}
+            os.environ.clear()
+            os.environ.update(env)
+            import numpy
+            import torch
+
+            # What a new process starts with: torch's threads, its default generator's initial state (the server's
+            # imports may have drawn from it), numpy's global generator from fresh entropy (Python's random module
+            # reseeds itself after a fork).
+            torch.set_num_threads(self.threads)
+            torch.manual_seed(torch.initial_seed())
+            numpy.random.seed()
+            sys.argv = list(request["argv"])
+            from gmpipe.cli import main
+
+            code = main(sys.argv[1:])
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()
+                sys.stderr.flush()
+            os._exit(code)
+
+
+def _die_with_parent() -> None:
+    """SIGTERM to this process when its parent (the server) dies (Linux ``prctl(PR_SET_PDEATHSIG)``)."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m flows.stage_server SOCKET``: bind SOCKET, import, serve until stdin closes."""
+    import gc
+
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m flows.stage_server SOCKET", file=sys.stderr)
+        return 2
+    environment = dict(os.environ)
+    # libgomp's worker threads do not survive a fork (a child's first parallel region waits for them forever), and
+    # importing torch starts them: the server imports with one OpenMP thread, and each child sets the number a new
+    # process would have, asked of one (:func:`_default_threads`).
+    os.environ["OMP_NUM_THREADS"] = "1"
+    probe = _default_threads(environment)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the pipeline stops the server by closing its stdin
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    gc.disable()
+    preimport()
+    import flows
+    import gmpipe
+
+    code = CodeSnapshot([Path(gmpipe.__file__).parent, Path(flows.__file__).parent])
+    threads = int(probe.communicate()[0])
+    os.environ.clear()
+    os.environ.update(environment)
+    gc.freeze()
+    gc.enable()
+    # Bound under another name and renamed when ready: a stage that finds no socket yet runs in a new process at
+    # once rather than waiting for the imports.
+    old_mask = os.umask(0o077)
+    listener.bind(argv[0] + ".starting")
+    os.umask(old_mask)
+    listener.listen(8)
+    os.rename(argv[0] + ".starting", argv[0])
+    with listener:
+        StageServer(listener, Path.cwd().resolve(), environment, code, threads).serve(sys.stdin)
+    return 0
+
+
+def _default_threads(environment: dict[str, str]):
+    """A process that prints the number of threads torch starts with in ``environment`` (read its stdout)."""
+    import subprocess
+
+    return subprocess.Popen([sys.executable, "-c", "import gmpipe, torch; print(torch.get_num_threads())"],
+                            env=environment, stdout=subprocess.PIPE, text=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""The pipeline's stage server (``flows.stage_server``): a stage that dvc starts is forked from a process that has
+imported what stages import, and runs as a new process would (same outputs, exit codes, stop signals), or runs in a
+new process when the server cannot promise that. Real processes: the server, dvc, ``gmpipe stage``."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from flows import stage_client, stage_server
+from flows.stage_client import SOCKET_ENV
+from flows.stage_server import CodeSnapshot, StageServer
+from tests.conftest import BIN, run, smoke_params
+
+FORKED = "stage forked by the pipeline's stage server"
+
+
+@contextlib.contextmanager
+def ready_server(root: Path):
+    """A stage server for ``root`` (as the pipeline starts it), once it is ready; yields the environment dvc gets."""
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", DVC_NO_ANALYTICS="1")
+    env.pop(SOCKET_ENV, None)
+    with stage_client.stage_server(root, env) as served:
+        deadline = time.monotonic() + 120
+        while not os.path.exists(served[SOCKET_ENV]):
+            assert time.monotonic() < deadline, "the stage server did not get ready"
+            time.sleep(0.1)
+        yield served
+
+
+def _tree_digest(folder: Path) -> dict[str, str]:
+    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped) is gone for our purpose.
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    return False
+
+
+def test_a_served_stage_writes_what_a_new_process_writes(prefect_api, dvc_project):
+    root = dvc_project(smoke_params(prepare={"max_per_class": 3}))
+    run(["gmpipe", "stage", "prepare"], root)
+    cold = run(["dvc", "repro", "--force", "--single-item", "train_vae"], root)  # by hand: no server
+    assert FORKED not in cold.stdout + cold.stderr
+    expected = _tree_digest(root / "models" / "vae")
+
+    with ready_server(root) as env:
+        served = subprocess.run(["dvc", "repro", "--force", "--single-item", "train_vae"], cwd=root, env=env,
+                                capture_output=True, text=True, timeout=600)
+        assert served.returncode == 0, served.stdout[-3000:] + served.stderr[-3000:]
+        assert FORKED in served.stdout + served.stderr
+        assert _tree_digest(root / "models" / "vae") == expected  # bit for bit: same code, seeds, threads
+
+        # A stage that fails in the server fails the same way: one error line and its exit code.
+        (root / "params.yaml").write_text((root / "params.yaml").read_text().replace("steps:", "steps: -1 #", 1))
+        failed = subprocess.run(["gmpipe", "stage", "train_vae"], cwd=root, env=env, capture_output=True, text=True,
+                                timeout=300)
+        assert FORKED in failed.stderr and failed.returncode == 2
+        assert "Traceback" not in failed.stderr and "steps" in failed.stderr
+    assert run(["dvc", "status", "train_vae"], root, check=False).returncode == 0
+
+
+@pytest.mark.parametrize("stop", ["ctrl-c", "kill"])
+def test_stopping_the_command_stops_the_stage_it_was_served(stop, prefect_api, dvc_project, tmp_path):
+    """Ctrl-C (SIGINT) to a served ``gmpipe stage`` reaches its stage (exit 130, as a new process); a ``gmpipe stage``
+    killed outright gets its stage stopped by the server; closing the server leaves no process."""
+    long_training = {"steps": 100_000, "checkpoint_every": 100_000, "log_every": 1, "warmup_steps": 0}
+    root = dvc_project(smoke_params(prepare={"max_per_class": 2}, compute={"threads": 1}, train_vae=long_training))
+    run(["gmpipe", "stage", "prepare"], root)
+    output = tmp_path / "stage.log"
+    with ready_server(root) as env:
+        with open(output, "wb") as log:
+            client = subprocess.Popen(["gmpipe", "stage", "train_vae"], cwd=root, env=env, stdout=log,
+                                      stderr=subprocess.STDOUT,
+                                      preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        try:
+            deadline = time.monotonic() + 300
+            while "train_vae: step 1/100000" not in output.read_text() and client.poll() is None:
+                assert time.monotonic() < deadline, output.read_text()[-3000:]
+                time.sleep(0.2)
+            child = int(re.search(rf"{FORKED} \(process (\d+)\)", output.read_text()).group(1))
+            client.send_signal(signal.SIGINT if stop == "ctrl-c" else signal.SIGKILL)
+            code = client.wait(timeout=60)
+            deadline = time.monotonic() + 30
+            while _alive(child):
+                assert time.monotonic() < deadline, "the served stage outlived its command"
+                time.sleep(0.2)
+        finally:
+            if client.poll() is None:
+                client.kill()
+        text = output.read_text()
+        if stop == "ctrl-c":
+            assert code == 130, text[-3000:]
+            assert "Traceback" not in text and "interrupted" in text
+        else:
+            assert code == -signal.SIGKILL
+        server_pid = next(int(p) for p in os.listdir("/proc") if p.isdigit() and _is_server(int(p), env))
+    deadline = time.monotonic() + 20
+    while _alive(server_pid):
+        assert time.monotonic() < deadline, "the stage server outlived the pipeline"
+        time.sleep(0.2)
+
+
+def _is_server(pid: int, env: dict[str, str]) -> bool:
+    with contextlib.suppress(OSError):
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        return env[SOCKET_ENV].encode() in command
+    return False
+
+
+@pytest.fixture
+def server(tmp_path, monkeypatch):
+    """A StageServer in this process for its checks (nothing is forked), as if it ran single-threaded."""
+    monkeypatch.setattr(stage_server, "_threads", lambda: 1)
+    environment = {"PATH": "/usr/bin", "OMP_WAIT_POLICY": "ACTIVE"}
+    return StageServer(socket.socket(socket.AF_UNIX), tmp_path.resolve(), environment, CodeSnapshot([tmp_path]), 2)
+
+
+def _request(server, **changes) -> dict:
+    return {"argv": ["gmpipe", "stage", "train_vae"], "cwd": str(server.root),
+            "env": dict(server.environment, DVC_STAGE="train_vae", DVC_ROOT=str(server.root))} | changes
+
+
+def test_the_server_serves_only_what_would_run_the_same(server):
+    assert server.decline_reason(_request(server), os.getuid()) is None  # dvc's own per-stage variables are fine
+    assert "user" in server.decline_reason(_request(server), os.getuid() + 1)
+    assert "only 'gmpipe stage NAME'" in server.decline_reason(_request(server, argv=["gmpipe", "sample"]),
+                                                               os.getuid())
+    assert "not /" in server.decline_reason(_request(server, cwd="/"), os.getuid())
+    changed = _request(server)
+    changed["env"] = dict(changed["env"], OMP_NUM_THREADS="1")  # read when torch loads: a new process must run it
+    assert "OMP_NUM_THREADS" in server.decline_reason(changed, os.getuid())
+    removed = _request(server)
+    del removed["env"]["OMP_WAIT_POLICY"]
+    assert "OMP_WAIT_POLICY" in server.decline_reason(removed, os.getuid())
+
+
+def test_an_edited_module_is_named_and_declined(tmp_path, monkeypatch, server):
+    package = tmp_path / "snapshot_package_for_test"
+    package.mkdir()
+    (package / "__init__.py").write_text("VALUE = 1\n")
+    (package / "part.py").write_text("PART = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.import_module("snapshot_package_for_test.part")
+    try:
+        server.code = CodeSnapshot([package])
+        assert set(server.code.hashes) == {(package / "__init__.py").resolve(), (package / "part.py").resolve()}
+        assert server.code.changed() is None
+        assert server.decline_reason(_request(server), os.getuid()) is None
+        (package / "part.py").write_text("PART = 2\n")
+        assert server.code.changed() == (package / "part.py").resolve()
+        assert "part.py changed" in server.decline_reason(_request(server), os.getuid())
+        (package / "part.py").unlink()
+        assert server.code.changed() == (package / "part.py").resolve()
+    finally:
+        for name in [name for name in sys.modules if name.startswith("snapshot_package_for_test")]:
+            del sys.modules[name]
+
+
+def test_a_stage_runs_in_a_new_process_when_no_server_answers(prefect_api, dvc_project, tmp_path):
+    root = dvc_project(smoke_params(prepare={"max_per_class": 2}))
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", DVC_NO_ANALYTICS="1")
+    for path, said in ((tmp_path / "missing.sock", "still importing"), (tmp_path / "dead.sock", "not reachable")):
+        if "dead" in path.name:  # a socket file nobody listens on (a server that died)
+            with socket.socket(socket.AF_UNIX) as listener:
+                listener.bind(str(path))
+        result = subprocess.run(["gmpipe", "stage", "prepare"], cwd=root, env=dict(env, **{SOCKET_ENV: str(path)}),
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert said in result.stderr and FORKED not in result.stderr
+        assert (root / "data" / "prepared" / "manifest.json").is_file()
+
+
+def test_the_pipeline_can_be_told_not_to_start_one(tmp_path):
+    with stage_client.stage_server(tmp_path, {"PATH": "/usr/bin", SOCKET_ENV: "off"}) as env:
+        assert SOCKET_ENV not in env
+    assert not list(tmp_path.iterdir())
