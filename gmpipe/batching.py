@@ -47,3 +47,12 @@ def to_device(cond: Any, device: torch.device | str | None,
     if isinstance(cond, dict):
         return {key: to_device(value, device, move) for key, value in cond.items()}
     return type(cond)(to_device(value, device, move) for value in cond)
+
+
+def even_batches(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of ``ceil(n / batch_size)`` consecutive batches covering [0, n), their sizes differing by at
+    most one: 300 items at 250 are 150 + 150, not 250 + 50, whose small last batch runs a network at a fraction of
+    its throughput (the demo's guided DiT: 4.5 ms an image at batch 50, 3.3-3.4 at 150-300)."""
+    count = -(-n // batch_size)
+    bounds = [n * i // count for i in range(count + 1)] if count else [0]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))

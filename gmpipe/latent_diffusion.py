@@ -35,6 +35,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gmpipe.artifacts import read_json
+from gmpipe.batching import even_batches
 from gmpipe.conditioning import Conditioning, Request
 from gmpipe.data.latents import LatentStats
 from gmpipe.diffusion import Objective, make_guided_model_fn
@@ -137,8 +138,7 @@ class LatentDiffusion(LatentGenerator):
         requests = self.requests_for(requests, seeds)
         noise = SampleNoise(seeds)
         images, nfe = [], 0
-        for start in range(0, len(seeds), batch_size):
-            stop = min(start + batch_size, len(seeds))
+        for start, stop in even_batches(len(seeds), batch_size):
             cond = self.conditioning.encode(requests[start:stop], self.device)
             with self.autocast():
                 latents, nfe = self.sample_latents(cond, noise.take(start, stop), **chosen)
@@ -154,8 +154,7 @@ class LatentDiffusion(LatentGenerator):
         requests = self.requests_for(requests, seeds)
         noise = SampleNoise(seeds)
         log_likelihood = []
-        for start in range(0, len(seeds), batch_size):
-            stop = min(start + batch_size, len(seeds))
+        for start, stop in even_batches(len(seeds), batch_size):
             stream = noise.take(start, stop)
             with torch.no_grad():
                 posterior = self.autoencoder.encode(uint8_to_signed(images[start:stop]).to(self.device)).latent_dist

@@ -25,6 +25,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from gmpipe.artifacts import ArtifactError, read_json
+from gmpipe.batching import even_batches
 from gmpipe.conditioning import Conditioning, Request
 from gmpipe.config.base import built_for
 from gmpipe.config.train_gan import GAN_CONDITIONINGS
@@ -116,8 +117,7 @@ class LatentGAN(LatentGenerator):
         requests = self.requests_for(requests, seeds)
         labels = self.conditioning.encode(requests)  # (n,) class labels, or None
         images, nfe = [], 0
-        for start in range(0, len(seeds), batch_size):
-            stop = min(start + batch_size, len(seeds))
+        for start, stop in even_batches(len(seeds), batch_size):
             with self.autocast():
                 latents, nfe = sample_latents(self.generator, None if labels is None else labels[start:stop],
                                               list(seeds[start:stop]), batch_size, chosen["truncation"])

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gmpipe.batching import even_batches
 from gmpipe.conditioning import Request, Unconditional
 from gmpipe.generator import DEFAULT_BATCH_SIZE, Generated, Generator, Likelihood, write_family
 from gmpipe.nn.autoencoder import load_autoencoder
@@ -89,8 +90,7 @@ class VAEPrior(Generator):
         self.requests_for(requests, seeds)  # one request per seed, or none
         noise = SampleNoise(seeds)
         images = []
-        for start in range(0, len(seeds), batch_size):
-            stop = min(start + batch_size, len(seeds))
+        for start, stop in even_batches(len(seeds), batch_size):
             z = temperature * noise.take(start, stop).randn((stop - start, *self.latent_shape))
             with self.autocast():
                 images.append(signed_to_uint8(self.autoencoder.decode(z.to(self.device)).sample))
