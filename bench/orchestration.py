@@ -24,6 +24,8 @@ import yaml
 
 from bench.measure import interleave, median, spread, timed
 from bench.report import REPO, Section
+from flows.project_server import ProjectServer
+from flows.stage_client import SOCKET_ENV, stage_server
 from gmpipe.config.params import load_params
 from gmpipe.paths import Paths
 from gmpipe.stages import prepare
@@ -82,6 +84,9 @@ def scratch_project(parent: Path, env: dict[str, str]) -> Path:
                     ["dvc", "config", "--local", "core.site_cache_dir", str(root / ".dvc" / "site_cache")]):
         _git_dvc(root, env, *command)
     return root
+
+
+SERVED = "dvc repro -f prepare, forked by gmpipe pipeline's stage server"
 
 
 def environment(home: Path) -> dict[str, str]:
@@ -164,7 +169,17 @@ def run(size: str = "full", root=None) -> dict:
             if s["imports"]:
                 cases["python -c 'import flows.stages'"] = command_case(
                     [sys.executable, "-c", "import flows.stages"], project, env)
-            seconds = interleave(cases, s["rounds"])
+            # What `gmpipe pipeline` starts for its dvc repro, with the API it names (the project's server here).
+            api = env.get("PREFECT_API_URL") or ProjectServer.running(env["PREFECT_HOME"]).api_url()
+            with stage_server(project, env | {"PREFECT_API_URL": api}) as served:
+                deadline = time.monotonic() + 300
+                while not os.path.exists(served[SOCKET_ENV]) and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                cases[SERVED] = command_case(["dvc", "repro", "--single-item", "--force", "prepare"], project, served,
+                                             served_outputs := [])
+                seconds = interleave(cases, s["rounds"])
+            if not all("stage forked by the pipeline's stage server" in out for out in served_outputs):
+                notes.append("the stage server did NOT serve every stage of its case")
         finally:
             subprocess.run(["gmpipe", "server", "stop"], cwd=project, env=env, capture_output=True)
 
@@ -178,6 +193,8 @@ def run(size: str = "full", root=None) -> dict:
     per_round = {
         "gmpipe stage": [t - f for t, f in zip(seconds["gmpipe stage prepare"], function, strict=True)],
         "dvc repro of one stage": [t - f for t, f in zip(one, function, strict=True)],
+        "dvc repro of one stage, forked by the stage server": [t - f for t, f in zip(seconds[SERVED], function,
+                                                                                      strict=True)],
         # the second stage of one dvc call: what each stage of `gmpipe pipeline` costs once dvc has started
         "a stage inside one dvc repro": [b - a - f for a, b, f in zip(one, two, function, strict=True)],
     }

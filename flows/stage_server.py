@@ -100,8 +100,11 @@ class StageServer:
                  threads: int):
         self.listener, self.root, self.environment, self.code = listener, root, environment, code
         self.threads = threads  # torch's number of threads in a new process with ``environment``
+        self.refusal: str | None = None  # a reason to decline every request
 
     def decline_reason(self, request: dict, peer_uid: int) -> str | None:
+        if self.refusal:
+            return self.refusal
         if peer_uid != os.getuid():
             return f"the client runs as user {peer_uid}, the server as {os.getuid()}"
         argv = request.get("argv") or []
@@ -153,8 +156,10 @@ class StageServer:
             sys.stdout.flush()
             sys.stderr.flush()
             pid = os.fork()
-            if pid == 0:
-                self._child(request, fds, connection, until_closed)
+            if pid == 0:  # the child: its standard streams are the client's; out of the loop (and its blocks)
+                for target, fd in enumerate(fds):
+                    os.dup2(fd, target)
+                raise Forked(request)
         finally:
             for fd in fds:
                 os.close(fd)
@@ -192,46 +197,39 @@ class StageServer:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
 
-    def _child(self, request: dict, fds: list[int], connection: socket.socket, until_closed) -> None:
-        code = 1
-        try:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
-                signal.signal(signum, signal.SIG_DFL)
-            _die_with_parent()
-            self.listener.close()
-            connection.close()
-            for target, fd in enumerate(fds):
-                os.dup2(fd, target)
-                os.close(fd)
-            os.chdir(request["cwd"])
-            env = {key: value for key, value in request["env"].items() if key != SOCKET_ENV}
-            os.environ.clear()
-            os.environ.update(env)
-            import numpy
-            import torch
 
-            # What a new process starts with: torch's threads, its default generator's initial state (the server's
-            # imports may have drawn from it), numpy's global generator from fresh entropy (Python's random module
-            # reseeds itself after a fork).
-            torch.set_num_threads(self.threads)
-            torch.manual_seed(torch.initial_seed())
-            numpy.random.seed()
-            sys.argv = list(request["argv"])
-            from gmpipe.cli import main
+class Forked(Exception):  # noqa: N818 (not an error: how a forked child leaves the server's loop)
+    """Raised in a forked child, out of the server's loop, so that the blocks it is in close what the child must not
+    keep (the listening socket, the connection, the received descriptors); :func:`main` then runs ``request``."""
 
-            code = main(sys.argv[1:])
-        except SystemExit as exit_:
-            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
-        except BaseException:
-            import traceback
+    def __init__(self, request: dict):
+        super().__init__("forked")
+        self.request = request
 
-            traceback.print_exc()
-        finally:
-            with contextlib.suppress(Exception):
-                sys.stdout.flush()
-                sys.stderr.flush()
-            os._exit(code)
+
+def run_forked(request: dict, threads: int) -> int:
+    """In a forked child whose standard streams are the client's: the client's folder, environment, signals as a new
+    process has them, and its command (``gmpipe.cli.main``); returns its exit code, and the interpreter then exits as
+    any process does (Prefect's log and event workers drained, exit handlers run)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
+        signal.signal(signum, signal.SIG_DFL)
+    _die_with_parent()
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update({key: value for key, value in request["env"].items() if key != SOCKET_ENV})
+    import numpy
+    import torch
+
+    # What a new process starts with: torch's threads, its default generator's initial state (the server's imports
+    # may have drawn from it), numpy's global generator from fresh entropy (Python's random reseeds itself).
+    torch.set_num_threads(threads)
+    torch.manual_seed(torch.initial_seed())
+    numpy.random.seed()
+    sys.argv = list(request["argv"])
+    from gmpipe.cli import main
+
+    return main(sys.argv[1:])
 
 
 def _die_with_parent() -> None:
@@ -256,6 +254,12 @@ def main(argv: list[str] | None = None) -> int:
     # process would have, asked of one (:func:`_default_threads`).
     os.environ["OMP_NUM_THREADS"] = "1"
     probe = _default_threads(environment)
+    from flows import environment as prefect_environment
+
+    # A `gmpipe stage` with no Prefect API configured switches to a private home and a server it starts, after the
+    # stage's imports; the server imports the flow module at once, so it serves only where an API is configured (as
+    # in `gmpipe pipeline`, which names its own).
+    configured = prefect_environment.configure(Path.cwd(), refresh=False)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the pipeline stops the server by closing its stdin
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     gc.disable()
@@ -276,8 +280,14 @@ def main(argv: list[str] | None = None) -> int:
     os.umask(old_mask)
     listener.listen(8)
     os.rename(argv[0] + ".starting", argv[0])
-    with listener:
-        StageServer(listener, Path.cwd().resolve(), environment, code, threads).serve(sys.stdin)
+    server = StageServer(listener, Path.cwd().resolve(), environment, code, threads)
+    if not configured:
+        server.refusal = "no Prefect API is configured in the pipeline's environment"
+    try:
+        with listener:
+            server.serve(sys.stdin)
+    except Forked as forked:
+        return run_forked(forked.request, threads)
     return 0
 
 

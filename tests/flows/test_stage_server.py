@@ -27,9 +27,10 @@ FORKED = "stage forked by the pipeline's stage server"
 
 
 @contextlib.contextmanager
-def ready_server(root: Path):
-    """A stage server for ``root`` (as the pipeline starts it), once it is ready; yields the environment dvc gets."""
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", DVC_NO_ANALYTICS="1")
+def ready_server(root: Path, env: dict[str, str] | None = None):
+    """A stage server for ``root`` (as the pipeline starts it, with ``env``: by default this process's), once it is
+    ready; yields the environment dvc gets."""
+    env = env or dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", DVC_NO_ANALYTICS="1")
     env.pop(SOCKET_ENV, None)
     with stage_client.stage_server(root, env) as served:
         deadline = time.monotonic() + 120
@@ -76,6 +77,30 @@ def test_a_served_stage_writes_what_a_new_process_writes(prefect_api, dvc_projec
         assert FORKED in failed.stderr and failed.returncode == 2
         assert "Traceback" not in failed.stderr and "steps" in failed.stderr
     assert run(["dvc", "status", "train_vae"], root, check=False).returncode == 0
+
+
+def test_a_served_stage_exits_as_a_process_does_its_last_log_lines_sent(prefect_api, dvc_project, tmp_path):
+    """The forked stage ends the way an interpreter ends (Prefect's log worker drained at exit), so its flow run's
+    logs on the server are complete, down to the line the stage prints last."""
+    from tests.flows.runs import flow_run_id_in, log_lines, unconfigured_env
+
+    root = dvc_project(smoke_params(prepare={"max_per_class": 2}, compute={"threads": 1},
+                                    train_vae={"steps": 4, "log_every": 2, "checkpoint_every": 4, "warmup_steps": 0,
+                                               "eval_images": 16}))
+    home = tmp_path / "home"
+    (home / ".prefect").mkdir(parents=True)
+    (home / ".prefect" / "profiles.toml").write_text(
+        f'active = "team"\n\n[profiles.team]\nPREFECT_API_URL = "{prefect_api}"\n')
+    env = unconfigured_env(home)  # Prefect ships the logs to the profile's server
+    run(["gmpipe", "stage", "prepare"], root)
+    with ready_server(root, env) as served:
+        result = subprocess.run(["dvc", "repro", "--force", "--single-item", "train_vae"], cwd=root, env=served,
+                                capture_output=True, text=True, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0 and FORKED in output, output[-3000:]
+    lines = log_lines(flow_run_id_in(output, "train_vae"))
+    assert any(line.startswith("train_vae: step 4/4") for line in lines), lines
+    assert any(line.startswith("gmpipe: stage train_vae took") for line in lines), lines[-5:]
 
 
 @pytest.mark.parametrize("stop", ["ctrl-c", "kill"])
@@ -151,6 +176,11 @@ def test_the_server_serves_only_what_would_run_the_same(server):
     removed = _request(server)
     del removed["env"]["OMP_WAIT_POLICY"]
     assert "OMP_WAIT_POLICY" in server.decline_reason(removed, os.getuid())
+
+
+def test_without_a_prefect_api_in_its_environment_the_server_serves_nothing(server):
+    server.refusal = "no Prefect API is configured in the pipeline's environment"
+    assert server.decline_reason(_request(server), os.getuid()) == server.refusal
 
 
 def test_an_edited_module_is_named_and_declined(tmp_path, monkeypatch, server):
