@@ -248,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1:
         print("usage: python -m flows.stage_server SOCKET", file=sys.stderr)
         return 2
+    import gmpipe  # its OpenMP defaults first: a `gmpipe stage` has them in its environment too
+
     environment = dict(os.environ)
     # libgomp's worker threads do not survive a fork (a child's first parallel region waits for them forever), and
     # importing torch starts them: the server imports with one OpenMP thread, and each child sets the number a new
@@ -265,7 +267,6 @@ def main(argv: list[str] | None = None) -> int:
     gc.disable()
     preimport()
     import flows
-    import gmpipe
 
     code = CodeSnapshot([Path(gmpipe.__file__).parent, Path(flows.__file__).parent])
     threads = int(probe.communicate()[0])

@@ -63,7 +63,11 @@ def test_a_served_stage_writes_what_a_new_process_writes(prefect_api, dvc_projec
     assert FORKED not in cold.stdout + cold.stderr
     expected = _tree_digest(root / "models" / "vae")
 
-    with ready_server(root) as env:
+    # Started from a process that never imported gmpipe (no OpenMP defaults of gmpipe's in its environment), as the
+    # stages' `gmpipe stage` has them: still served.
+    launcher_env = {key: value for key, value in os.environ.items() if key not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    launcher_env.update(PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", DVC_NO_ANALYTICS="1")
+    with ready_server(root, launcher_env) as env:
         served = subprocess.run(["dvc", "repro", "--force", "--single-item", "train_vae"], cwd=root, env=env,
                                 capture_output=True, text=True, timeout=600)
         assert served.returncode == 0, served.stdout[-3000:] + served.stderr[-3000:]
