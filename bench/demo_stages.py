@@ -20,14 +20,16 @@ DEMO_LIMIT_MINUTES = 15.0
 
 
 def stage_rows(stages: dict[str, dict]) -> list[list]:
-    """One row per stage: outcome, wall s, own s, orchestration s (wall - own; stages that ran), peak MiB."""
+    """One row per stage: outcome, wall s, own s, orchestration s (wall - own; stages that ran), peak MiB, and the
+    resident MiB it started at when the pipeline's stage server forked it (pages shared with the server, which its
+    peak counts; None for a stage that ran in a new process)."""
     rows = []
     for stage, record in stages.items():
         wall, own = record.get("wall_seconds"), record.get("stage_seconds")
         ran = record["outcome"] == "ran"
         rows.append([stage, record["outcome"], wall, own if ran else None,
                      wall - own if ran and wall is not None and own is not None else None,
-                     record.get("peak_memory_mib") if ran else None])
+                     record.get("peak_memory_mib") if ran else None, record.get("forked_at_mib") if ran else None])
     return rows
 
 
@@ -36,7 +38,7 @@ def run(size: str = "full", root: Path | None = None) -> dict:
     path = root / RUN_RECORD
     section = Section("demo_stages", "Pipeline run: wall time and peak memory per stage", 1,
                       ["stage", "outcome", "wall s (in dvc repro)", "stage s (own)", "orchestration s",
-                       "peak MiB"], [])
+                       "peak MiB", "forked at MiB"], [])
     if not path.is_file():
         section.notes.append(f"not measured: {path} not found (`gmpipe pipeline` writes it after a run that "
                              "succeeds; give --root the project folder)")
@@ -47,7 +49,8 @@ def run(size: str = "full", root: Path | None = None) -> dict:
     ran = [row for row in section.rows if row[1] == "ran" and row[3] is not None and row[2]]
     walls = sum(row[2] for row in section.rows if row[2] is not None)
     section.rows.append(["total", f"{len(ran)} of {len(stages)} ran", walls, sum(row[3] for row in ran),
-                         sum(row[4] for row in ran), max((row[5] for row in ran if row[5] is not None), default=None)])
+                         sum(row[4] for row in ran), max((row[5] for row in ran if row[5] is not None), default=None),
+                         None])
     if ran:
         section.ratios["stage time / wall time (stages that ran)"] = sum(r[3] for r in ran) / sum(r[2] for r in ran)
     minutes = record["repro_seconds"] / 60

@@ -202,7 +202,8 @@ STAGE_RAN = re.compile(r"^Running stage '([^']+)':")
 STAGE_UP_TO_DATE = re.compile(r"^Stage '([^']+)' (?:didn't change, skipping|is cached - skipping)")
 STAGE_FROZEN = re.compile(r"^Verifying outputs in frozen stage: '([^']+)'")
 # What `gmpipe stage` prints when done (flows.stages.RESOURCES_LINE), possibly behind a log prefix.
-STAGE_RESOURCES = re.compile(r"gmpipe: stage (\w+) took ([\d.]+) s, peak memory (\d+) MiB")
+STAGE_RESOURCES = re.compile(r"gmpipe: stage (\w+) took ([\d.]+) s, peak memory (\d+) MiB"
+                             r"(?: \(forked by the stage server at (\d+) MiB\))?")
 
 
 class ReproProgress:
@@ -213,11 +214,13 @@ class ReproProgress:
     def __init__(self):
         self._events: queue.Queue[tuple] = queue.Queue()
         self._held: tuple | None = None
-        self.resources: dict[str, tuple[float, int]] = {}  # stage -> (its own seconds, peak memory MiB)
+        # stage -> (its own seconds, peak memory MiB, resident MiB when the stage server forked it or None)
+        self.resources: dict[str, tuple[float, int, int | None]] = {}
 
     def read_line(self, line: str) -> None:
         if match := STAGE_RESOURCES.search(line):
-            self.resources[match.group(1)] = (float(match.group(2)), int(match.group(3)))
+            forked_at = None if match.group(4) is None else int(match.group(4))
+            self.resources[match.group(1)] = (float(match.group(2)), int(match.group(3)), forked_at)
         if match := STAGE_RAN.match(line):
             self._events.put(("stage", "ran", match.group(1)))
         elif match := STAGE_UP_TO_DATE.match(line):
@@ -315,29 +318,35 @@ def repro_stages(stages: list[str], root: str = ".", force: bool = False) -> dic
     if failure:
         _cancel(task_runs, started, failure[0])
         return Failed(message=failure[0])
-    return {stage: StageOutcome(what, seconds.get(stage), *progress.resources.get(stage, (None, None)))
+    return {stage: StageOutcome(what, seconds.get(stage), *progress.resources.get(stage, (None, None, None)))
             for stage, what in outcome.items()}
 
 
 @dataclass(frozen=True)
 class StageOutcome:
     """What happened to a stage in the pipeline's ``dvc repro``, with its wall time there (DVC's own work on the
-    stage included) and, for a stage that ran, the time and peak memory its process reported."""
+    stage included) and, for a stage that ran, the time and peak memory its process reported; ``forked_at_mib``: its
+    resident memory when the stage server forked it (pages shared with the server, counted in its peak), None for a
+    stage that ran in a new process."""
 
     outcome: str
     seconds: float | None = None
     stage_seconds: float | None = None
     peak_memory_mib: int | None = None
+    forked_at_mib: int | None = None
 
     def to_dict(self) -> dict:
         return {"outcome": self.outcome, "wall_seconds": None if self.seconds is None else round(self.seconds, 3),
-                "stage_seconds": self.stage_seconds, "peak_memory_mib": self.peak_memory_mib}
+                "stage_seconds": self.stage_seconds, "peak_memory_mib": self.peak_memory_mib,
+                "forked_at_mib": self.forked_at_mib}
 
     def row(self, stage: str) -> str:
         ran = self.outcome == "ran"
         wall = "-" if self.seconds is None else _duration(self.seconds)
         own = _duration(self.stage_seconds) if ran and self.stage_seconds is not None else "-"
         memory = f"{self.peak_memory_mib} MiB" if ran and self.peak_memory_mib is not None else "-"
+        if memory != "-" and self.forked_at_mib is not None:
+            memory += f" (forked at {self.forked_at_mib})"
         return f"| {stage} | {self.outcome} | {wall} | {own} | {memory} |"
 
 

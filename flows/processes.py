@@ -126,28 +126,34 @@ def stop_group(process: subprocess.Popen) -> None:
     rank in a session of its own): SIGINT to the group, then SIGTERM, then SIGKILL to all of them, each after the
     previous one's grace period (:data:`STOP_SIGNALS`); returns once none is left. A second Ctrl-C while it waits
     skips to the next signal."""
+    stop_tree(process.pid, process.poll)
+
+
+def stop_tree(leader: int, reap: Callable[[], object]) -> None:
+    """:func:`stop_group` for the process group led by ``leader``, a child of this process that ``reap`` waits for
+    without blocking (``Popen.poll``, or a ``waitpid(leader, WNOHANG)``)."""
     seen: dict[int, str] = {}  # pid -> start time, of every descendant seen: parents die first and orphan the rest
     for stop_signal, grace in STOP_SIGNALS:
-        _remember_descendants(process.pid, seen)
+        _remember_descendants(leader, seen)
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, stop_signal)
+            os.killpg(leader, stop_signal)
         if stop_signal != signal.SIGINT:
-            for pid in _alive(process.pid, seen):
+            for pid in _alive(leader, seen):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, stop_signal)
         try:
-            if _wait_all_exited(process, seen, grace):
+            if _wait_all_exited(leader, reap, seen, grace):
                 return
         except KeyboardInterrupt:
             continue
 
 
-def _wait_all_exited(process: subprocess.Popen, seen: dict[int, str], timeout: float) -> bool:
+def _wait_all_exited(leader: int, reap: Callable[[], object], seen: dict[int, str], timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        process.poll()  # reap the leader
-        _remember_descendants(process.pid, seen)
-        if not _alive(process.pid, seen):
+        reap()
+        _remember_descendants(leader, seen)
+        if not _alive(leader, seen):
             return True
         time.sleep(0.1)
     return False

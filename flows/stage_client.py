@@ -24,6 +24,8 @@ FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 READY_TIMEOUT = 60.0  # seconds a client waits for the server's first answer (it listens once it has imported)
 MAX_MESSAGE = 1 << 20
 SERVER_PROGRAM = "import sys; del sys.path[0]; from flows.stage_server import main; sys.exit(main())"
+# What the server may take to stop a stage it still runs (flows.processes.STOP_SIGNALS: 10 + 5 + 5 s) and exit.
+SERVER_STOP_SECONDS = 30.0
 
 
 def send_message(connection: socket.socket, message: dict, fds: list[int] | None = None) -> None:
@@ -118,13 +120,19 @@ def _wait_for_child(connection: socket.socket, reader: MessageReader, pid: int) 
 
 
 def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs: not gone, and not a zombie waiting to be reaped (an orphan waits for init, which in a
+    container may never reap it)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
         return True
-    return True
+    return state not in ("Z", "X")
 
 
 @contextlib.contextmanager
@@ -142,17 +150,25 @@ def stage_server(root: str | Path, env: dict[str, str]) -> Iterator[dict[str, st
     with tempfile.TemporaryDirectory(prefix="gmpipe-stage-") as folder:
         path = str(Path(folder) / "socket")
         server_env = {key: value for key, value in env.items() if key != SOCKET_ENV}
+        log = Path(folder) / "server.log"
         # Not `python -m`, which puts the working folder first on sys.path: the server imports gmpipe from where the
-        # `gmpipe` command does (a project folder may hold another copy).
-        process = subprocess.Popen([sys.executable, "-c", SERVER_PROGRAM, path], cwd=root, env=server_env,
-                                   stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, **OWN_PROCESS_GROUP)
+        # `gmpipe` command does (a project folder may hold another copy). Its output goes to a file, not a terminal
+        # (Prefect's console handler, made in the server, would colour what the stages print).
+        with open(log, "wb") as log_file:
+            process = subprocess.Popen([sys.executable, "-c", SERVER_PROGRAM, path], cwd=root, env=server_env,
+                                       stdin=subprocess.PIPE, stdout=log_file, stderr=subprocess.STDOUT,
+                                       **OWN_PROCESS_GROUP)
         try:
             yield {**server_env, SOCKET_ENV: path}
         finally:
             with contextlib.suppress(OSError):
                 process.stdin.close()
             try:
-                process.wait(timeout=15)
+                process.wait(timeout=SERVER_STOP_SECONDS)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+            if process.returncode:  # it failed (its stages ran in new processes): say why
+                said = log.read_text(errors="replace").strip().splitlines()[-5:]
+                print(f"gmpipe: the stage server exited with code {process.returncode}: {' | '.join(said)}",
+                      file=sys.stderr, flush=True)

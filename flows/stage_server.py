@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import select
 import signal
@@ -41,23 +42,17 @@ from flows.stage_client import PER_STAGE_VARIABLES, SOCKET_ENV, MessageReader, s
 # --- server ------------------------------------------------------------------------------------------------------
 
 class CodeSnapshot:
-    """SHA-256 of every imported module's source under the given package folders, taken when the server has
-    imported them: :meth:`changed` names the first that differs now (edited, deleted), or None."""
+    """SHA-256 of every Python source file under the given package folders: :meth:`changed` names the first file
+    that differs now (edited, added, deleted), or None. The server takes it before it imports anything of them, so a
+    file saved while it imports is caught too."""
 
     def __init__(self, folders: list[Path]):
         self.folders = [folder.resolve() for folder in folders]
-        self.hashes = {path: self._hash(path) for path in self._module_files()}
+        self.hashes = self._read()
 
-    def _module_files(self) -> list[Path]:
-        files = set()
-        for module in list(sys.modules.values()):
-            name = getattr(module, "__file__", None)
-            if not name:
-                continue
-            path = Path(name).resolve()
-            if any(path.is_relative_to(folder) for folder in self.folders):
-                files.add(path)
-        return sorted(files)
+    def _read(self) -> dict[Path, str | None]:
+        return {path: self._hash(path) for folder in self.folders for path in sorted(folder.rglob("*.py"))
+                if "__pycache__" not in path.parts}
 
     @staticmethod
     def _hash(path: Path) -> str | None:
@@ -67,7 +62,9 @@ class CodeSnapshot:
             return None
 
     def changed(self) -> Path | None:
-        return next((path for path, digest in self.hashes.items() if self._hash(path) != digest), None)
+        now = self._read()
+        return next((path for path in sorted(set(now) | set(self.hashes)) if now.get(path) != self.hashes.get(path)),
+                    None)
 
 
 def preimport() -> None:
@@ -97,9 +94,9 @@ class StageServer:
     """Serves one request at a time on a listening Unix socket (module docstring)."""
 
     def __init__(self, listener: socket.socket, root: Path, environment: dict[str, str], code: CodeSnapshot,
-                 threads: int):
+                 threads: dict):
         self.listener, self.root, self.environment, self.code = listener, root, environment, code
-        self.threads = threads  # torch's number of threads in a new process with ``environment``
+        self.threads = threads  # a new process's threads with ``environment``: :func:`fresh_threads`
         self.refusal: str | None = None  # a reason to decline every request
 
     def decline_reason(self, request: dict, peer_uid: int) -> str | None:
@@ -140,10 +137,12 @@ class StageServer:
 
     def _answer(self, connection: socket.socket, until_closed) -> str | None:
         reader = MessageReader(connection)
+        connection.settimeout(10.0)  # a client sends its request at once; a stalled one must not block the server
         try:
             request, fds = reader.read(with_fds=3)
         except (OSError, ValueError):
             return None
+        connection.settimeout(None)
         try:
             uid = struct.unpack("3i", connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                             struct.calcsize("3i")))[1]
@@ -155,11 +154,13 @@ class StageServer:
                 return None
             sys.stdout.flush()
             sys.stderr.flush()
+            server = os.getpid()
             pid = os.fork()
             if pid == 0:  # the child: its standard streams are the client's; out of the loop (and its blocks)
+                os.setpgid(0, 0)  # a group of its own, stopped as a whole (_wait)
                 for target, fd in enumerate(fds):
                     os.dup2(fd, target)
-                raise Forked(request)
+                raise Forked(request, server)
         finally:
             for fd in fds:
                 os.close(fd)
@@ -174,62 +175,93 @@ class StageServer:
 
     @staticmethod
     def _wait(pid: int, connection: socket.socket, until_closed) -> tuple[int, bool]:
-        """The child's exit code (128 + the signal that ended it); stops it (SIGTERM, then SIGKILL) if its client
-        goes away or the pipeline closes the server's stdin, and then says to stop serving in the latter case."""
-        stop, stopping_since = False, None
-        watched = [connection, until_closed]
-        while True:
-            finished, status = os.waitpid(pid, os.WNOHANG)
-            if finished:
-                code = os.waitstatus_to_exitcode(status)
-                return (128 - code if code < 0 else code), stop
-            ready, _, _ = select.select(watched, [], [], 0.2)
-            for source in ready:
-                gone = not (connection.recv(4096) if source is connection else os.read(source.fileno(), 4096))
-                if gone:
-                    watched.remove(source)
-                    stop = stop or source is until_closed
-                    if stopping_since is None:
-                        stopping_since = time.monotonic()
-                        with contextlib.suppress(ProcessLookupError):
-                            os.kill(pid, signal.SIGTERM)
-            if stopping_since is not None and time.monotonic() - stopping_since > 10:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+        """The child's exit code (128 + the signal that ended it). If its client goes away or the pipeline closes the
+        server's stdin, the child's whole tree is stopped as the pipeline stops a stage's (``flows.processes.
+        stop_tree``: SIGINT, SIGTERM, SIGKILL, also to descendants in sessions of their own), and in the latter case
+        the server stops serving."""
+        from flows.processes import stop_tree
+
+        status: list[int] = []
+
+        def reap() -> bool:
+            if not status:
+                finished, raw = os.waitpid(pid, os.WNOHANG)
+                if finished:
+                    status.append(os.waitstatus_to_exitcode(raw))
+            return bool(status)
+
+        stop = False
+        while not reap():
+            ready, _, _ = select.select([connection, until_closed], [], [], 0.2)
+            gone = [source for source in ready
+                    if not (connection.recv(4096) if source is connection else os.read(source.fileno(), 4096))]
+            if gone:
+                stop = until_closed in gone
+                stop_tree(pid, reap)
+                while not reap():
+                    time.sleep(0.05)
+        code = status[0]
+        return (128 - code if code < 0 else code), stop
 
 
 class Forked(Exception):  # noqa: N818 (not an error: how a forked child leaves the server's loop)
     """Raised in a forked child, out of the server's loop, so that the blocks it is in close what the child must not
     keep (the listening socket, the connection, the received descriptors); :func:`main` then runs ``request``."""
 
-    def __init__(self, request: dict):
+    def __init__(self, request: dict, server: int):
         super().__init__("forked")
-        self.request = request
+        self.request, self.server = request, server
 
 
-def run_forked(request: dict, threads: int) -> int:
-    """In a forked child whose standard streams are the client's: the client's folder, environment, signals as a new
-    process has them, and its command (``gmpipe.cli.main``); returns its exit code, and the interpreter then exits as
-    any process does (Prefect's log and event workers drained, exit handlers run)."""
+def run_forked(request: dict, server: int, threads: dict) -> int:
+    """In a forked child whose standard streams are the client's: the client's folder, environment, signals and
+    threads as a new process has them, and its command (``gmpipe.cli.main``); returns its exit code, and the
+    interpreter then exits as any process does (Prefect's log and event workers drained, exit handlers run)."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
     for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
         signal.signal(signum, signal.SIG_DFL)
     _die_with_parent()
+    if os.getppid() != server:  # the server died before the line above: nobody would stop this process
+        os.kill(os.getpid(), signal.SIGTERM)
+    forked_at = _resident_mib()
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update({key: value for key, value in request["env"].items() if key != SOCKET_ENV})
     import numpy
     import torch
 
-    # What a new process starts with: torch's threads, its default generator's initial state (the server's imports
-    # may have drawn from it), numpy's global generator from fresh entropy (Python's random reseeds itself).
-    torch.set_num_threads(threads)
+    import flows.stages
+
+    # What a new process starts with: torch's threads and every BLAS / OpenMP pool's (the server imported with one),
+    # torch's default generator at its initial state (the server's imports may have drawn from it), numpy's global
+    # generator from fresh entropy (Python's random reseeds itself after a fork).
+    set_fresh_threads(threads)
     torch.manual_seed(torch.initial_seed())
     numpy.random.seed()
+    flows.stages.FORKED_AT_MIB = forked_at  # its peak memory counts the pages it shares with the server
     sys.argv = list(request["argv"])
     from gmpipe.cli import main
 
     return main(sys.argv[1:])
+
+
+def set_fresh_threads(threads: dict) -> None:
+    """Torch's threads and each loaded BLAS / OpenMP pool's as ``threads`` (:data:`FRESH_THREADS`) has them."""
+    import torch
+    from threadpoolctl import ThreadpoolController
+
+    torch.set_num_threads(threads["torch"])
+    for pool in ThreadpoolController().lib_controllers:
+        if pool.num_threads != threads["pools"][pool.filepath]:
+            pool.set_num_threads(threads["pools"][pool.filepath])
+
+
+def _resident_mib() -> int | None:
+    try:
+        status = Path("/proc/self/status").read_text()
+        return round(next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")) / 1024)
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
 
 
 def _die_with_parent() -> None:
@@ -241,21 +273,24 @@ def _die_with_parent() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m flows.stage_server SOCKET``: bind SOCKET, import, serve until stdin closes."""
+    """``python -m flows.stage_server SOCKET``: import, bind SOCKET, serve until stdin closes."""
     import gc
+    import importlib.util
 
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
         print("usage: python -m flows.stage_server SOCKET", file=sys.stderr)
         return 2
-    import gmpipe  # its OpenMP defaults first: a `gmpipe stage` has them in its environment too
+    # The code as it is before anything of it is imported (a file saved during the imports differs from it).
+    code = CodeSnapshot([Path(importlib.util.find_spec("gmpipe").origin).parent, Path(__file__).parent])
+    import gmpipe  # noqa: F401 (its OpenMP defaults first: a `gmpipe stage` has them in its environment too)
 
     environment = dict(os.environ)
     # libgomp's worker threads do not survive a fork (a child's first parallel region waits for them forever), and
-    # importing torch starts them: the server imports with one OpenMP thread, and each child sets the number a new
-    # process would have, asked of one (:func:`_default_threads`).
+    # importing torch starts them: the server imports with one OpenMP (and BLAS) thread, and each child sets the
+    # numbers a new process has, asked of one (:func:`fresh_threads`).
     os.environ["OMP_NUM_THREADS"] = "1"
-    probe = _default_threads(environment)
+    probe = fresh_threads(environment)
     from flows import environment as prefect_environment
 
     # A `gmpipe stage` with no Prefect API configured switches to a private home and a server it starts, after the
@@ -266,10 +301,11 @@ def main(argv: list[str] | None = None) -> int:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     gc.disable()
     preimport()
-    import flows
+    from threadpoolctl import ThreadpoolController
 
-    code = CodeSnapshot([Path(gmpipe.__file__).parent, Path(flows.__file__).parent])
-    threads = int(probe.communicate()[0])
+    threads = json.loads(probe.communicate()[0])
+    unknown = [pool.filepath for pool in ThreadpoolController().lib_controllers
+               if pool.filepath not in threads["pools"]]
     os.environ.clear()
     os.environ.update(environment)
     gc.freeze()
@@ -284,20 +320,32 @@ def main(argv: list[str] | None = None) -> int:
     server = StageServer(listener, Path.cwd().resolve(), environment, code, threads)
     if not configured:
         server.refusal = "no Prefect API is configured in the pipeline's environment"
+    elif unknown:
+        server.refusal = f"a thread pool a new process's threads were not asked of: {unknown[0]}"
+    elif (changed := code.changed()) is not None:
+        server.refusal = f"{changed} changed while the server imported"
     try:
         with listener:
             server.serve(sys.stdin)
     except Forked as forked:
-        return run_forked(forked.request, threads)
+        return run_forked(forked.request, forked.server, threads)
     return 0
 
 
-def _default_threads(environment: dict[str, str]):
-    """A process that prints the number of threads torch starts with in ``environment`` (read its stdout)."""
+FRESH_THREADS = """
+import json, gmpipe, torch, numpy, scipy.linalg
+from threadpoolctl import ThreadpoolController
+print(json.dumps({"torch": torch.get_num_threads(),
+                  "pools": {pool.filepath: pool.num_threads for pool in ThreadpoolController().lib_controllers}}))
+"""
+
+
+def fresh_threads(environment: dict[str, str]):
+    """A process that prints, as JSON, the threads a new process has in ``environment`` once it has loaded torch,
+    numpy and scipy: torch's, and each BLAS / OpenMP pool's by its library file (read its stdout)."""
     import subprocess
 
-    return subprocess.Popen([sys.executable, "-c", "import gmpipe, torch; print(torch.get_num_threads())"],
-                            env=environment, stdout=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, "-c", FRESH_THREADS], env=environment, stdout=subprocess.PIPE, text=True)
 
 
 if __name__ == "__main__":

@@ -103,11 +103,17 @@ def summary_markdown(stage: str, summary: dict) -> str:
 
 
 RESOURCES_LINE = "gmpipe: stage {stage} took {seconds} s, peak memory {peak_memory_mib} MiB"
+# Set in a stage forked by the pipeline's stage server (flows.stage_server): its resident memory at the fork, pages
+# shared with the server (every stage's imports) that its peak memory counts too.
+FORKED_AT_MIB: int | None = None
 
 
 def resources_line(stage: str, resources: dict) -> str:
     """The one line a stage prints when it is done; the pipeline reads it from DVC's output for its table."""
-    return RESOURCES_LINE.format(stage=stage, **resources)
+    line = RESOURCES_LINE.format(stage=stage, **resources)
+    if resources.get("forked_at_mib") is not None:
+        line += f" (forked by the stage server at {resources['forked_at_mib']} MiB)"
+    return line
 
 
 def peak_memory_mib() -> int:
@@ -149,7 +155,8 @@ def _stage_in_flow_run(stage: str, params_file: str, root: str):
                 summary = run_stage_function(stage, params, Paths(Path(root)))
     except (GmpipeError, ParamsError, FileNotFoundError) as exc:
         return Failed(message=str(exc))
-    summary["resources"] = {"seconds": round(time.perf_counter() - start, 3), "peak_memory_mib": peak_memory_mib()}
+    summary["resources"] = {"seconds": round(time.perf_counter() - start, 3), "peak_memory_mib": peak_memory_mib(),
+                            "forked_at_mib": FORKED_AT_MIB}
     print(resources_line(stage, summary["resources"]), flush=True)
     create_markdown_artifact(
         key=stage.replace("_", "-"), markdown=summary_markdown(stage, summary), description=f"{stage} summary"

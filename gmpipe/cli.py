@@ -131,7 +131,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
     if os.environ.get("GMPIPE_STAGE_SERVER"):  # run by the pipeline's dvc repro: its stage server forks the stage
         from flows.stage_client import run_in_server
 
-        served = run_in_server(["gmpipe", *sys.argv[1:]])
+        served = run_in_server(["gmpipe", "stage", args.name, "--params", args.params, "--root", args.root])
         if served is not None:
             return served
     # No cyclic garbage collection while Prefect, the flow module and the stage's own modules load: collecting the

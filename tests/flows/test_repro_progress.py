@@ -73,10 +73,10 @@ def test_the_resources_a_stage_prints_are_read_behind_a_log_prefix():
         "Running stage 'prepare':",
         "22:54:27.603 | INFO    | Flow run 'immortal-rabbit' - gmpipe: stage prepare took 4.2 s, peak memory 312 MiB",
         "Running stage 'train_vae':",
-        "gmpipe: stage train_vae took 612.0 s, peak memory 1890 MiB",
+        "gmpipe: stage train_vae took 612.0 s, peak memory 1890 MiB (forked by the stage server at 497 MiB)",
         exit_code=0,
     )
-    assert progress.resources == {"prepare": (4.2, 312), "train_vae": (612.0, 1890)}
+    assert progress.resources == {"prepare": (4.2, 312, None), "train_vae": (612.0, 1890, 497)}
     assert outcomes(progress, ["prepare", "train_vae"]) == ["ran", "ran"]
 
 
@@ -107,7 +107,7 @@ def test_the_run_record_names_the_commit_and_every_stage(tmp_path):
     (tmp_path / "params.yaml").write_text("a: 2\n")
     assert code_version(tmp_path) == f"{head}-dirty"
 
-    stages = {"prepare": StageOutcome("up to date", 0.8), "train_vae": StageOutcome("ran", 615.04, 612.0, 1890)}
+    stages = {"prepare": StageOutcome("up to date", 0.8), "train_vae": StageOutcome("ran", 615.04, 612.0, 1890, 497)}
     record = RunRecord("2026-01-02T03:04:05+00:00", code_version(tmp_path), ["prepare", "train_vae"], False, True, 2,
                        [1.5, 1.0, 0.5], [2.0, 1.2, 0.6], 640.25, stages)
     written = json.loads(record.write(tmp_path).read_text())
@@ -116,7 +116,8 @@ def test_the_run_record_names_the_commit_and_every_stage(tmp_path):
         "all_stages": False, "force": True, "cpus": 2, "load_average_start": [1.5, 1.0, 0.5],
         "load_average_end": [2.0, 1.2, 0.6], "repro_seconds": 640.25,
         "stages": {"prepare": {"outcome": "up to date", "wall_seconds": 0.8, "stage_seconds": None,
-                               "peak_memory_mib": None},
+                               "peak_memory_mib": None, "forked_at_mib": None},
                    "train_vae": {"outcome": "ran", "wall_seconds": 615.04, "stage_seconds": 612.0,
-                                 "peak_memory_mib": 1890}}}
+                                 "peak_memory_mib": 1890, "forked_at_mib": 497}}}
+    assert stages["train_vae"].row("train_vae") == "| train_vae | ran | 615.0 s | 612.0 s | 1890 MiB (forked at 497) |"
     assert (tmp_path / "reports" / "pipeline_run.json").is_file()

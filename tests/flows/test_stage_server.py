@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib
+import json
 import os
 import re
 import signal
@@ -62,6 +63,9 @@ def test_a_served_stage_writes_what_a_new_process_writes(prefect_api, dvc_projec
     cold = run(["dvc", "repro", "--force", "--single-item", "train_vae"], root)  # by hand: no server
     assert FORKED not in cold.stdout + cold.stderr
     expected = _tree_digest(root / "models" / "vae")
+    # Its metrics to the last bit: the Frechet distance runs numpy / scipy linear algebra, whose BLAS threads a fork
+    # must set as a new process has them (the server imports with one).
+    metrics = (root / "reports" / "train_vae" / "metrics.json").read_text()
 
     # Started from a process that never imported gmpipe (no OpenMP defaults of gmpipe's in its environment), as the
     # stages' `gmpipe stage` has them: still served.
@@ -73,6 +77,9 @@ def test_a_served_stage_writes_what_a_new_process_writes(prefect_api, dvc_projec
         assert served.returncode == 0, served.stdout[-3000:] + served.stderr[-3000:]
         assert FORKED in served.stdout + served.stderr
         assert _tree_digest(root / "models" / "vae") == expected  # bit for bit: same code, seeds, threads
+        assert (root / "reports" / "train_vae" / "metrics.json").read_text() == metrics
+        assert re.search(r"gmpipe: stage train_vae took [\d.]+ s, peak memory \d+ MiB \(forked by the stage server "
+                         r"at \d+ MiB\)", served.stdout + served.stderr)
 
         # A stage that fails in the server fails the same way: one error line and its exit code.
         (root / "params.yaml").write_text((root / "params.yaml").read_text().replace("steps:", "steps: -1 #", 1))
@@ -148,6 +155,47 @@ def test_stopping_the_command_stops_the_stage_it_was_served(stop, prefect_api, d
         time.sleep(0.2)
 
 
+FORKED_THREADS = """
+import json, os, sys
+fresh_env = {key: value for key, value in os.environ.items() if key != "OMP_NUM_THREADS"}
+os.environ["OMP_NUM_THREADS"] = "1"  # as the server imports
+import gmpipe, numpy, scipy.linalg, torch
+from threadpoolctl import threadpool_info
+from flows.stage_server import fresh_threads, set_fresh_threads
+
+def state():
+    rng = numpy.random.default_rng(0)
+    x, y = rng.standard_normal(2_000_000), rng.standard_normal(2_000_000)
+    a = rng.standard_normal((400, 400))
+    return {"torch": torch.get_num_threads(), "pools": {i["filepath"]: i["num_threads"] for i in threadpool_info()},
+            "dot": float(x @ y).hex(), "sqrtm": float(scipy.linalg.sqrtm(a @ a.T).real.sum()).hex()}
+
+threads = json.loads(fresh_threads(fresh_env).communicate()[0])
+pid = os.fork()
+if pid == 0:
+    os.environ.clear()
+    os.environ.update(fresh_env)
+    set_fresh_threads(threads)
+    print(json.dumps(state()), flush=True)
+    os._exit(0)
+os.waitpid(pid, 0)
+"""
+FRESH_STATE = FORKED_THREADS.split("threads = json.loads")[0].replace('os.environ["OMP_NUM_THREADS"] = "1"', "pass") \
+    + "print(json.dumps(state()))"
+
+
+def test_a_forked_stage_has_the_threads_of_a_new_process_and_computes_the_same_bits():
+    """The server imports with one OpenMP / BLAS thread (libgomp's workers do not survive a fork); a child sets
+    torch's and every BLAS pool's threads as a new process has them, so numpy / scipy linear algebra (the Frechet
+    distance) gives the same bits as in a new process."""
+    env = {key: value for key, value in os.environ.items() if key != "OMP_NUM_THREADS"}
+    forked = subprocess.run([sys.executable, "-c", FORKED_THREADS], env=env, capture_output=True, text=True,
+                            timeout=300)
+    fresh = subprocess.run([sys.executable, "-c", FRESH_STATE], env=env, capture_output=True, text=True, timeout=300)
+    assert forked.returncode == 0 and fresh.returncode == 0, forked.stderr[-2000:] + fresh.stderr[-2000:]
+    assert json.loads(forked.stdout) == json.loads(fresh.stdout)
+
+
 def _is_server(pid: int, env: dict[str, str]) -> bool:
     with contextlib.suppress(OSError):
         command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
@@ -197,6 +245,9 @@ def test_an_edited_module_is_named_and_declined(tmp_path, monkeypatch, server):
     try:
         server.code = CodeSnapshot([package])
         assert set(server.code.hashes) == {(package / "__init__.py").resolve(), (package / "part.py").resolve()}
+        (package / "later.py").write_text("LATER = 1\n")  # a new file (the changed code may import it)
+        assert server.code.changed() == (package / "later.py").resolve()
+        (package / "later.py").unlink()
         assert server.code.changed() is None
         assert server.decline_reason(_request(server), os.getuid()) is None
         (package / "part.py").write_text("PART = 2\n")
