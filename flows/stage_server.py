@@ -39,7 +39,6 @@ from pathlib import Path
 
 from flows.stage_client import PER_STAGE_VARIABLES, SOCKET_ENV, MessageReader, send_message
 
-# --- server ------------------------------------------------------------------------------------------------------
 
 class CodeSnapshot:
     """SHA-256 of every Python source file under the given package folders: :meth:`changed` names the first file
