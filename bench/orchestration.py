@@ -25,7 +25,7 @@ import yaml
 from bench.measure import interleave, median, spread, timed
 from bench.report import REPO, Section
 from flows.project_server import ProjectServer
-from flows.stage_client import SOCKET_ENV, stage_server
+from flows.stage_client import stage_server, wait_until_ready
 from gmpipe.config.params import load_params
 from gmpipe.paths import Paths
 from gmpipe.stages import prepare
@@ -172,9 +172,7 @@ def run(size: str = "full", root=None) -> dict:
             # What `gmpipe pipeline` starts for its dvc repro, with the API it names (the project's server here).
             api = env.get("PREFECT_API_URL") or ProjectServer.running(env["PREFECT_HOME"]).api_url()
             with stage_server(project, env | {"PREFECT_API_URL": api}) as served:
-                deadline = time.monotonic() + 300
-                while not os.path.exists(served[SOCKET_ENV]) and time.monotonic() < deadline:
-                    time.sleep(0.1)
+                wait_until_ready(served, 300)
                 cases[SERVED] = command_case(["dvc", "repro", "--single-item", "--force", "prepare"], project, served,
                                              served_outputs := [])
                 seconds = interleave(cases, s["rounds"])

@@ -134,10 +134,10 @@ class DvcFailed(RuntimeError):
 
 
 def run_dvc(arguments: list[str], root: str | Path, on_line: Callable[[str], None] | None = None,
-            parent_task_runs: dict[str, uuid.UUID] | None = None, env: dict[str, str] | None = None) -> list[str]:
+            env: dict[str, str] | None = None) -> list[str]:
     """Run ``dvc ARGUMENTS`` in ``root``, its output into the flow log one finished line at a time (a progress
     bar's redraws make one line) and to ``on_line``; raise :class:`DvcFailed` on failure. An interrupt stops dvc and
-    its stage first. ``env``: dvc's environment, if not ``_dvc_environment(parent_task_runs)``."""
+    its stage first. ``env``: dvc's environment (default: ``_dvc_environment()``)."""
     command = ["dvc", *arguments]
     print(f"$ {' '.join(command)}", flush=True)
 
@@ -146,7 +146,7 @@ def run_dvc(arguments: list[str], root: str | Path, on_line: Callable[[str], Non
         if on_line is not None:
             on_line(line)
 
-    code, lines = run_streaming(command, relay, cwd=root, env=env or _dvc_environment(parent_task_runs))
+    code, lines = run_streaming(command, relay, cwd=root, env=env or _dvc_environment())
     if code != 0:
         raise DvcFailed(' '.join(command), code, _failure_reason(lines))
     return lines

@@ -109,7 +109,7 @@ def _wait_for_child(connection: socket.socket, reader: MessageReader, pid: int) 
                 message = None
         if message is None or "exit" not in message:
             # The server went away: the kernel sends the child SIGTERM (its parent-death signal); wait for it to end.
-            while _alive(pid):
+            while running(pid):
                 time.sleep(0.1)
             print("gmpipe: error: the stage server stopped while the stage ran", file=sys.stderr, flush=True)
             return 1
@@ -119,7 +119,7 @@ def _wait_for_child(connection: socket.socket, reader: MessageReader, pid: int) 
             signal.signal(signum, handler)
 
 
-def _alive(pid: int) -> bool:
+def running(pid: int) -> bool:
     """Whether ``pid`` runs: not gone, and not a zombie waiting to be reaped (an orphan waits for init, which in a
     container may never reap it)."""
     try:
@@ -133,6 +133,16 @@ def _alive(pid: int) -> bool:
             return True
         return True
     return state not in ("Z", "X")
+
+
+def wait_until_ready(env: dict[str, str], timeout: float) -> bool:
+    """Whether the stage server ``env`` names (:func:`stage_server`) listens within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(env[SOCKET_ENV]):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 @contextlib.contextmanager

@@ -128,12 +128,12 @@ def _pipeline_extra_missing(command: str) -> str | None:
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
-    if os.environ.get("GMPIPE_STAGE_SERVER"):  # run by the pipeline's dvc repro: its stage server forks the stage
-        from flows.stage_client import run_in_server
+    from flows.stage_client import run_in_server  # standard library only
 
-        served = run_in_server(["gmpipe", "stage", args.name, "--params", args.params, "--root", args.root])
-        if served is not None:
-            return served
+    # Run by the pipeline's dvc repro: its stage server forks the stage (None: no server named, or it declined).
+    served = run_in_server(["gmpipe", "stage", args.name, "--params", args.params, "--root", args.root])
+    if served is not None:
+        return served
     # No cyclic garbage collection while Prefect, the flow module and the stage's own modules load: collecting the
     # hundred thousand objects they make, again and again as they grow, cost 0.2-0.4 s of every stage (measured).
     # They are frozen before the stage runs with collection back on (_stage); on if _stage returns early.
