@@ -190,3 +190,13 @@ def _alive(group: int, seen: dict[int, str]) -> list[int]:
     zombies, which only wait for a parent to reap them, do not count."""
     return [pid for pid, (_, pgrp, state, started) in _process_table().items()
             if state not in ("Z", "X") and (pgrp == group or seen.get(pid) == started)]
+
+
+def own_memory_kib(field: str) -> int | None:
+    """One memory line of this process from ``/proc/self/status`` in KiB (``VmRSS`` resident now, ``VmHWM`` its
+    high-water mark), or None where the file or the line is not there."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return next(int(line.split()[1]) for line in status.splitlines() if line.startswith(f"{field}:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None

@@ -256,11 +256,10 @@ def set_fresh_threads(threads: dict) -> None:
 
 
 def _resident_mib() -> int | None:
-    try:
-        status = Path("/proc/self/status").read_text()
-        return round(next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")) / 1024)
-    except (OSError, StopIteration, ValueError, IndexError):
-        return None
+    from flows.processes import own_memory_kib
+
+    resident = own_memory_kib("VmRSS")
+    return None if resident is None else round(resident / 1024)
 
 
 def _die_with_parent() -> None:

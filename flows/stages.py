@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from flows.environment import PARENT_TASK_RUNS
 from flows.heartbeats import engine_heartbeats_off, flow_run_heartbeats
-from flows.processes import run_streaming
+from flows.processes import own_memory_kib, run_streaming
 from gmpipe.config.params import Params, ParamsError, load_params
 from gmpipe.errors import GmpipeError
 from gmpipe.launch import accelerate_command
@@ -120,12 +120,7 @@ def peak_memory_mib() -> int:
     """Peak resident memory of this process, or of its largest finished child (the ``accelerate launch`` workers of a
     multi-process stage), in MiB: the high-water mark the kernel kept, not a sample."""
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB on Linux
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    try:
-        status = Path("/proc/self/status").read_text()
-        own = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
-    except (OSError, StopIteration, ValueError, IndexError):
-        pass
+    own = own_memory_kib("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(max(own, children) / 1024)
 
 

@@ -18,7 +18,11 @@ class TrainDecoderConfig(ComposedSection):
     and ``full_resolution_blocks`` at the image's. It learns the autoencoder decoder's image of fresh posterior
     samples of the cached training latents (L1), plus ``perceptual_weight`` times the perceptual distance to it
     (``gmpipe.vae.perceptual`` on EfficientNet-Lite0 features at ``perceptual_image_size``; 0 turns it off). The
-    stage compares both decoders on ``eval_images`` test latents."""
+    stage compares both decoders on ``eval_images`` test latents.
+
+    ``target_pool``: 0 decodes a fresh posterior sample of every batch item with the autoencoder at every step;
+    N > 0 decodes N posterior samples once, before the loop, and draws the batches from them (a step then costs
+    only the small decoder and the perceptual term; the pool is part of what defines the model)."""
 
     flat_parts = ("loop",)
 
@@ -28,4 +32,5 @@ class TrainDecoderConfig(ComposedSection):
     full_resolution_blocks: Annotated[int, Field(ge=0, le=16)] = 0
     perceptual_weight: Annotated[float, Field(ge=0.0, le=100.0)] = 0.0
     perceptual_image_size: Annotated[int, Field(ge=16, le=512)] = 32
+    target_pool: Annotated[int, Field(ge=0, le=10_000_000)] = 0
     eval_images: PositiveInt = 1000

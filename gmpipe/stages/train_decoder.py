@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 
 import torch
+from tqdm.auto import tqdm
 
 from gmpipe.artifacts import atomic_dir, write_json
 from gmpipe.config.compute import ComputeConfig
@@ -23,7 +24,7 @@ from gmpipe.nn.autoencoder import downsampling_factor, load_autoencoder
 from gmpipe.nn.small_decoder import SmallDecoder, build_small_decoder
 from gmpipe.paths import Paths
 from gmpipe.train.loop import make_accelerator, seed_everything, train
-from gmpipe.vae.decoder_distillation import decoder_distillation_step
+from gmpipe.vae.decoder_distillation import decoded_targets, decoder_distillation_step
 
 SECTIONS = ("train_decoder", "compute")
 # Decoding batch of the comparison on test latents (the evaluate stage's default batch).
@@ -62,12 +63,25 @@ def run(config: TrainDecoderConfig, compute: ComputeConfig, paths: Paths) -> dic
     if perceptual is not None:
         perceptual.to(device)
 
-    def make_batch(index: torch.Tensor, device: torch.device) -> torch.Tensor:
-        return transfer(split.sample(index), device)  # raw z (B, c, h, w), a fresh posterior sample
+    pool_seconds = None
+    if config.target_pool:
+        start = time.perf_counter()
+        pool_z, pool_images = decoded_targets(vae, split, config.target_pool, config.loop.seed,
+                                              COMPARE_BATCH, accelerator.autocast)
+        pool_seconds = time.perf_counter() - start
+        tqdm.write(f"train_decoder: target pool: {config.target_pool} posterior samples decoded in "
+                   f"{pool_seconds:.1f} s")
+
+        def make_batch(index: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+            return transfer(pool_z[index], device), transfer(pool_images[index], device)
+    else:
+        def make_batch(index: torch.Tensor, device: torch.device) -> torch.Tensor:
+            return transfer(split.sample(index), device)  # raw z (B, c, h, w), a fresh posterior sample
 
     reports = paths.reports / "train_decoder"
     step = decoder_distillation_step(small, vae, perceptual, config.perceptual_weight)
-    result = train(config.loop, [step], len(split), make_batch, paths.checkpoints / "train_decoder",
+    items = config.target_pool or len(split)
+    result = train(config.loop, [step], items, make_batch, paths.checkpoints / "train_decoder",
                    live_dir=reports / "live", ema_of="decoder" if config.loop.ema_decay > 0 else None,
                    accelerator=accelerator, description="train_decoder",
                    fingerprint=training_fingerprint(config, paths))
@@ -81,7 +95,8 @@ def run(config: TrainDecoderConfig, compute: ComputeConfig, paths: Paths) -> dic
     metrics = {"step": result.step, "first_loss": history[0]["decoder/loss"] if history else None,
                "final_loss": history[-1]["decoder/loss"] if history else None,
                "parameters": sum(p.numel() for p in final.tiny.decoder.parameters()),
-               "autoencoder_decoder_parameters": sum(p.numel() for p in vae.decoder.parameters()), **comparison}
+               "autoencoder_decoder_parameters": sum(p.numel() for p in vae.decoder.parameters()),
+               "target_pool": config.target_pool, "target_pool_seconds": pool_seconds, **comparison}
     info = {"autoencoder_sha256": autoencoder_hash(paths.vae), "distilled_from": paths.name(paths.vae),
             "latent_shape": list(split.mean.shape[1:]),
             "image_shape": [vae.config.out_channels, *(size * factor for size in split.mean.shape[2:])],

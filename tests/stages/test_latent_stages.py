@@ -666,7 +666,7 @@ def test_train_decoder_writes_a_diffusers_folder_that_decodes(small_decoder):
 
 def test_train_decoder_resumes_by_fingerprint(small_decoder, tmp_path, capsys):
     """Killed after its last checkpoint (outputs gone), the stage finishes from it; more steps continue; a changed
-    size starts over with one line naming the key."""
+    size or target pool starts over with one line naming the key."""
     params, shared, _ = small_decoder
     shutil.copytree(shared.root, tmp_path / "copy")
     paths = Paths(tmp_path / "copy")
@@ -682,6 +682,11 @@ def test_train_decoder_resumes_by_fingerprint(small_decoder, tmp_path, capsys):
     other = train_decoder.run(config.replace(width=4), params.compute, paths)
     assert other["resumed_from"] == 0
     assert "train_decoder: starting over: train_decoder.width changed (8 -> 4)" in capsys.readouterr().out
+    pooled = train_decoder.run(config.replace(width=4, target_pool=48), params.compute, paths)
+    assert pooled["resumed_from"] == 0 and pooled["metrics"]["target_pool"] == 48
+    out = capsys.readouterr().out
+    assert "train_decoder: starting over: train_decoder.target_pool changed (0 -> 48)" in out
+    assert "train_decoder: target pool: 48 posterior samples decoded in" in out
 
 
 def test_train_decoder_refuses_missing_or_foreign_latents(trained_vae, tmp_path):
