@@ -9,6 +9,9 @@ function). A GAN passes two: the generator step and the discriminator step. For 
 3. clips, steps each optimizer and LR scheduler, updates the EMA of the main module;
 4. every ``log_every`` steps logs each loss term to dvclive and the progress bar (the only host syncs), and every
    ``checkpoint_every`` steps writes an atomic checkpoint (main process only). A rerun resumes from the latest one.
+
+On a CPU the main process also measures, between log points, how much of its cores other processes take, and says
+once when they take what its threads need (``gmpipe.train.contention``).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from gmpipe.device import resolve_device
 from gmpipe.errors import GmpipeError
 from gmpipe.fingerprint import Fingerprint
 from gmpipe.train.checkpoint import latest_checkpoint, read_checkpoint, save_checkpoint, select_checkpoint
+from gmpipe.train.contention import Contention
 from gmpipe.train.ema import EMA
 from gmpipe.train.progress import ProgressEvent, report
 from gmpipe.train.step import LossFn, LossStep
@@ -487,11 +491,16 @@ def train(
     run = start_run(config, steps, checkpoint_dir, live_dir, ema_of, accelerator, description, fingerprint)
     progress = tqdm(total=config.steps, initial=run.start_step, desc=description, unit="step", dynamic_ncols=True,
                     disable=not accelerator.is_main_process, mininterval=1.0)
+    # Other processes on the cores this run computes on: measured between log points, said once (its docstring).
+    contention = Contention(torch.get_num_threads(), description, log=tqdm.write) \
+        if accelerator.device.type == "cpu" and accelerator.is_main_process else None
     for step in range(run.start_step, config.steps):
         apply_updates(run, accumulate_step(run, step, make_batch, n_items))
         run.log.count += 1
         progress.update(1)
         end_of_step(run, step + 1, progress)
+        if contention is not None and (step + 1) % config.log_every == 0:
+            contention.check()
     progress.close()
     run.log.close()
     for module in [*run.unwrapped.values(), *([run.ema.module] if run.ema is not None else [])]:
