@@ -4,6 +4,8 @@ evaluation) use :func:`resolve_device`."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from gmpipe.config.compute import DEVICES
@@ -29,3 +31,15 @@ def transfer(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)
 
+
+
+def available_memory_bytes(meminfo: Path = Path("/proc/meminfo")) -> int | None:
+    """Memory the kernel says a new allocation can take without swapping (``MemAvailable``), in bytes; None where
+    that is not known (not Linux)."""
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None

@@ -16,7 +16,7 @@ from gmpipe.config.loop import RESUMABLE_KEYS
 from gmpipe.config.train_decoder import TrainDecoderConfig
 from gmpipe.data.latents import STATS, LatentStats, load_split
 from gmpipe.decoder_folder import autoencoder_hash, save_small_decoder
-from gmpipe.device import transfer
+from gmpipe.device import available_memory_bytes, transfer
 from gmpipe.errors import GmpipeError
 from gmpipe.eval.reconstruction import psnr
 from gmpipe.fingerprint import Fingerprint, code_hashes, hash_tree, section_settings
@@ -24,7 +24,7 @@ from gmpipe.nn.autoencoder import downsampling_factor, load_autoencoder
 from gmpipe.nn.small_decoder import SmallDecoder, build_small_decoder
 from gmpipe.paths import Paths
 from gmpipe.train.loop import make_accelerator, seed_everything, train
-from gmpipe.vae.decoder_distillation import decoded_targets, decoder_distillation_step
+from gmpipe.vae.decoder_distillation import decoded_targets, decoder_distillation_step, target_pool_bytes
 
 SECTIONS = ("train_decoder", "compute")
 # Decoding batch of the comparison on test latents (the evaluate stage's default batch).
@@ -47,7 +47,13 @@ def run(config: TrainDecoderConfig, compute: ComputeConfig, paths: Paths) -> dic
     if channels != vae.config.latent_channels or len(stats.shift) != channels:
         raise GmpipeError(f"{paths.latents}: latents with {channels} channels (statistics for {len(stats.shift)}) "
                           f"but {paths.vae} reads {vae.config.latent_channels}; rerun the 'cache_latents' stage")
+    if len(split) == 0:
+        raise GmpipeError(f"{paths.latents}: no training latents to learn from; rerun the 'cache_latents' stage")
     factor = downsampling_factor(vae)
+    if config.target_pool:
+        check_pool_fits(config.target_pool, tuple(split.mean.shape[1:]),
+                        (vae.config.out_channels, *(size * factor for size in split.mean.shape[2:])),
+                        copies=max(1, compute.num_processes // compute.num_machines))
     seed_everything(config.loop.seed)  # model initialisation depends on the seed, not on what ran before
     small = SmallDecoder(build_small_decoder(channels, vae.config.out_channels, factor, config.width, config.blocks,
                                              config.full_resolution_blocks), stats)
@@ -63,17 +69,18 @@ def run(config: TrainDecoderConfig, compute: ComputeConfig, paths: Paths) -> dic
     if perceptual is not None:
         perceptual.to(device)
 
-    pool_seconds = None
+    pool: dict[str, torch.Tensor | float] = {}
     if config.target_pool:
-        start = time.perf_counter()
-        pool_z, pool_images = decoded_targets(vae, split, config.target_pool, config.loop.seed,
-                                              COMPARE_BATCH, accelerator.autocast)
-        pool_seconds = time.perf_counter() - start
-        tqdm.write(f"train_decoder: target pool: {config.target_pool} posterior samples decoded in "
-                   f"{pool_seconds:.1f} s")
-
         def make_batch(index: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-            return transfer(pool_z[index], device), transfer(pool_images[index], device)
+            if not pool:  # decoded at the first batch: a run resumed at its last step never needs it
+                start = time.perf_counter()
+                pool["z"], pool["images"] = decoded_targets(vae, split, config.target_pool, config.loop.seed,
+                                                            COMPARE_BATCH, accelerator.autocast)
+                pool["seconds"] = time.perf_counter() - start
+                if accelerator.is_main_process:
+                    tqdm.write(f"train_decoder: target pool: {config.target_pool} posterior samples decoded in "
+                               f"{pool['seconds']:.1f} s")
+            return transfer(pool["z"][index], device), transfer(pool["images"][index], device)
     else:
         def make_batch(index: torch.Tensor, device: torch.device) -> torch.Tensor:
             return transfer(split.sample(index), device)  # raw z (B, c, h, w), a fresh posterior sample
@@ -96,7 +103,7 @@ def run(config: TrainDecoderConfig, compute: ComputeConfig, paths: Paths) -> dic
                "final_loss": history[-1]["decoder/loss"] if history else None,
                "parameters": sum(p.numel() for p in final.tiny.decoder.parameters()),
                "autoencoder_decoder_parameters": sum(p.numel() for p in vae.decoder.parameters()),
-               "target_pool": config.target_pool, "target_pool_seconds": pool_seconds, **comparison}
+               "target_pool": config.target_pool, "target_pool_seconds": pool.get("seconds"), **comparison}
     info = {"autoencoder_sha256": autoencoder_hash(paths.vae), "distilled_from": paths.name(paths.vae),
             "latent_shape": list(split.mean.shape[1:]),
             "image_shape": [vae.config.out_channels, *(size * factor for size in split.mean.shape[2:])],
@@ -107,6 +114,18 @@ def run(config: TrainDecoderConfig, compute: ComputeConfig, paths: Paths) -> dic
     return {"read": [str(paths.latents), str(paths.vae)], "wrote": [str(paths.decoder), str(reports)],
             "steps": result.step, "resumed_from": result.resumed_from,
             "metrics": {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}}
+
+
+def check_pool_fits(n: int, latent_shape: tuple[int, ...], image_shape: tuple[int, ...], copies: int = 1) -> None:
+    """A target pool whose ``copies`` (one per process on this machine) would take more than half the memory
+    available now is refused before anything runs, in one line naming the key."""
+    needed = copies * target_pool_bytes(n, latent_shape, image_shape)
+    available = available_memory_bytes()
+    if available is not None and needed > available / 2:
+        held = f" ({copies} processes, a copy each)" if copies > 1 else ""
+        raise GmpipeError(f"train_decoder.target_pool: {n} decoded targets take {needed / 2**30:.1f} GiB{held}, "
+                          f"more than half the {available / 2**30:.1f} GiB of memory available; lower it (0 "
+                          "decodes fresh targets at every step and holds none)")
 
 
 @torch.no_grad()

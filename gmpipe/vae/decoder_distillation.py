@@ -13,6 +13,7 @@ by D once: the expectation is then over those N samples, and a step no longer pa
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
@@ -58,17 +59,28 @@ def decoder_distillation_step(small: SmallDecoder, autoencoder: nn.Module, perce
 def decoded_targets(autoencoder: nn.Module, split: LatentSplit, n: int, seed: int, batch_size: int,
                     autocast: Callable[[], AbstractContextManager]) -> tuple[torch.Tensor, torch.Tensor]:
     """A target pool: n posterior samples z of the training latents (every item once per pass over a permutation
-    seeded with ``seed``, as many passes as n needs) and the frozen ``autoencoder``'s images of them, clamped to
-    [-1, 1] and decoded under ``autocast()`` (the loop's precision) in batches of ``batch_size``. The same seed gives
-    the same pool, so a resumed run trains on the pool it started with. Returns (z (n, c, h, w), images)."""
+    seeded with ``seed``, as many passes as n needs; the noise drawn batch by batch from the same seeded generator)
+    and the frozen ``autoencoder``'s images of them, clamped to [-1, 1] and decoded under ``autocast()`` (the loop's
+    precision) in batches of ``batch_size``, written into tensors allocated once (the pool plus one batch of
+    memory). The same seed gives the same pool, so a resumed run trains on the pool it started with. Returns
+    (z (n, c, h, w), images (n, C, H, W))."""
     generator = torch.Generator().manual_seed(seed)
     passes = -(-n // len(split))
     index = torch.cat([torch.randperm(len(split), generator=generator) for _ in range(passes)])[:n]
-    z = split.sample(index, generator=generator)
     device = next(autoencoder.parameters()).device
-    images = []
+    z = images = None
     for first in range(0, n, batch_size):
+        batch = split.sample(index[first:first + batch_size], generator=generator)
         with autocast():
-            decoded = autoencoder.decode(z[first:first + batch_size].to(device)).sample
-        images.append(decoded.clamp(-1, 1).float().cpu())
-    return z, torch.cat(images)
+            decoded = autoencoder.decode(batch.to(device)).sample
+        if z is None:
+            z = torch.empty((n, *batch.shape[1:]), dtype=batch.dtype)
+            images = torch.empty((n, *decoded.shape[1:]), dtype=torch.float32)
+        z[first:first + len(batch)] = batch
+        images[first:first + len(batch)] = decoded.clamp(-1, 1).float().cpu()
+    return z, images
+
+
+def target_pool_bytes(n: int, latent_shape: tuple[int, ...], image_shape: tuple[int, ...]) -> int:
+    """Memory a pool of n float32 latents and images holds (``decoded_targets``)."""
+    return 4 * n * (math.prod(latent_shape) + math.prod(image_shape))

@@ -684,14 +684,20 @@ def test_train_decoder_resumes_by_fingerprint(small_decoder, tmp_path, capsys):
     assert "train_decoder: starting over: train_decoder.width changed (8 -> 4)" in capsys.readouterr().out
     pooled = train_decoder.run(config.replace(width=4, target_pool=48), params.compute, paths)
     assert pooled["resumed_from"] == 0 and pooled["metrics"]["target_pool"] == 48
+    assert pooled["metrics"]["target_pool_seconds"] > 0
     out = capsys.readouterr().out
     assert "train_decoder: starting over: train_decoder.target_pool changed (0 -> 48)" in out
     assert "train_decoder: target pool: 48 posterior samples decoded in" in out
+    shutil.rmtree(paths.decoder)  # killed after its last checkpoint: the pool is not decoded again for no step
+    finished = train_decoder.run(config.replace(width=4, target_pool=48), params.compute, paths)
+    assert finished["resumed_from"] == steps and finished["metrics"]["target_pool_seconds"] is None
+    assert "target pool" not in capsys.readouterr().out
 
 
-def test_train_decoder_refuses_missing_or_foreign_latents(trained_vae, tmp_path):
-    """No cached latents, or latents with other channels than the autoencoder's: one line naming the stage to
-    rerun, and nothing written."""
+def test_train_decoder_refuses_missing_or_foreign_latents(trained_vae, tmp_path, monkeypatch):
+    """No cached latents, latents with other channels than the autoencoder's, or no training latents: one line naming
+    the stage to rerun; a target pool larger than half the available memory: one line naming the key. Nothing
+    written."""
     from gmpipe.data.latents import LatentSplit, save_split
 
     params, shared = trained_vae
@@ -706,7 +712,18 @@ def test_train_decoder_refuses_missing_or_foreign_latents(trained_vae, tmp_path)
     with pytest.raises(GmpipeError, match="latents with 3 channels .* but .* reads 4; rerun the 'cache_latents'") \
             as foreign:
         train_decoder.run(params.train_decoder, params.compute, paths)
-    assert "\n" not in str(missing.value) + str(foreign.value)
+    save_split(paths.latents, "train", LatentSplit(torch.zeros(0, 4, 8, 8), torch.ones(0, 4, 8, 8),
+                                                   torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)))
+    with pytest.raises(GmpipeError, match="no training latents to learn from; rerun the 'cache_latents' stage") \
+            as empty:
+        train_decoder.run(params.train_decoder, params.compute, paths)
+    shutil.rmtree(paths.latents)
+    shutil.copytree(shared.latents, paths.latents)
+    monkeypatch.setattr(train_decoder, "available_memory_bytes", lambda: 2**30)
+    with pytest.raises(GmpipeError, match=r"train_decoder.target_pool: 1000000 decoded targets take 4.8 GiB, more "
+                                          r"than half the 1.0 GiB of memory available; lower it") as large:
+        train_decoder.run(params.train_decoder.replace(target_pool=1_000_000), params.compute, paths)
+    assert "\n" not in str(missing.value) + str(foreign.value) + str(empty.value) + str(large.value)
     assert not paths.decoder.exists() and not (paths.checkpoints / "train_decoder").exists()
 
 
