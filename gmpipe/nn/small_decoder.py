@@ -54,8 +54,11 @@ class SmallDecoder(torch.nn.Module):
         return int(self.tiny.config.latent_channels)
 
     def forward(self, normalized: torch.Tensor) -> torch.Tensor:
-        """Normalized latents (B, c, h, w) -> images (B, C, H, W), not clamped: what training compares."""
-        return self.tiny.decoder(normalized)
+        """Normalized latents (B, c, h, w) -> images (B, C, H, W), not clamped: what training compares.
+
+        The activations run channels-last: on the 2-core CPU decoding 300 latents took 18-20 vs 35-37 ms in bf16 and
+        46 vs 80 ms in float32 (the same values in float32); the images come back in the default layout."""
+        return self.tiny.decoder(normalized.contiguous(memory_format=torch.channels_last)).contiguous()
 
     def decode(self, z: torch.Tensor) -> DecoderOutput:
         """Raw latents (B, c, h, w) -> ``DecoderOutput(sample=images)``, images (B, C, H, W) in about [-1, 1]."""
