@@ -26,6 +26,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from gmpipe.procfs import kib_field
+
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
 STOP_SIGNALS = ((signal.SIGINT, 10.0), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0))
 # Python 3.10 has no process_group: a session of its own is a process group of its own too.
@@ -195,8 +197,4 @@ def _alive(group: int, seen: dict[int, str]) -> list[int]:
 def own_memory_kib(field: str) -> int | None:
     """One memory line of this process from ``/proc/self/status`` in KiB (``VmRSS`` resident now, ``VmHWM`` its
     high-water mark), or None where the file or the line is not there."""
-    try:
-        status = Path("/proc/self/status").read_text()
-        return next(int(line.split()[1]) for line in status.splitlines() if line.startswith(f"{field}:"))
-    except (OSError, StopIteration, ValueError, IndexError):
-        return None
+    return kib_field("/proc/self/status", field)

@@ -10,6 +10,7 @@ import torch
 
 from gmpipe.config.compute import DEVICES
 from gmpipe.errors import GmpipeError
+from gmpipe.procfs import kib_field
 
 
 def resolve_device(setting: str, key: str = "compute.device") -> torch.device:
@@ -32,14 +33,8 @@ def transfer(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     return tensor.to(device)
 
 
-
 def available_memory_bytes(meminfo: Path = Path("/proc/meminfo")) -> int | None:
     """Memory the kernel says a new allocation can take without swapping (``MemAvailable``), in bytes; None where
     that is not known (not Linux)."""
-    try:
-        for line in meminfo.read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
+    kib = kib_field(meminfo, "MemAvailable")
+    return None if kib is None else kib * 1024

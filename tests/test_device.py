@@ -14,8 +14,9 @@ import torch
 import yaml
 
 from gmpipe.cli import main
-from gmpipe.device import resolve_device
+from gmpipe.device import available_memory_bytes, resolve_device
 from gmpipe.errors import GmpipeError
+from gmpipe.procfs import kib_field
 from tests.conftest import BIN, smoke_params
 
 NO_CUDA = ("compute.device: cuda requested but this torch build has no CUDA support; use cpu or auto",
@@ -63,3 +64,17 @@ def test_network_only_stages_run_in_one_process_and_read_only_the_device():
     for stage in ("cache_latents", "evaluate"):
         assert stage_module(stage).SECTIONS[1:] == ("compute.device",)
     assert declared_params(params, "compute.device") == "cpu" and declared_params(params, "compute").world_size == 2
+
+
+def test_memory_lines_of_proc_files(tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24576000 kB\nMemFree:  100 kB\nMemAvailable:   12288000 kB\n")
+    assert available_memory_bytes(meminfo) == 12288000 * 1024
+    assert kib_field(meminfo, "MemFree") == 100 and kib_field(meminfo, "Mem") is None  # whole field names only
+    meminfo.write_text("MemTotal: 1 kB\n")
+    assert available_memory_bytes(meminfo) is None  # an older kernel without the line
+    meminfo.write_text("MemAvailable: lots\n")
+    assert available_memory_bytes(meminfo) is None
+    assert available_memory_bytes(tmp_path / "absent") is None  # not Linux
+    if os.path.exists("/proc/self/status"):
+        assert kib_field("/proc/self/status", "VmRSS") > 0

@@ -11,7 +11,7 @@ from torch import nn
 from gmpipe.config.loop import LoopConfig
 from gmpipe.train.checkpoint import latest_checkpoint, read_checkpoint
 from gmpipe.train.ema import EMA
-from gmpipe.train.loop import LossStep, NonFiniteLossError, batch_indices, train
+from gmpipe.train.loop import LossStep, NonFiniteLossError, batch_indices, epoch_permutation, train
 
 X = torch.randn(256, 4, generator=torch.Generator().manual_seed(0))
 W_TRUE = torch.tensor([[1.0], [-2.0], [0.5], [3.0]])
@@ -162,6 +162,19 @@ def test_batch_indices_shard_the_global_batch():
     assert torch.equal(one, micro)
     epoch = torch.cat([batch_indices(100, 10, s, 0, 1, 5) for s in range(10)])
     assert sorted(epoch.tolist()) == list(range(100))  # one epoch visits every item once
+
+
+def test_batch_indices_draw_each_epoch_order_once():
+    def uncached(step: int) -> list[int]:  # the definition: position p of the walk is item perm_{p // n}[p % n]
+        positions = range(step * 8, step * 8 + 8)
+        orders = {e: torch.randperm(30, generator=torch.Generator().manual_seed(7 * 1_000_003 + e)) for e in range(4)}
+        return [int(orders[p // 30][p % 30]) for p in positions]
+
+    epoch_permutation.cache_clear()
+    for step in range(12):  # 96 positions over 30 items: batches straddle three epoch boundaries
+        assert batch_indices(30, 8, step, 0, 1, seed=7).tolist() == uncached(step)
+    info = epoch_permutation.cache_info()
+    assert info.misses == 4 and info.hits > info.misses  # one draw per epoch, not per step
 
 
 def _two_process_worker(directory: str):
