@@ -18,7 +18,8 @@ The full experiment, outside the pipeline (it trains the small decoder for minut
 
 ROOT holds data/latents, data/prepared, models/vae, models/ldm and models/student/STUDENT (default
 progressive-1step) of a finished demo run; it measures, as ``evaluate`` does (``gmpipe.eval.end_to_end``), the
-student's FD with both decoders and the end-to-end speeds.
+student's FD with both decoders and the end-to-end speeds, generating and decoding at ``evaluate.precision``
+(bf16 in the demo; the figures before `0ec829b`'s README table were measured in float32, about 0.01 lower).
 """
 
 from __future__ import annotations
@@ -93,8 +94,9 @@ def load_models(root: Path | None, preset: str, params) -> tuple[object, object,
     from gmpipe.distill.student import read_student_info
     from gmpipe.generator import load_decoder_for, load_generator
 
-    teacher = load_generator(paths.ldm, autoencoder=paths.vae)
-    student = load_generator(student_dir, autoencoder=paths.vae, missing_stage="distill")
+    precision = params.evaluate.precision  # evaluate's: its FD ratio is of images generated and decoded at it
+    teacher = load_generator(paths.ldm, autoencoder=paths.vae, precision=precision)
+    student = load_generator(student_dir, autoencoder=paths.vae, missing_stage="distill", precision=precision)
     trained = paths.decoder.is_dir()
     small = load_decoder_for(paths.decoder, paths.vae) if trained else untrained_small_decoder(student, params)
     notes = [f"teacher {paths.ldm}, student {student_dir}, small decoder "
@@ -184,8 +186,8 @@ def main(argv: list[str]) -> None:
     ev = params.evaluate
     n = ev.n_samples
     fd_of = fd_against_test_images(paths, ev, n)
-    student = load_generator(paths.student / name, autoencoder=paths.vae)
-    teacher = load_generator(paths.ldm, autoencoder=paths.vae)
+    student = load_generator(paths.student / name, autoencoder=paths.vae, precision=ev.precision)
+    teacher = load_generator(paths.ldm, autoencoder=paths.vae, precision=ev.precision)
     labels = evaluate.balanced_labels(n, len(student.conditioning.rows()))
     seeds = seed_block(ev.seed, evaluate.HEADLINE_SEEDS, n)
     full, _ = student.generate(labels, seeds, batch_size=ev.batch_size, steps=1)
