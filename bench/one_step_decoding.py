@@ -19,7 +19,7 @@ The full experiment, outside the pipeline (it trains the small decoder for minut
 ROOT holds data/latents, data/prepared, models/vae, models/ldm and models/student/STUDENT (default
 progressive-1step) of a finished demo run; it measures, as ``evaluate`` does (``gmpipe.eval.end_to_end``), the
 student's FD with both decoders and the end-to-end speeds, generating and decoding at ``evaluate.precision``
-(bf16 in the demo; the figures before `0ec829b`'s README table were measured in float32, about 0.01 lower).
+(bf16 in the demo; until `cf1eaf0` it generated in float32, which read about 0.01 lower than ``evaluate``).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ def kib_field(path: str | Path, field: str) -> int | None:
     """The number on ``path``'s ``field:`` line (KiB for the memory lines), or None where the file or the line is
     not there (not Linux, another kernel's layout)."""
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(errors="replace")  # /proc/self/status's Name: line may be cut mid-character
     except OSError:
         return None
     prefix = f"{field}:"

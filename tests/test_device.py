@@ -76,5 +76,8 @@ def test_memory_lines_of_proc_files(tmp_path):
     meminfo.write_text("MemAvailable: lots\n")
     assert available_memory_bytes(meminfo) is None
     assert available_memory_bytes(tmp_path / "absent") is None  # not Linux
+    status = tmp_path / "status"
+    status.write_bytes(b"Name:\tgmpipe-\xc3\n" + b"VmHWM:\t  2048 kB\n")  # a name cut inside a UTF-8 character
+    assert kib_field(status, "VmHWM") == 2048
     if os.path.exists("/proc/self/status"):
         assert kib_field("/proc/self/status", "VmRSS") > 0

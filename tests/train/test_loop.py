@@ -11,7 +11,7 @@ from torch import nn
 from gmpipe.config.loop import LoopConfig
 from gmpipe.train.checkpoint import latest_checkpoint, read_checkpoint
 from gmpipe.train.ema import EMA
-from gmpipe.train.loop import LossStep, NonFiniteLossError, batch_indices, epoch_permutation, train
+from gmpipe.train.loop import LossStep, NonFiniteLossError, _epoch_permutation, batch_indices, train
 
 X = torch.randn(256, 4, generator=torch.Generator().manual_seed(0))
 W_TRUE = torch.tensor([[1.0], [-2.0], [0.5], [3.0]])
@@ -170,11 +170,16 @@ def test_batch_indices_draw_each_epoch_order_once():
         orders = {e: torch.randperm(30, generator=torch.Generator().manual_seed(7 * 1_000_003 + e)) for e in range(4)}
         return [int(orders[p // 30][p % 30]) for p in positions]
 
-    epoch_permutation.cache_clear()
+    _epoch_permutation.cache_clear()
     for step in range(12):  # 96 positions over 30 items: batches straddle three epoch boundaries
         assert batch_indices(30, 8, step, 0, 1, seed=7).tolist() == uncached(step)
-    info = epoch_permutation.cache_info()
+    info = _epoch_permutation.cache_info()
     assert info.misses == 4 and info.hits > info.misses  # one draw per epoch, not per step
+
+
+def test_training_leaves_no_epoch_order_behind(tmp_path):
+    _run(tmp_path, _config(steps=3))
+    assert _epoch_permutation.cache_info().currsize == 0  # a notebook that trained keeps no copy of the data's order
 
 
 def _two_process_worker(directory: str):
