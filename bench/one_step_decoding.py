@@ -170,6 +170,7 @@ def run(size: str = "full", root: Path | None = None) -> dict:
 
 
 def main(argv: list[str]) -> None:
+    from gmpipe.distill.student import read_student_info
     from gmpipe.generator import load_decoder_for, load_generator
     from gmpipe.stages import evaluate, train_decoder
 
@@ -188,11 +189,12 @@ def main(argv: list[str]) -> None:
     fd_of = fd_against_test_images(paths, ev, n)
     student = load_generator(paths.student / name, autoencoder=paths.vae, precision=ev.precision)
     teacher = load_generator(paths.ldm, autoencoder=paths.vae, precision=ev.precision)
-    labels = evaluate.balanced_labels(n, len(student.conditioning.rows()))
+    labels = evaluate.balanced_labels(n, len(student.conditioning.rows())) if student.conditioning.conditional else None
     seeds = seed_block(ev.seed, evaluate.HEADLINE_SEEDS, n)
     full, _ = student.generate(labels, seeds, batch_size=ev.batch_size, steps=1)
+    teacher_w = read_student_info(paths.student / name).guidance_folded  # as evaluate times the teacher
     figures, _ = end_to_end.measure_end_to_end(
-        teacher, student, load_decoder_for(paths.decoder, paths.vae), teacher_settings={"guidance": 1.0},
+        teacher, student, load_decoder_for(paths.decoder, paths.vae), teacher_settings={"guidance": teacher_w},
         student_settings={"steps": 1}, labels=labels, seeds=seeds, timing_images=ev.batch_size,
         batch_size=ev.batch_size, fd_of=fd_of, fd_full=fd_of(full))
     figures["student"] = name
