@@ -91,17 +91,25 @@ def load_models(root: Path | None, preset: str, params) -> tuple[object, object,
         return (network, network, {}, untrained_small_decoder(network, params), False,
                 [f"{where}randomly initialised '{preset}' DiT (teacher: its sampling defaults; student: the same "
                  "network, 1 step, w = 0) and demo autoencoder; untrained small decoder; no FD"])
-    from gmpipe.distill.student import read_student_info
-    from gmpipe.generator import load_decoder_for, load_generator
+    from gmpipe.generator import load_decoder_for
 
-    precision = params.evaluate.precision  # evaluate's: its FD ratio is of images generated and decoded at it
-    teacher = load_generator(paths.ldm, autoencoder=paths.vae, precision=precision)
-    student = load_generator(student_dir, autoencoder=paths.vae, missing_stage="distill", precision=precision)
+    teacher, student, teacher_settings = trained_pair(paths, student_dir, params.evaluate)
     trained = paths.decoder.is_dir()
     small = load_decoder_for(paths.decoder, paths.vae) if trained else untrained_small_decoder(student, params)
     notes = [f"teacher {paths.ldm}, student {student_dir}, small decoder "
              + (str(paths.decoder) if trained else f"untrained ({paths.decoder} not found): no FD")]
-    return teacher, student, {"guidance": read_student_info(student_dir).guidance_folded}, small, trained, notes
+    return teacher, student, teacher_settings, small, trained, notes
+
+
+def trained_pair(paths: Paths, student_dir: Path, ev: EvaluateConfig) -> tuple[object, object, dict]:
+    """(teacher, student, the teacher's settings) as ``evaluate`` measures them end to end: both generating and
+    decoding at ``evaluate.precision``, the teacher at the student's folded w."""
+    from gmpipe.distill.student import read_student_info
+    from gmpipe.generator import load_generator
+
+    teacher = load_generator(paths.ldm, autoencoder=paths.vae, precision=ev.precision)
+    student = load_generator(student_dir, autoencoder=paths.vae, missing_stage="distill", precision=ev.precision)
+    return teacher, student, {"guidance": read_student_info(student_dir).guidance_folded}
 
 
 def run(size: str = "full", root: Path | None = None) -> dict:
@@ -170,8 +178,7 @@ def run(size: str = "full", root: Path | None = None) -> dict:
 
 
 def main(argv: list[str]) -> None:
-    from gmpipe.distill.student import read_student_info
-    from gmpipe.generator import load_decoder_for, load_generator
+    from gmpipe.generator import load_decoder_for
     from gmpipe.stages import evaluate, train_decoder
 
     paths = Paths(Path(argv[0]))
@@ -187,14 +194,12 @@ def main(argv: list[str]) -> None:
     ev = params.evaluate
     n = ev.n_samples
     fd_of = fd_against_test_images(paths, ev, n)
-    student = load_generator(paths.student / name, autoencoder=paths.vae, precision=ev.precision)
-    teacher = load_generator(paths.ldm, autoencoder=paths.vae, precision=ev.precision)
+    teacher, student, teacher_settings = trained_pair(paths, paths.student / name, ev)
     labels = evaluate.balanced_labels(n, len(student.conditioning.rows())) if student.conditioning.conditional else None
     seeds = seed_block(ev.seed, evaluate.HEADLINE_SEEDS, n)
     full, _ = student.generate(labels, seeds, batch_size=ev.batch_size, steps=1)
-    teacher_w = read_student_info(paths.student / name).guidance_folded  # as evaluate times the teacher
     figures, _ = end_to_end.measure_end_to_end(
-        teacher, student, load_decoder_for(paths.decoder, paths.vae), teacher_settings={"guidance": teacher_w},
+        teacher, student, load_decoder_for(paths.decoder, paths.vae), teacher_settings=teacher_settings,
         student_settings={"steps": 1}, labels=labels, seeds=seeds, timing_images=ev.batch_size,
         batch_size=ev.batch_size, fd_of=fd_of, fd_full=fd_of(full))
     figures["student"] = name
