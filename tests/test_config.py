@@ -137,3 +137,11 @@ def test_training_sections_compose_the_loop_and_stay_flat_in_params():
         with pytest.raises(ParamsError) as info:
             parse_params({section: {key: value}})
         assert info.value.problems[0].startswith(message), info.value.problems
+
+
+@pytest.mark.parametrize("blocks, problem", [([1, 1], "each block at most once"), ([16], "must be <= 15"),
+                                             ([], "at least 1 item")])
+def test_train_decoder_perceptual_blocks_name_blocks_of_the_network(blocks, problem):
+    assert parse_params({"train_decoder": {"perceptual_blocks": [10, 0]}}).train_decoder.perceptual_blocks == [0, 10]
+    with pytest.raises(ParamsError, match=rf"train_decoder.perceptual_blocks.*{problem}"):
+        parse_params({"train_decoder": {"perceptual_blocks": blocks}})

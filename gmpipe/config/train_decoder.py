@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from gmpipe.config.base import ComposedSection, PositiveInt
 from gmpipe.config.loop import LoopConfig
@@ -17,8 +17,9 @@ class TrainDecoderConfig(ComposedSection):
     resolution below the image's (one stage per doubling, as many as the autoencoder's downsampling factor needs)
     and ``full_resolution_blocks`` at the image's. It learns the autoencoder decoder's image of fresh posterior
     samples of the cached training latents (L1), plus ``perceptual_weight`` times the perceptual distance to it
-    (``gmpipe.vae.perceptual`` on EfficientNet-Lite0 features at ``perceptual_image_size``; 0 turns it off). The
-    stage compares both decoders on ``eval_images`` test latents.
+    (``gmpipe.vae.perceptual`` on EfficientNet-Lite0 features at ``perceptual_image_size``, the outputs of its MBConv
+    blocks ``perceptual_blocks`` (0..15); 0 turns it off). The stage compares both decoders on ``eval_images`` test
+    latents.
 
     ``target_pool``: 0 decodes a fresh posterior sample of every batch item with the autoencoder at every step;
     N > 0 decodes N posterior samples once, before the loop, and draws the batches from them (a step then costs
@@ -32,5 +33,13 @@ class TrainDecoderConfig(ComposedSection):
     full_resolution_blocks: Annotated[int, Field(ge=0, le=16)] = 0
     perceptual_weight: Annotated[float, Field(ge=0.0, le=100.0)] = 0.0
     perceptual_image_size: Annotated[int, Field(ge=16, le=512)] = 32
+    perceptual_blocks: Annotated[list[Annotated[int, Field(ge=0, le=15)]], Field(min_length=1)] = [0, 2, 4, 10]
     target_pool: Annotated[int, Field(ge=0, le=10_000_000)] = 0
     eval_images: PositiveInt = 1000
+
+    @field_validator("perceptual_blocks")
+    @classmethod
+    def _distinct_blocks(cls, blocks: list[int]) -> list[int]:
+        if len(set(blocks)) != len(blocks):
+            raise ValueError(f"each block at most once (got {blocks})")
+        return sorted(blocks)

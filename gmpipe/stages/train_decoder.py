@@ -62,7 +62,8 @@ def run(config: TrainDecoderConfig, compute: ComputeConfig, paths: Paths) -> dic
         from gmpipe.nn.features import EffNetLite0Features
         from gmpipe.vae.perceptual import PerceptualLoss
 
-        perceptual = PerceptualLoss(EffNetLite0Features(image_size=config.perceptual_image_size))
+        perceptual = PerceptualLoss(EffNetLite0Features(image_size=config.perceptual_image_size,
+                                                        map_blocks=config.perceptual_blocks))
     accelerator = make_accelerator(compute)
     device = accelerator.device
     vae.to(device)
