@@ -35,6 +35,7 @@ import torch
 from bench.measure import interleave, median, speedup
 from bench.report import REPO, Section
 from bench.sampling import random_generator
+from bench.workloads import params_file
 from gmpipe.config.evaluate import EvaluateConfig
 from gmpipe.config.params import load_params
 from gmpipe.eval import end_to_end
@@ -116,9 +117,8 @@ def run(size: str = "full", root: Path | None = None) -> dict:
     from gmpipe.stages import evaluate
 
     s = SIZES[size]
-    own = None if root is None else root / "params.yaml"
-    params_file = own if own is not None and own.is_file() else REPO / "params.yaml"
-    params = load_params(params_file)
+    source = params_file(root)
+    params = load_params(source)
     ev = params.evaluate
     n, teacher_n = s["images"] or ev.n_samples, s["teacher_images"] or ev.batch_size
     batch = min(ev.batch_size, n)
@@ -171,7 +171,7 @@ def run(size: str = "full", root: Path | None = None) -> dict:
         section.ratios["FD small decoder / FD autoencoder decoder (same latents)"] = fd_ratio
         section.target(f"FD small / FD autoencoder decoder <= {end_to_end.FD_TARGET_RATIO:g}", fd_ratio,
                        fd_ratio <= end_to_end.FD_TARGET_RATIO)
-    section.notes += notes + [f"sizes from {params_file} (evaluate) unless --quick; teacher at "
+    section.notes += notes + [f"sizes from {source} (evaluate) unless --quick; teacher at "
                               f"{teacher.resolve_settings(teacher_settings)}; {torch.get_num_threads()} torch "
                               "thread(s); images/s include decoding"]
     return section.finish({CASES[name]: values for name, values in speeds.items()})

@@ -1,6 +1,6 @@
 """4. Sampling: images/s of the 50-step guided teacher (Euler, w = 1: 100 NFE) vs 1, 2 and 4 steps of the same
 network (same guidance), and of every distilled student under ``ROOT/models/student/*/`` (with its own stored
-settings), decode included and excluded.
+settings), decode included and excluded, generating at ROOT/params.yaml's ``evaluate.precision`` as ``evaluate`` does.
 
 Every model is a ``gmpipe.generator.Generator``: the cases call ``generate`` (decoded uint8 images) and, to time the
 network alone, the same call without the autoencoder. Without ``--root`` (or without ``ROOT/models/ldm``) the
@@ -15,7 +15,8 @@ from pathlib import Path
 
 from bench.measure import interleave, median, speedup
 from bench.report import Section
-from bench.workloads import CONDITIONING, LATENT_SHAPE, demo_autoencoder, ldm_config
+from bench.workloads import CONDITIONING, LATENT_SHAPE, demo_autoencoder, ldm_config, params_file
+from gmpipe.config.params import load_params
 from gmpipe.data.latents import LatentStats
 from gmpipe.diffusion import Objective
 from gmpipe.errors import GmpipeError
@@ -64,16 +65,18 @@ def sampling_case(generator: Generator, n: int, decode: bool, **settings):
 
 
 def load_models(root: Path | None, preset: str) -> tuple[Generator, dict[str, Generator], list[str]]:
-    """(teacher, {student name: generator}, notes) from ROOT/models, or a random teacher without one."""
+    """(teacher, {student name: generator}, notes) from ROOT/models, generating at ROOT's ``evaluate.precision`` as
+    ``evaluate`` does, or a random teacher (float32) without them."""
     if root is None or not (root / "models" / "ldm").is_dir():
         where = f"{root}/models/ldm not found: " if root is not None else ""
         return random_generator(preset), {}, [f"{where}randomly initialised '{preset}' DiT and demo autoencoder"]
-    vae = root / "models" / "vae"
-    teacher = load_generator(root / "models" / "ldm", autoencoder=vae)
-    students, notes = {}, [f"teacher: {root / 'models' / 'ldm'}"]
+    vae, precision = root / "models" / "vae", load_params(params_file(root)).evaluate.precision
+    teacher = load_generator(root / "models" / "ldm", autoencoder=vae, precision=precision)
+    students, notes = {}, [f"teacher: {root / 'models' / 'ldm'}; generating at {precision} (evaluate.precision)"]
     for folder in sorted((root / "models" / "student").glob("*/")):
         try:
-            students[f"student {folder.name}"] = load_generator(folder, autoencoder=vae, missing_stage="distill")
+            students[f"student {folder.name}"] = load_generator(folder, autoencoder=vae, missing_stage="distill",
+                                                                precision=precision)
         except (GmpipeError, FileNotFoundError, KeyError, ValueError) as exc:
             notes.append(f"student {folder.name}: not loadable ({exc})")
     if not students:

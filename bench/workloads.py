@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from bench.report import REPO
 from gmpipe.conditioning import ClassLabels
 from gmpipe.config.data import DataConfig
 from gmpipe.config.train_ldm import TrainLDMConfig
@@ -29,6 +30,12 @@ from gmpipe.train.step import LossStep
 LATENT_SHAPE = (4, 8, 8)
 NUM_CLASSES = len(CLASS_NAMES)
 CONDITIONING = ClassLabels(CLASS_NAMES)
+
+
+def params_file(root: Path | None) -> Path:
+    """The params a project's models were made with: ROOT/params.yaml when it exists, else this checkout's."""
+    own = None if root is None else root / "params.yaml"
+    return own if own is not None and own.is_file() else REPO / "params.yaml"
 
 
 def ldm_config(preset: str, batch_size: int) -> TrainLDMConfig:

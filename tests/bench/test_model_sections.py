@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from bench import evaluate_costs, one_step_decoding
+from bench import evaluate_costs, one_step_decoding, sampling
 from tests.hostile import write_model_folders, write_student_folder
 
 
@@ -80,3 +80,17 @@ def test_one_step_decoding_uses_a_projects_models_decoder_and_test_images(projec
     assert any(f"small decoder {project / 'models' / 'decoder'}" in note for note in section["notes"])
     assert any("'guidance': 1.0" in note for note in section["notes"])  # the student's folded w
     json.dumps(section)  # what bench.json holds
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_sampling_loads_a_projects_models_at_its_evaluate_precision(project, precision):
+    import yaml
+
+    from tests.conftest import REPO
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["evaluate"]["precision"] = precision
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    teacher, students, notes = sampling.load_models(project, "tiny")
+    assert [teacher.precision] + [s.precision for s in students.values()] == [precision] * 2, notes
+    assert f"generating at {precision}" in notes[0]
