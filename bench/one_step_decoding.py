@@ -184,7 +184,7 @@ def main(argv: list[str]) -> None:
     paths = Paths(Path(argv[0]))
     overrides = json.loads(argv[1]) if len(argv) > 1 else {}
     name = argv[2] if len(argv) > 2 else STUDENT
-    params = load_params(REPO / "params.yaml")
+    params = load_params(REPO / "params.yaml")  # the checkout's settings train and measure, not ROOT's (an experiment)
     config = params.train_decoder.replace(**overrides)
     start = time.perf_counter()
     summary = train_decoder.run(config, params.compute.model_copy(update={"threads": 2}), paths)

@@ -70,9 +70,11 @@ def load_models(root: Path | None, preset: str) -> tuple[Generator, dict[str, Ge
     if root is None or not (root / "models" / "ldm").is_dir():
         where = f"{root}/models/ldm not found: " if root is not None else ""
         return random_generator(preset), {}, [f"{where}randomly initialised '{preset}' DiT and demo autoencoder"]
-    vae, precision = root / "models" / "vae", load_params(params_file(root)).evaluate.precision
+    vae, source = root / "models" / "vae", params_file(root)
+    precision = load_params(source).evaluate.precision
     teacher = load_generator(root / "models" / "ldm", autoencoder=vae, precision=precision)
-    students, notes = {}, [f"teacher: {root / 'models' / 'ldm'}; generating at {precision} (evaluate.precision)"]
+    students, notes = {}, [f"teacher: {root / 'models' / 'ldm'}; generating at {precision} (evaluate.precision of "
+                           f"{source})"]
     for folder in sorted((root / "models" / "student").glob("*/")):
         try:
             students[f"student {folder.name}"] = load_generator(folder, autoencoder=vae, missing_stage="distill",

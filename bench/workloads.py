@@ -33,7 +33,8 @@ CONDITIONING = ClassLabels(CLASS_NAMES)
 
 
 def params_file(root: Path | None) -> Path:
-    """The params a project's models were made with: ROOT/params.yaml when it exists, else this checkout's."""
+    """The params file to read a project's settings from: ROOT/params.yaml when it exists, else this checkout's
+    (which says nothing about how ROOT's models were made; the sections that use it name the file in a note)."""
     own = None if root is None else root / "params.yaml"
     return own if own is not None and own.is_file() else REPO / "params.yaml"
 

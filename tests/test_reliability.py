@@ -95,9 +95,17 @@ def test_same_seed_same_metrics(tmp_path):
         assert results[1][key] == pytest.approx(value, rel=1e-6), key
 
 
+def section_keys(model) -> set[str]:
+    """The keys a section takes in params.yaml: its own fields, with a composed section's parts (the loop's keys of
+    every training section) written flat in it."""
+    parts = getattr(model, "flat_parts", ())
+    own = {key for key in model.model_fields if key not in parts}
+    return own.union(*(model.model_fields[part].annotation.model_fields for part in parts))
+
+
 # Property-based: any edit of a valid params file is either valid or a clean exit-2 error.
 _FIELDS = [(section, key) for section, model in Params.model_fields.items()
-           for key in model.annotation.model_fields]
+           for key in sorted(section_keys(model.annotation))]
 _VALUES = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True),
                     st.text(max_size=8), st.lists(st.integers(-3, 3), max_size=3), st.dictionaries(
                         st.text(max_size=3), st.integers(), max_size=2))
@@ -131,14 +139,6 @@ def test_unknown_keys_are_always_errors(section, key):
     # A composed section's part names ("loop") are refused with a hint that their keys are written flat.
     assert any(problem.startswith((f"{section}.{key}: unknown key", f"{section}: {key}: unknown key"))
                for problem in info.value.problems), info.value.problems
-
-
-def section_keys(model) -> set[str]:
-    """The keys a section takes in params.yaml: its own fields, with a composed section's parts (the loop's keys of
-    every training section) written flat in it."""
-    parts = getattr(model, "flat_parts", ())
-    own = {key for key in model.model_fields if key not in parts}
-    return own.union(*(model.model_fields[part].annotation.model_fields for part in parts))
 
 
 def test_section_keys_are_the_keys_params_files_use():

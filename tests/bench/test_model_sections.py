@@ -82,15 +82,21 @@ def test_one_step_decoding_uses_a_projects_models_decoder_and_test_images(projec
     json.dumps(section)  # what bench.json holds
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+@pytest.mark.parametrize("precision", ["bf16", "fp32", None])
 def test_sampling_loads_a_projects_models_at_its_evaluate_precision(project, precision):
+    """ROOT/params.yaml's ``evaluate.precision`` (this checkout's, bf16, says otherwise), or without that file the
+    checkout's."""
     import yaml
 
+    from gmpipe.config.params import load_params
     from tests.conftest import REPO
 
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["evaluate"]["precision"] = precision
-    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    if precision is not None:
+        params = yaml.safe_load((REPO / "params.yaml").read_text())
+        params["evaluate"]["precision"] = precision
+        (project / "params.yaml").write_text(yaml.safe_dump(params))
+    expected = precision or load_params(REPO / "params.yaml").evaluate.precision
     teacher, students, notes = sampling.load_models(project, "tiny")
-    assert [teacher.precision] + [s.precision for s in students.values()] == [precision] * 2, notes
-    assert f"generating at {precision}" in notes[0]
+    assert [teacher.precision] + [s.precision for s in students.values()] == [expected] * 2, notes
+    source = project / "params.yaml" if precision is not None else REPO / "params.yaml"
+    assert f"generating at {expected} (evaluate.precision of {source})" in notes[0]

@@ -694,6 +694,34 @@ def test_train_decoder_resumes_by_fingerprint(small_decoder, tmp_path, capsys):
     assert "target pool" not in capsys.readouterr().out
 
 
+def test_train_decoder_compares_the_perceptual_blocks_asked_for(small_decoder, tmp_path, monkeypatch, capsys):
+    """With a perceptual term, the stage's feature network returns the maps of ``perceptual_blocks``, and other blocks
+    start over with one line naming the key."""
+    from gmpipe.nn import features
+
+    built = []
+
+    class Recorded(features.EffNetLite0Features):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self.map_blocks)
+
+    monkeypatch.setattr(features, "EffNetLite0Features", Recorded)
+    params, shared, _ = small_decoder
+    shutil.copytree(shared.root, tmp_path / "copy")
+    paths = Paths(tmp_path / "copy")
+    config = params.train_decoder.replace(width=4, perceptual_weight=1.0, perceptual_blocks=[2, 0])
+    first = train_decoder.run(config, params.compute, paths)
+    assert built == [(0, 2)] and first["resumed_from"] == 0
+    live = json.loads((paths.reports / "train_decoder/live/metrics.json").read_text())
+    assert live["decoder"]["perceptual"] > 0
+    capsys.readouterr()
+    other = train_decoder.run(config.replace(perceptual_blocks=[0, 1]), params.compute, paths)
+    assert built[-1] == (0, 1) and other["resumed_from"] == 0
+    assert "train_decoder: starting over: train_decoder.perceptual_blocks changed ([0, 2] -> [0, 1])" in \
+        capsys.readouterr().out
+
+
 def test_train_decoder_refuses_missing_or_foreign_latents(trained_vae, tmp_path, monkeypatch):
     """No cached latents, latents with other channels than the autoencoder's, or no training latents: one line naming
     the stage to rerun; a target pool larger than half the available memory: one line naming the key. Nothing
