@@ -133,7 +133,7 @@ def test_training_sections_compose_the_loop_and_stay_flat_in_params():
     for section, key, value, message in [("train_ldm", "lr", -1, "train_ldm.lr: must be > 0.0 (got -1)"),
                                          ("distill", "steps", 0, "distill.steps: must be >= 1 (got 0)"),
                                          ("train_ldm", "schedule", "warp", "train_ldm.schedule: must be one of"),
-                                         ("train_vae", "loop", {}, "train_vae: loop: unknown key")]:
+                                         ("train_vae", "loop", {}, "train_vae.loop: unknown key (the loop keys")]:
         with pytest.raises(ParamsError) as info:
             parse_params({section: {key: value}})
         assert info.value.problems[0].startswith(message), info.value.problems

@@ -85,9 +85,13 @@ def _flat_location(loc: tuple) -> tuple:
 
 
 def _describe(error: dict[str, Any]) -> str:
-    loc = ".".join(str(part) for part in _flat_location(tuple(error["loc"]))) or "(top level)"
-    rule = _RULES.get(error["type"])
+    location, rule = _flat_location(tuple(error["loc"])), _RULES.get(error["type"])
     message = rule(error.get("ctx", {})) if rule else error["msg"].removeprefix("Value error, ")
+    key, named, rest = message.partition(": ")
+    if error["type"] == "value_error" and named and isinstance(error["input"], dict) and key in error["input"]:
+        # A section's own check naming one of its keys ("loop: unknown key ..."): located at that key, its value shown.
+        location, message, error = (*location, key), rest, {**error, "input": error["input"][key]}
+    loc = ".".join(str(part) for part in location) or "(top level)"
     if error["type"] not in ("missing", "extra_forbidden") and "(got" not in message:
         value = error["input"]
         kind = f", {yaml_io.type_name(value)}" if _wrong_kind(error) else ""

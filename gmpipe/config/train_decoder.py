@@ -17,9 +17,9 @@ class TrainDecoderConfig(ComposedSection):
     resolution below the image's (one stage per doubling, as many as the autoencoder's downsampling factor needs)
     and ``full_resolution_blocks`` at the image's. It learns the autoencoder decoder's image of fresh posterior
     samples of the cached training latents (L1), plus ``perceptual_weight`` times the perceptual distance to it
-    (``gmpipe.vae.perceptual`` on EfficientNet-Lite0 features at ``perceptual_image_size``, the outputs of its MBConv
-    blocks ``perceptual_blocks`` (0..15); 0 turns it off). The stage compares both decoders on ``eval_images`` test
-    latents.
+    (``gmpipe.vae.perceptual`` on EfficientNet-Lite0 features at ``perceptual_image_size``: the outputs of its MBConv
+    blocks ``perceptual_blocks``, each in 0..15; ``perceptual_weight: 0`` turns the term off). The stage compares both
+    decoders on ``eval_images`` test latents.
 
     ``target_pool``: 0 decodes a fresh posterior sample of every batch item with the autoencoder at every step;
     N > 0 decodes N posterior samples once, before the loop, and draws the batches from them (a step then costs
