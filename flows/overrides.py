@@ -24,9 +24,8 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
-
 from gmpipe.artifacts import atomic_file
+from gmpipe.config.base import Section
 from gmpipe.config.params import Params
 
 ALLOWED_KEYS_VARIABLE = "allowed_override_keys"
@@ -37,12 +36,12 @@ KEPT_PARAMS = Path(".dvc") / "tmp" / "gmpipe-params-before-run.yaml"
 PARAMS_OF_KILLED_RUN = Path(".dvc") / "tmp" / "gmpipe-params-of-killed-run.yaml"
 
 
-def keys_naming_code_or_paths(model: type[BaseModel] = Params, prefix: str = "") -> list[str]:
+def keys_naming_code_or_paths(model: type[Section] = Params, prefix: str = "") -> list[str]:
     """Dotted keys of every params field that takes free text (a string that is not one of a fixed set of choices):
-    each names a module, a path or a host."""
+    each names a module, a path or a host. Named as in ``params.yaml``: a training section's loop keys are its own."""
     keys = []
-    for name, field in model.model_fields.items():
-        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+    for name, field in model.flat_fields().items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, Section):
             keys += keys_naming_code_or_paths(field.annotation, f"{prefix}{name}.")
         elif _takes_free_text(field.annotation):
             keys.append(f"{prefix}{name}")

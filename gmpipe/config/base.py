@@ -12,9 +12,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 INT64_MAX = 2**63 - 1
+# The error type of a part written as a key of its own (``train_vae: {loop: ...}``): located at that key, which
+# is the one location inside a part that is not flattened away.
+NESTED_PART_ERROR = "nested_part"
 
 
 class Section(BaseModel):
@@ -30,6 +35,10 @@ class Section(BaseModel):
                                  "bits)")
         return value
 
+    @classmethod
+    def flat_fields(cls) -> dict[str, FieldInfo]:
+        """The keys of ``params.yaml`` this section takes, with their fields."""
+        return dict(cls.model_fields)
 
 
 class ComposedSection(Section):
@@ -37,10 +46,19 @@ class ComposedSection(Section):
 
     Reading moves each part's keys into the part (``{"lr": 1e-3, "preset": "small"}`` -> ``{"loop": {"lr": 1e-3},
     "preset": "small"}``); dumping flattens them back, so ``model_dump()`` has the keys of ``params.yaml`` (what
-    fingerprints name: ``train_ldm.lr``). Error locations are flattened by :mod:`gmpipe.config.params`.
+    fingerprints name: ``train_ldm.lr``). Error locations are flattened by :mod:`gmpipe.config.params`; a part
+    written as a key of its own is an error located at that key (:data:`NESTED_PART_ERROR`).
     """
 
     flat_parts: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def flat_fields(cls) -> dict[str, FieldInfo]:
+        """The keys of ``params.yaml`` this section takes, with their fields: its own, and each part's in its place."""
+        fields = {key: field for key, field in cls.model_fields.items() if key not in cls.flat_parts}
+        for part in cls.flat_parts:
+            fields.update(cls.model_fields[part].annotation.model_fields)
+        return fields
 
     @model_validator(mode="before")
     @classmethod
@@ -50,7 +68,9 @@ class ComposedSection(Section):
         data = dict(data)
         for part in cls.flat_parts:
             if part in data:
-                raise ValueError(f"{part}: unknown key (the {part} keys are written directly in the section)")
+                message = f"unknown key (the {part} keys are written directly in the section)"
+                raise ValidationError.from_exception_data(cls.__name__, [InitErrorDetails(
+                    type=PydanticCustomError(NESTED_PART_ERROR, message), loc=(part,), input=data[part])])
             part_keys = cls.model_fields[part].annotation.model_fields
             data[part] = {key: data.pop(key) for key in list(data) if key in part_keys}
         return data

@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from gmpipe.config import yaml_io
-from gmpipe.config.base import Section
+from gmpipe.config.base import NESTED_PART_ERROR, Section
 from gmpipe.config.cache_latents import CacheLatentsConfig
 from gmpipe.config.compute import ComputeConfig
 from gmpipe.config.data import DataConfig
@@ -85,12 +85,9 @@ def _flat_location(loc: tuple) -> tuple:
 
 
 def _describe(error: dict[str, Any]) -> str:
-    location, rule = _flat_location(tuple(error["loc"])), _RULES.get(error["type"])
+    location = tuple(error["loc"]) if error["type"] == NESTED_PART_ERROR else _flat_location(tuple(error["loc"]))
+    rule = _RULES.get(error["type"])
     message = rule(error.get("ctx", {})) if rule else error["msg"].removeprefix("Value error, ")
-    key, named, rest = message.partition(": ")
-    if error["type"] == "value_error" and named and isinstance(error["input"], dict) and key in error["input"]:
-        # A section's own check naming one of its keys ("loop: unknown key ..."): located at that key, its value shown.
-        location, message, error = (*location, key), rest, {**error, "input": error["input"][key]}
     loc = ".".join(str(part) for part in location) or "(top level)"
     if error["type"] not in ("missing", "extra_forbidden") and "(got" not in message:
         value = error["input"]

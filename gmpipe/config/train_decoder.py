@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from gmpipe.config.base import ComposedSection, PositiveInt
 from gmpipe.config.loop import LoopConfig
+from gmpipe.config.perceptual import PerceptualBlocks
+from gmpipe.nn.effnet_blocks import DEFAULT_MAP_BLOCKS
 
 
 class TrainDecoderConfig(ComposedSection):
@@ -33,13 +35,6 @@ class TrainDecoderConfig(ComposedSection):
     full_resolution_blocks: Annotated[int, Field(ge=0, le=16)] = 0
     perceptual_weight: Annotated[float, Field(ge=0.0, le=100.0)] = 0.0
     perceptual_image_size: Annotated[int, Field(ge=16, le=512)] = 32
-    perceptual_blocks: Annotated[list[Annotated[int, Field(ge=0, le=15)]], Field(min_length=1)] = [0, 2, 4, 10]
+    perceptual_blocks: PerceptualBlocks = list(DEFAULT_MAP_BLOCKS)
     target_pool: Annotated[int, Field(ge=0, le=10_000_000)] = 0
     eval_images: PositiveInt = 1000
-
-    @field_validator("perceptual_blocks")
-    @classmethod
-    def _distinct_blocks(cls, blocks: list[int]) -> list[int]:
-        if len(set(blocks)) != len(blocks):
-            raise ValueError(f"each block at most once (got {blocks})")
-        return sorted(blocks)

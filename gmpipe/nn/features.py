@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from gmpipe.nn.effnet_blocks import DEFAULT_MAP_BLOCKS, NUM_BLOCKS
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -187,13 +189,13 @@ class EffNetLite0Features(nn.Module):
     """
 
     feature_dim = 1280
-    num_blocks = 16
+    num_blocks = NUM_BLOCKS
 
     def __init__(
         self,
         image_size: int = 64,
         weights_path: str | Path | None = None,
-        map_blocks: Sequence[int] = (0, 2, 4, 10),
+        map_blocks: Sequence[int] = DEFAULT_MAP_BLOCKS,
         folded: bool = True,
     ) -> None:
         super().__init__()

@@ -52,7 +52,8 @@ def build_loss(config: TrainVAEConfig) -> AutoencoderLoss:
             except ValueError as exc:
                 raise GmpipeError(f"train_vae.lpips_weights: {exc}") from None
         else:
-            perceptual = PerceptualLoss(EffNetLite0Features(image_size=config.perceptual_image_size))
+            perceptual = PerceptualLoss(EffNetLite0Features(image_size=config.perceptual_image_size,
+                                                            map_blocks=config.perceptual_blocks))
     return AutoencoderLoss(
         rec_kind=config.rec_loss, kl_weight=config.kl_weight, perceptual_weight=config.perceptual_weight,
         gan_weight=config.gan_weight, gan_loss=config.gan_loss, disc_start=config.disc_start,

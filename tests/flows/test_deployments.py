@@ -217,6 +217,27 @@ def test_keys_naming_code_or_paths_are_every_free_text_key():
         "evaluate.fid_weights", "train_vae.lpips_backbone_weights", "train_vae.lpips_weights"]
 
 
+def test_a_free_text_key_of_a_part_is_named_as_params_files_write_it():
+    """A loop key that took free text would be written ``section.key`` in an override, so it is guarded by that
+    name (not ``section.loop.key``, which no override can match)."""
+    from flows.overrides import keys_naming_code_or_paths
+    from gmpipe.config.base import ComposedSection, Section
+
+    class Part(Section):
+        hook: str = "module:function"
+        steps: int = 1
+
+    class Training(ComposedSection):
+        flat_parts = ("loop",)
+        loop: Part = Part()
+        weights: str | None = None
+
+    class File(Section):
+        train: Training = Training()
+
+    assert sorted(keys_naming_code_or_paths(File)) == ["train.hook", "train.weights"]
+
+
 def test_a_deployment_allows_named_keys_and_a_run_cannot_widen_them(prefect_api, dvc_project, tmp_path,
                                                                        monkeypatch):
     """Runs of a real deployment (created on the server, run in this process): the keys its job variable

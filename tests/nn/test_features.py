@@ -72,6 +72,19 @@ def test_feature_maps_are_differentiable_in_the_input(effnet):
     assert images.grad is not None and torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
 
 
+def test_the_params_schema_names_the_networks_blocks(effnet):
+    """train_decoder.perceptual_blocks is checked, torch-free, against the block count the network has."""
+    from gmpipe.config.train_decoder import TrainDecoderConfig
+    from gmpipe.nn.effnet_blocks import NUM_BLOCKS
+
+    assert len(effnet.network._blocks) == NUM_BLOCKS
+    TrainDecoderConfig(perceptual_blocks=[NUM_BLOCKS - 1])
+    with pytest.raises(ValueError, match="perceptual_blocks"):
+        TrainDecoderConfig(perceptual_blocks=[NUM_BLOCKS])
+    assert EffNetLite0Features(map_blocks=[NUM_BLOCKS - 1]).map_blocks == (NUM_BLOCKS - 1,)
+    assert tuple(TrainDecoderConfig().perceptual_blocks) == effnet.map_blocks  # one default for both
+
+
 def test_missing_weights_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere.pth"):
         EffNetLite0Features(weights_path=tmp_path / "nowhere.pth")

@@ -107,6 +107,9 @@ def test_true_lpips_from_local_vgg16_and_lpips_files(tmp_path, monkeypatch):
 
     with pytest.raises(Exception, match="go together"):
         parse_params(smoke_params(train_vae={"lpips_weights": str(tmp_path / "vgg.pth")}))
+    with pytest.raises(Exception, match="perceptual_blocks names EfficientNet-Lite0 blocks"):
+        parse_params(smoke_params(train_vae={"lpips_weights": str(tmp_path / "vgg.pth"), "perceptual_blocks": [0],
+                                             "lpips_backbone_weights": str(tmp_path / "vgg16.safetensors")}))
 
     # The trunk alone takes the heads an installed lpips package ships (weights/v0.1/vgg.pth), found without
     # importing the package (its import needs torchvision: this one refuses to be imported at all).
@@ -132,6 +135,23 @@ def test_true_lpips_from_local_vgg16_and_lpips_files(tmp_path, monkeypatch):
                                                "lpips_backbone_weights": str(tmp_path / "bad.pth")}))
     with pytest.raises(GmpipeError, match="not a VGG-16 state dict"):
         train_vae.build_loss(bad.train_vae)
+
+
+def test_the_perceptual_term_compares_the_blocks_asked_for(tmp_path):
+    """train_vae.perceptual_blocks picks the EfficientNet-Lite0 maps the loss compares, and defines the model: other
+    blocks are another training fingerprint (a resumed run starts over)."""
+    default = parse_params(smoke_params(train_vae={"perceptual_weight": 1.0}))
+    chosen = parse_params(smoke_params(train_vae={"perceptual_weight": 1.0, "perceptual_blocks": [2, 0, 1]}))
+    assert default.train_vae.perceptual_blocks == [0, 2, 4, 10] and chosen.train_vae.perceptual_blocks == [0, 1, 2]
+    loss = train_vae.build_loss(chosen.train_vae)
+    assert loss.perceptual.extractor.map_blocks == (0, 1, 2)
+    x = torch.rand(2, 1, 32, 32) * 2 - 1
+    assert len(loss.perceptual.extractor.feature_maps(x)) == 3
+    assert float(loss.perceptual.distance(x, x.flip(-1)).mean()) > 0
+    paths = Paths(tmp_path)
+    fingerprints = [train_vae.training_fingerprint(p.data, p.train_vae, paths) for p in (default, chosen)]
+    assert fingerprints[0].settings["train_vae.perceptual_blocks"] == [0, 2, 4, 10]
+    assert fingerprints[0].settings != fingerprints[1].settings
 
 
 def _two_process_vae_worker(directory: str):
