@@ -137,11 +137,15 @@ def test_training_sections_compose_the_loop_and_stay_flat_in_params():
         with pytest.raises(ParamsError) as info:
             parse_params({section: {key: value}})
         assert info.value.problems[0].startswith(message), info.value.problems
+    with pytest.raises(ParamsError) as info:  # every part written nested is named, each at its key
+        parse_params({"train_ldm": {"objective": {"target": "data"}, "loop": {}}})
+    assert [problem.split(":")[0] for problem in info.value.problems] == ["train_ldm.loop", "train_ldm.objective"]
 
 
+@pytest.mark.parametrize("section", ["train_vae", "train_decoder"])
 @pytest.mark.parametrize("blocks, problem", [([1, 1], "each block at most once"), ([16], "must be <= 15"),
                                              ([], "at least 1 item")])
-def test_train_decoder_perceptual_blocks_name_blocks_of_the_network(blocks, problem):
-    assert parse_params({"train_decoder": {"perceptual_blocks": [10, 0]}}).train_decoder.perceptual_blocks == [0, 10]
-    with pytest.raises(ParamsError, match=rf"train_decoder.perceptual_blocks.*{problem}"):
-        parse_params({"train_decoder": {"perceptual_blocks": blocks}})
+def test_perceptual_blocks_name_blocks_of_the_network(section, blocks, problem):
+    assert getattr(parse_params({section: {"perceptual_blocks": [10, 0]}}), section).perceptual_blocks == [0, 10]
+    with pytest.raises(ParamsError, match=rf"{section}.perceptual_blocks.*{problem}"):
+        parse_params({section: {"perceptual_blocks": blocks}})

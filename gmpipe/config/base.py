@@ -66,11 +66,12 @@ class ComposedSection(Section):
         if not isinstance(data, dict):
             return data
         data = dict(data)
+        message = "unknown key (the {part} keys are written directly in the section)"
+        nested = [InitErrorDetails(type=PydanticCustomError(NESTED_PART_ERROR, message, {"part": part}), loc=(part,),
+                                   input=data[part]) for part in cls.flat_parts if part in data]
+        if nested:
+            raise ValidationError.from_exception_data(cls.__name__, nested)
         for part in cls.flat_parts:
-            if part in data:
-                message = f"unknown key (the {part} keys are written directly in the section)"
-                raise ValidationError.from_exception_data(cls.__name__, [InitErrorDetails(
-                    type=PydanticCustomError(NESTED_PART_ERROR, message), loc=(part,), input=data[part])])
             part_keys = cls.model_fields[part].annotation.model_fields
             data[part] = {key: data.pop(key) for key in list(data) if key in part_keys}
         return data

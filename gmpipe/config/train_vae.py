@@ -22,7 +22,8 @@ class TrainVAEConfig(ComposedSection):
 
     Perceptual term (``perceptual_weight``; 0 turns it off): distances between the EfficientNet-Lite0 feature maps
     after its MBConv blocks ``perceptual_blocks`` at ``perceptual_image_size``, or true LPIPS (VGG-16 taps and
-    learned heads) with ``lpips_backbone_weights``, which then fixes the layers: ``perceptual_blocks`` is an error."""
+    learned heads) with ``lpips_backbone_weights``, which then fixes the layers: ``perceptual_blocks`` other than the
+    default is an error."""
 
     flat_parts = ("loop",)
 

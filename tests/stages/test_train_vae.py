@@ -9,7 +9,7 @@ import torch
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
-from gmpipe.config.params import parse_params
+from gmpipe.config.params import ParamsError, parse_params
 from gmpipe.errors import GmpipeError
 from gmpipe.generator import load_generator
 from gmpipe.nn.discriminator import PatchDiscriminator
@@ -107,7 +107,7 @@ def test_true_lpips_from_local_vgg16_and_lpips_files(tmp_path, monkeypatch):
 
     with pytest.raises(Exception, match="go together"):
         parse_params(smoke_params(train_vae={"lpips_weights": str(tmp_path / "vgg.pth")}))
-    with pytest.raises(Exception, match="perceptual_blocks names EfficientNet-Lite0 blocks"):
+    with pytest.raises(ParamsError, match="train_vae: perceptual_blocks names EfficientNet-Lite0 blocks"):
         parse_params(smoke_params(train_vae={"lpips_weights": str(tmp_path / "vgg.pth"), "perceptual_blocks": [0],
                                              "lpips_backbone_weights": str(tmp_path / "vgg16.safetensors")}))
 
