@@ -149,3 +149,10 @@ def test_perceptual_blocks_name_blocks_of_the_network(section, blocks, problem):
     assert getattr(parse_params({section: {"perceptual_blocks": [10, 0]}}), section).perceptual_blocks == [0, 10]
     with pytest.raises(ParamsError, match=rf"{section}.perceptual_blocks.*{problem}"):
         parse_params({section: {"perceptual_blocks": blocks}})
+
+
+def test_a_null_value_of_the_wrong_kind_is_named_once():
+    with pytest.raises(ParamsError) as info:
+        parse_params({"train_vae": {"perceptual_blocks": None, "lr": False}})
+    assert sorted(info.value.problems) == ["train_vae.lr: must be a number (got false, a boolean)",
+                                           "train_vae.perceptual_blocks: must be a list (got null)"]

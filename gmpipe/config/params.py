@@ -91,7 +91,7 @@ def _describe(error: dict[str, Any]) -> str:
     loc = ".".join(str(part) for part in location) or "(top level)"
     if error["type"] not in ("missing", "extra_forbidden") and "(got" not in message:
         value = error["input"]
-        kind = f", {yaml_io.type_name(value)}" if _wrong_kind(error) else ""
+        kind = f", {yaml_io.type_name(value)}" if _wrong_kind(error) and value is not None else ""  # null names itself
         message += f" (got {yaml_io.show(value)}{kind})"
     return f"{loc}: {message}"
 
