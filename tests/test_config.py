@@ -140,6 +140,10 @@ def test_training_sections_compose_the_loop_and_stay_flat_in_params():
     with pytest.raises(ParamsError) as info:  # every part written nested is named, each at its key
         parse_params({"train_ldm": {"objective": {"target": "data"}, "loop": {}}})
     assert [problem.split(":")[0] for problem in info.value.problems] == ["train_ldm.loop", "train_ldm.objective"]
+    with pytest.raises(ParamsError) as info:  # and the section's other problems beside them
+        parse_params({"train_vae": {"loop": {}, "objective": 2, "lr": -1}, "data": {"image_size": 3}})
+    assert sorted(problem.split(":")[0] for problem in info.value.problems) == [
+        "data.image_size", "train_vae.loop", "train_vae.lr", "train_vae.objective"], info.value.problems
 
 
 @pytest.mark.parametrize("section", ["train_vae", "train_decoder"])
