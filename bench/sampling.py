@@ -73,8 +73,8 @@ def load_models(root: Path | None, preset: str) -> tuple[Generator, dict[str, Ge
     vae, source = root / "models" / "vae", params_file(root)
     precision = load_params(source).evaluate.precision
     teacher = load_generator(root / "models" / "ldm", autoencoder=vae, precision=precision)
-    students, notes = {}, [f"teacher: {root / 'models' / 'ldm'}; generating at {precision} (evaluate.precision of "
-                           f"{source})"]
+    students, notes = {}, [f"teacher: {root / 'models' / 'ldm'}; generating at {teacher.precision} "
+                           f"(evaluate.precision of {source})"]
     for folder in sorted((root / "models" / "student").glob("*/")):
         try:
             students[f"student {folder.name}"] = load_generator(folder, autoencoder=vae, missing_stage="distill",

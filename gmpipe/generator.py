@@ -41,11 +41,11 @@ from gmpipe.artifacts import ArtifactError, read_json
 from gmpipe.conditioning import Conditioning, Request
 from gmpipe.errors import GmpipeError
 from gmpipe.family_file import FAMILY_FILE, FamilyFile, write_family_file
-from gmpipe.precision import bf16_autocast
+from gmpipe.precision import bf16_autocast, resolve_precision
 from gmpipe.registry import MODEL_FAMILIES
 
 DEFAULT_BATCH_SIZE = 256
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 class Generated(NamedTuple):
@@ -217,8 +217,9 @@ def load_generator(folder: str | Path, *, autoencoder: str | Path | None = None,
                    precision: str = "fp32") -> Generator:
     """The trained model in ``folder``, as its family loads it; ``decoder``: a small decoder folder
     (``models/decoder``) that decodes its latents instead of the autoencoder; ``precision``: of its network
-    evaluations in ``generate`` (``Generator.precision``). ``missing_stage`` is the stage named when the folder holds
-    no model at all (the one that would write it)."""
+    evaluations in ``generate`` (``Generator.precision``: ``auto`` resolved on ``device``,
+    ``gmpipe.precision.resolve_precision``). ``missing_stage`` is the stage named when the folder holds no model at all
+    (the one that would write it)."""
     if precision not in PRECISIONS:
         raise GmpipeError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     folder = Path(folder)
@@ -233,7 +234,7 @@ def load_generator(folder: str | Path, *, autoencoder: str | Path | None = None,
                             device=device)
     if decoder is not None:
         generator.use_decoder(load_decoder_for(decoder, autoencoder))
-    generator.precision = precision
+    generator.precision = resolve_precision(precision, device, "precision")
     return generator
 
 

@@ -45,15 +45,17 @@ def accelerate_command(compute: ComputeConfig, stage: str, params_file: str, roo
     """The ``accelerate launch`` command line and environment for one stage on the machine of rank ``rank``."""
     # Imported here, not at module level: the orchestrating process should not pay for importing torch.
     from gmpipe.device import resolve_device
+    from gmpipe.precision import resolve_mixed_precision
 
-    cpu = resolve_device(compute.device).type == "cpu"  # cuda without CUDA stops here, before any process starts
+    device = resolve_device(compute.device)  # cuda without CUDA stops here, before any process starts
+    cpu = device.type == "cpu"
     command = [
         sys.executable, "-m", "gmpipe.rendezvous",
         "--num_processes", str(compute.world_size),
         "--num_machines", str(compute.num_machines),
         "--machine_rank", str(rank),
         "--main_process_port", str(rendezvous_port(compute, rank)),
-        "--mixed_precision", compute.mixed_precision,
+        "--mixed_precision", resolve_mixed_precision(compute.mixed_precision, device),
         "--dynamo_backend", "no",
     ]
     if compute.world_size > 1:

@@ -130,8 +130,15 @@ def test_bf16_precision_runs_the_networks_under_autocast_and_keeps_the_images(tm
     assert images.dtype == np.uint8 and images.shape == reference.shape
     assert np.abs(images.astype(int) - reference.astype(int)).mean() < 3.0
     np.testing.assert_array_equal(half.generate(REQUESTS[:2], SEEDS[:2], steps=4).images, images[:2])
-    with pytest.raises(GmpipeError, match="precision 'fp16': choose one of fp32, bf16"):
+    with pytest.raises(GmpipeError, match="precision 'fp16': choose one of auto, fp32, bf16"):
         load_generator(ldm, autoencoder=vae, precision="fp16")
+
+
+def test_auto_precision_is_what_the_generators_device_computes(tmp_path, monkeypatch):
+    ldm, vae = write_model_folders(tmp_path)
+    for fast, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr("gmpipe.precision.fast_bf16", lambda device, fast=fast: fast)
+        assert load_generator(ldm, autoencoder=vae, precision="auto").precision == expected
 
 
 def test_model_folders_are_found_by_their_family_file(tmp_path):

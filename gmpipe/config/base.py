@@ -40,6 +40,10 @@ class Section(BaseModel):
         """The keys of ``params.yaml`` this section takes, with their fields."""
         return dict(cls.model_fields)
 
+    def replace(self, **changes: Any) -> Section:
+        """A validated copy with some keys changed, named as in ``params.yaml`` (``replace(steps=5)``)."""
+        return type(self).model_validate({**self.model_dump(), **changes})
+
 
 class ComposedSection(Section):
     """A section whose fields named in ``flat_parts`` are sections of their own, written flat in ``params.yaml``.
@@ -83,10 +87,6 @@ class ComposedSection(Section):
             data.update(data.pop(part))
         return data
 
-    def replace(self, **changes: Any) -> ComposedSection:
-        """A validated copy with some keys changed, named as in ``params.yaml`` (``replace(steps=5)``)."""
-        return type(self).model_validate({**self.model_dump(), **changes})
-
 
 def one_of(names: Iterable[str]) -> Any:
     """The type of a params value that must be one of ``names`` (a registry's keys), in their order."""
@@ -107,4 +107,6 @@ PositiveInt = Annotated[int, Field(ge=1)]
 # numpy's legacy seeding takes 32 bits, and the loop derives per-epoch torch seeds as seed * 1_000_003 + epoch,
 # which must stay below 2**64.
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
-Precision = Literal["fp32", "bf16"]  # of networks that only run (encoding, sampling): float32 or bfloat16 autocast
+# Of networks that only run (encoding, sampling): float32 or bfloat16 autocast; auto: bf16 where the hardware computes
+# it (gmpipe.precision.fast_bf16), resolved on the machine that runs the stage.
+Precision = Literal["auto", "fp32", "bf16"]

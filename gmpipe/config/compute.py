@@ -17,6 +17,7 @@ class ComputeConfig(Section):
     (data sharded across ranks, only the global rank 0 writes). ``device: auto`` uses CUDA when present; on CPU
     several processes are started with ``ACCELERATE_USE_CPU=true`` and ``--multi_gpu`` (the flags that really start
     N processes). ``threads`` sets torch's intra-op threads per process (null: torch's default).
+    ``mixed_precision: auto`` is bf16 where the device computes it in hardware, else no (``gmpipe.precision``).
 
     Every machine reads the same params file, so a machine's rank is not a key here: it comes from the environment
     (``GMPIPE_MACHINE_RANK``, or what the scheduler sets; see :mod:`gmpipe.rendezvous`). ``main_process_ip`` is
@@ -28,7 +29,7 @@ class ComputeConfig(Section):
     main_process_ip: str | None = None
     main_process_port: Annotated[int, Field(ge=1, le=65535)] = 29500
     device: Literal[DEVICES] = "auto"
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "no"
     threads: Annotated[int, Field(ge=1, le=1024)] | None = None
 
     @model_validator(mode="before")

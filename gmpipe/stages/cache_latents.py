@@ -13,6 +13,7 @@ from gmpipe.device import resolve_device
 from gmpipe.errors import GmpipeError
 from gmpipe.nn.autoencoder import encode_to_latents, load_autoencoder
 from gmpipe.paths import Paths
+from gmpipe.precision import resolve_precision
 
 SECTIONS = ("cache_latents", "compute.device")
 
@@ -20,6 +21,7 @@ SECTIONS = ("cache_latents", "compute.device")
 def run(config: CacheLatentsConfig, device: str, paths: Paths) -> dict:
     """``device`` is ``compute.device``: where the VAE and the text encoder run."""
     device = resolve_device(device)  # before any work: a device that is not there fails at once
+    precision = resolve_precision(config.precision, device, "cache_latents.precision")
     vae = load_autoencoder(paths.vae).to(device)
     splits = {name: load_split(paths.prepared, name) for name in SPLITS}
     captions = sorted({str(c) for split in splits.values() for c in split.captions})
@@ -28,7 +30,7 @@ def run(config: CacheLatentsConfig, device: str, paths: Paths) -> dict:
     with atomic_dir(paths.latents) as out:
         for name, split in splits.items():
             mean, std = encode_to_latents(vae, split.images, config.batch_size, f"cache_latents: {name}", device,
-                                           bf16=config.precision == "bf16")
+                                           bf16=precision == "bf16")
             index = torch.tensor([caption_ids[str(c)] for c in split.captions], dtype=torch.int64)
             latent = LatentSplit(mean, std, torch.from_numpy(split.labels).long(), index)
             save_split(out, name, latent)
@@ -38,7 +40,7 @@ def run(config: CacheLatentsConfig, device: str, paths: Paths) -> dict:
                     raise GmpipeError(f"{paths.prepared}: the train split is empty")
                 stats = LatentStats.measure(mean, std, torch.Generator().manual_seed(config.seed))
                 stats.save(out / STATS, measured_on="train", n=len(latent), latent_shape=list(mean.shape[1:]),
-                           raw_std=float((mean + std * torch.randn_like(std)).std()))
+                           raw_std=float((mean + std * torch.randn_like(std)).std()), encoder_precision=precision)
         if config.text_encoder:
             from gmpipe.nn.text_encoder import TextEncoder
 
@@ -54,6 +56,7 @@ def run(config: CacheLatentsConfig, device: str, paths: Paths) -> dict:
         "counts": counts,
         "latent_shape": list(mean.shape[1:]),
         "captions": len(captions),
+        "precision": precision,
         "shift": [round(v, 4) for v in stats.shift],
         "scale": [round(v, 4) for v in stats.scale],
     }

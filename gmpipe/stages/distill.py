@@ -17,6 +17,7 @@ from gmpipe.fingerprint import Fingerprint, code_hashes, hash_tree, section_sett
 from gmpipe.latent_diffusion import OBJECTIVE, WEIGHTS, LatentDiffusion
 from gmpipe.paths import Paths
 from gmpipe.pipelines.latent_diffusion import VAE, save_pipeline_files
+from gmpipe.precision import resolve_precision
 from gmpipe.registry import DISTILL_METHODS
 from gmpipe.train.loop import make_accelerator, seed_everything
 
@@ -40,6 +41,9 @@ def run(config: DistillConfig, compute: ComputeConfig, paths: Paths) -> dict:
     split = load_split(paths.latents, "train")
     conditions = teacher.conditioning.training_conditions(split, paths.latents)
     accelerator = make_accelerator(compute)
+    # auto resolved here, so the couplings' cache key and the students' fingerprints name what ran
+    config = config.replace(reflow_precision=resolve_precision(config.reflow_precision, accelerator.device,
+                                                               "distill.reflow_precision"))
     teacher.denoiser.to(accelerator.device).eval().requires_grad_(False)
     session = DistillSession(
         config=config, teacher=teacher, teacher_folder=paths.ldm,
@@ -51,11 +55,11 @@ def run(config: DistillConfig, compute: ComputeConfig, paths: Paths) -> dict:
     students = [student for name in config.methods for student in DISTILL_METHODS[name]().distill(session)]
     if not accelerator.is_main_process:
         return {}
-    return _write_students(paths, config, teacher, students, session.w)
+    return _write_students(paths, config, teacher, students, session.w, accelerator.mixed_precision)
 
 
 def _write_students(paths: Paths, config: DistillConfig, teacher: LatentDiffusion, students: list[Student],
-                    w: float) -> dict:
+                    w: float, mixed_precision: str) -> dict:
     if not students:
         raise GmpipeError("distill.methods: nothing was distilled")
     table = {}
@@ -73,8 +77,8 @@ def _write_students(paths: Paths, config: DistillConfig, teacher: LatentDiffusio
                     "time_shift": config.time_shift, "nfe_per_step": 1, "train_steps": student.train_steps,
                     "final_loss": student.final_loss, "teacher": str(paths.ldm)}
             write_student_info(folder, **info)
-            table[student.name] = {k: info[k] for k in ("method", "steps", "guidance_folded", "train_steps",
-                                                        "final_loss")}
+            table[student.name] = {**{k: info[k] for k in ("method", "steps", "guidance_folded", "train_steps",
+                                                           "final_loss")}, "mixed_precision": mixed_precision}
     write_json(paths.reports / "distill" / "metrics.json", table)
     lines = ["| student | method | steps | NFE per image | w folded | train steps | final loss |",
              "|---|---|---|---|---|---|---|"]

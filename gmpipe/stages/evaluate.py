@@ -42,6 +42,7 @@ from gmpipe.generator import Generator, Likelihood, load_decoder_for, load_gener
 from gmpipe.nn.autoencoder import load_autoencoder
 from gmpipe.paths import Paths
 from gmpipe.pixels import uint8_to_signed
+from gmpipe.precision import resolve_precision
 from gmpipe.registry import MODEL_FAMILIES
 from gmpipe.seeds import seed_block
 
@@ -402,6 +403,10 @@ def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
 def run(config: EvaluateConfig, device: str, paths: Paths) -> dict:
     """``device`` is ``compute.device``: where sampling, the feature networks and the classifier run."""
     device = resolve_device(device)  # before any work: a device that is not there fails at once
+    # auto resolved here, so the classifier's cache key and metrics.json name what ran
+    config = config.replace(precision=resolve_precision(config.precision, device, "evaluate.precision"),
+                            classifier_precision=resolve_precision(config.classifier_precision, device,
+                                                                   "evaluate.classifier_precision"))
     manifest = load_manifest(paths.prepared)
     class_names = manifest["class_names"]
     upstream = (("autoencoder", paths.vae, "train_vae"), ("teacher denoiser", paths.ldm, "train_ldm"),

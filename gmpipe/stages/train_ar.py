@@ -88,7 +88,8 @@ def run(config: TrainARConfig, compute: ComputeConfig, paths: Paths) -> dict:
     history = [record["ar/bits_per_token"] for record in result.history]
     metrics = {"step": result.step, "first_bits_per_token": history[0] if history else None,
                "final_bits_per_token": history[-1] if history else None,
-               "sequence_length": tokenizer.sequence_length, "bins": tokenizer.bins, **likelihood, **grid}
+               "sequence_length": tokenizer.sequence_length, "bins": tokenizer.bins, **likelihood, **grid,
+               "mixed_precision": accelerator.mixed_precision}
     write_json(reports / "metrics.json", metrics)
     return {"read": str(paths.latents), "wrote": [str(paths.ar), str(reports)], "steps": result.step,
             "resumed_from": result.resumed_from, "parameters": model.num_parameters(), **metrics}

@@ -100,7 +100,8 @@ def run(config: TrainDecoderConfig, compute: ComputeConfig, paths: Paths) -> dic
     test = load_split(paths.latents, "test").subset(config.eval_images, seed=config.loop.seed)
     comparison = compare_decoders(vae, final, test.mean, device)
     history = result.history
-    metrics = {"step": result.step, "first_loss": history[0]["decoder/loss"] if history else None,
+    metrics = {"step": result.step, "mixed_precision": accelerator.mixed_precision,
+               "first_loss": history[0]["decoder/loss"] if history else None,
                "final_loss": history[-1]["decoder/loss"] if history else None,
                "parameters": sum(p.numel() for p in final.tiny.decoder.parameters()),
                "autoencoder_decoder_parameters": sum(p.numel() for p in vae.decoder.parameters()),

@@ -78,7 +78,8 @@ def run(config: TrainGANConfig, compute: ComputeConfig, paths: Paths) -> dict:
     gan = load_generator(paths.gan, autoencoder=paths.vae, device=accelerator.device, missing_stage="train_gan")
     last = result.history[-1] if result.history else {}
     metrics = {"step": result.step, **{key: value for key, value in last.items() if "/" in key},
-               **write_grids(gan, config, paths, reports), "path_length": path_length(gan, config)}
+               **write_grids(gan, config, paths, reports), "path_length": path_length(gan, config),
+               "mixed_precision": accelerator.mixed_precision}
     write_json(reports / "metrics.json", metrics)
     return {"read": str(paths.latents), "wrote": [str(paths.gan), str(reports)], "steps": result.step,
             "resumed_from": result.resumed_from, "parameters": generator.num_parameters(), **metrics}

@@ -72,7 +72,8 @@ def run(config: TrainLDMConfig, compute: ComputeConfig, paths: Paths) -> dict:
     final_loss = result.history[-1]["denoiser/loss"] if result.history else None
     first_loss = result.history[0]["denoiser/loss"] if result.history else None
     write_json(reports / "metrics.json",
-               {"step": result.step, "first_loss": first_loss, "final_loss": final_loss, **grid_summary})
+               {"step": result.step, "first_loss": first_loss, "final_loss": final_loss, **grid_summary,
+                "mixed_precision": accelerator.mixed_precision})
     return {
         "read": str(paths.latents),
         "wrote": [str(paths.ldm), str(reports)],

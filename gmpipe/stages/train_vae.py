@@ -129,6 +129,7 @@ def run(data: DataConfig, config: TrainVAEConfig, compute: ComputeConfig, paths:
     metrics = autoencoder_metrics(final, test_split.images, train_split.images, EffNetLite0Features().to(device),
                                   n=config.eval_images, seed=config.loop.seed, device=device)
     metrics["step"] = result.step
+    metrics["mixed_precision"] = accelerator.mixed_precision
     val = load_split(paths.prepared, "val")
     fit_name, fit_split = ("val", val) if len(val) else ("train", train_split)
     prior, elbo = vae_prior(final, data, config, fit_name, fit_split, test_split, paths, device)

@@ -35,6 +35,7 @@ from gmpipe.config.loop import LoopConfig
 from gmpipe.device import resolve_device
 from gmpipe.errors import GmpipeError
 from gmpipe.fingerprint import Fingerprint
+from gmpipe.precision import resolve_mixed_precision
 from gmpipe.train.checkpoint import latest_checkpoint, read_checkpoint, save_checkpoint, select_checkpoint
 from gmpipe.train.contention import Contention
 from gmpipe.train.ema import EMA
@@ -153,7 +154,8 @@ def make_accelerator(compute: ComputeConfig | None = None):
     from accelerate import Accelerator
 
     compute = compute or ComputeConfig()
-    cpu = resolve_device(compute.device).type == "cpu"  # a cuda setting without CUDA fails here, in one line
+    device = resolve_device(compute.device)  # a cuda setting without CUDA fails here, in one line
+    cpu = device.type == "cpu"
     if not cpu:  # TF32 matmuls on Ampere and newer: fp32 range, ~10-bit mantissa, much faster
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -165,10 +167,10 @@ def make_accelerator(compute: ComputeConfig | None = None):
         from accelerate.state import AcceleratorState
 
         AcceleratorState._reset_state(reset_partial_state=True)
+    precision = resolve_mixed_precision(compute.mixed_precision, device)
     try:
-        accelerator = Accelerator(mixed_precision=compute.mixed_precision, cpu=cpu)
+        accelerator = Accelerator(mixed_precision=precision, cpu=cpu)
     except (ValueError, RuntimeError) as exc:
-        precision = compute.mixed_precision
         raise GmpipeError(f"compute.mixed_precision={precision!r} is not available here ({exc})") from None
     if accelerator.num_processes != compute.world_size:
         raise GmpipeError(

@@ -95,7 +95,9 @@ def test_sampling_loads_a_projects_models_at_its_evaluate_precision(project, pre
         params = yaml.safe_load((REPO / "params.yaml").read_text())
         params["evaluate"]["precision"] = precision
         (project / "params.yaml").write_text(yaml.safe_dump(params))
-    expected = precision or load_params(REPO / "params.yaml").evaluate.precision
+    from gmpipe.precision import resolve_precision
+
+    expected = resolve_precision(precision or load_params(REPO / "params.yaml").evaluate.precision, "cpu", "precision")
     teacher, students, notes = sampling.load_models(project, "tiny")
     assert [teacher.precision] + [s.precision for s in students.values()] == [expected] * 2, notes
     source = project / "params.yaml" if precision is not None else REPO / "params.yaml"

@@ -70,6 +70,9 @@ def test_bf16_cache_is_the_posterior_within_bfloat16_rounding(trained_vae, tmp_p
     assert not torch.equal(rounded.mean, exact.mean)  # the encoder did run in bfloat16
     error = (rounded.mean - exact.mean).abs().mean() / exact.mean.std()
     assert error < 0.02, error
+    # stats.json names the precision the encoder ran at (auto: what it resolved to on this machine)
+    assert json.loads((tmp_path / "data/latents" / STATS).read_text())["encoder_precision"] == "bf16"
+    assert json.loads((paths.latents / STATS).read_text())["encoder_precision"] == "fp32"
 
 
 def test_stats_normalize_latents(trained_vae):
@@ -506,7 +509,7 @@ def _copy_project(paths: Paths, tmp_path) -> Paths:
     return Paths(tmp_path / "copy")
 
 
-def test_distill_reruns_only_what_changed(distilled, tmp_path, capsys):
+def test_distill_reruns_only_what_changed(distilled, tmp_path, capsys, monkeypatch):
     params, shared, _ = distilled
     paths = _copy_project(shared, tmp_path)
     root = paths.checkpoints / "distill"
@@ -533,6 +536,13 @@ def test_distill_reruns_only_what_changed(distilled, tmp_path, capsys):
     rounded = load_file(couplings[0])["data"]
     assert len(couplings) == 1 and not torch.equal(rounded, exact)
     assert (rounded - exact).abs().mean() < 0.05 * exact.std()
+    # auto is the precision it resolves to on the machine: where bf16 is computed in hardware, that run resumes.
+    monkeypatch.setattr("gmpipe.precision.fast_bf16", lambda device: True)
+    distill.run(changed.replace(reflow_precision="auto"), params.compute, paths)
+    out = capsys.readouterr().out
+    assert "distill reflow: resuming from" in out and "starting over" not in out, out
+    assert sorted(root.glob("reflow-couplings-*")) == couplings
+    monkeypatch.undo()
     # A new guidance weight changes every student and the teacher couplings reflow trains on.
     guided = changed.replace(guidance=2.0)
     distill.run(guided, params.compute, paths)
