@@ -551,6 +551,13 @@ def test_distill_reruns_only_what_changed(distilled, tmp_path, capsys, monkeypat
     remade = sorted(root.glob("reflow-couplings-*"))
     assert len(remade) == 1 and remade != couplings
     assert json.loads((paths.student / "reflow" / "student.json").read_text())["guidance_folded"] == 2.0
+    # Where bf16 is emulated, auto is float32: that bf16 run's couplings and reflow student start over, nothing else.
+    monkeypatch.setattr("gmpipe.precision.fast_bf16", lambda device: False)
+    distill.run(guided.replace(reflow_precision="auto"), params.compute, paths)
+    out = capsys.readouterr().out
+    assert 'distill reflow: starting over: distill.reflow_precision changed ("bf16" -> "fp32")' in out, out
+    assert out.count("starting over") == 1, out
+    assert json.loads((paths.reports / "distill" / "metrics.json").read_text())["reflow"]["mixed_precision"] == "no"
 
 
 def test_time_shift_is_stored_and_sampled_on_its_grid(trained_ldm, tmp_path):
