@@ -41,27 +41,24 @@ def ldm_training(batch_size: int):
     split, stats = synthetic_latents(batch_size)
     batch = ldm_batches(split, stats)(torch.arange(batch_size), "cpu")
 
+    def train_step(index: int) -> None:
+        loss, _ = step.loss(batch, index, {}, {step.name: step.module})
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return per_call(train_step, grad=True)
+
+
+def per_call(fn, grad: bool = False):
+    """Seconds per call of ``fn(index)``, the median of ``measured`` calls after ``warmup`` (gradients only with
+    ``grad``)."""
     def seconds(warmup: int, measured: int) -> float:
         stamps = []
-        for index in range(warmup + measured + 1):
-            stamps.append(time.perf_counter())
-            loss, _ = step.loss(batch, index, {}, {step.name: step.module})
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        return steady_seconds(stamps, warmup)
-
-    return seconds
-
-
-def repeated(fn):
-    """Seconds per call of ``fn`` (no gradients), the median of ``measured`` calls after ``warmup``."""
-    def seconds(warmup: int, measured: int) -> float:
-        stamps = []
-        with torch.no_grad():
-            for _ in range(warmup + measured + 1):
+        with torch.set_grad_enabled(grad):
+            for index in range(warmup + measured + 1):
                 stamps.append(time.perf_counter())
-                fn()
+                fn(index)
         return steady_seconds(stamps, warmup)
 
     return seconds
@@ -75,7 +72,7 @@ def denoiser_evaluation(batch_size: int):
     x = torch.randn(batch_size, *LATENT_SHAPE)
     t = torch.rand(batch_size)
     labels = torch.randint(10, (batch_size,))
-    return repeated(lambda: denoiser(x, t, labels))
+    return per_call(lambda index: denoiser(x, t, labels))
 
 
 def encoding(batch_size: int):
@@ -84,7 +81,7 @@ def encoding(batch_size: int):
     torch.manual_seed(0)
     vae = demo_autoencoder()
     images = torch.rand(batch_size, 1, 32, 32) * 2 - 1
-    return repeated(lambda: vae.encode(images).latent_dist.mean)
+    return per_call(lambda index: vae.encode(images).latent_dist.mean)
 
 
 def in_precision(seconds, bf16: bool, warmup: int, measured: int):
