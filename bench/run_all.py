@@ -80,7 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     size = "quick" if args.quick else "full"
     machine = machine_info()
     start = time.perf_counter()
-    sections = {name: run(size, args.root) for name, run in SECTIONS.items() if not args.only or name in args.only}
+    sections = {}
+    for name, run in SECTIONS.items():
+        if not args.only or name in args.only:
+            began = time.perf_counter()
+            sections[name] = {**run(size, args.root), "seconds": time.perf_counter() - began}
+            print(f"  ({name}: {sections[name]['seconds']:.1f} s)", flush=True)
     machine["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
     report = {"command": " ".join(["python -m bench", *(argv if argv is not None else sys.argv[1:])]),
               "size": size, "seconds": time.perf_counter() - start, "machine": machine, "sections": sections}

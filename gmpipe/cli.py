@@ -292,7 +292,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from gmpipe.eval.grids import save_grid
     from gmpipe.generator import load_generator
 
-    device = resolve_device(args.device, key="--device")
     out = check_output(args.out)
     device = resolve_device(args.device, key="--device")  # a device that is not there fails before anything loads
     model, stage = Path(args.model), _writing_stage(Path(args.model))

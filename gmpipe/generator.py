@@ -214,12 +214,13 @@ def write_family(folder: Path, family: type[Generator], stage: str) -> None:
 
 def load_generator(folder: str | Path, *, autoencoder: str | Path | None = None, decoder: str | Path | None = None,
                    device: torch.device | str = "cpu", missing_stage: str = "train_ldm",
-                   precision: str = "fp32") -> Generator:
+                   precision: str = "fp32", precision_key: str = "precision") -> Generator:
     """The trained model in ``folder``, as its family loads it; ``decoder``: a small decoder folder
     (``models/decoder``) that decodes its latents instead of the autoencoder; ``precision``: of its network
     evaluations in ``generate`` (``Generator.precision``: ``auto`` resolved on ``device``,
-    ``gmpipe.precision.resolve_precision``). ``missing_stage`` is the stage named when the folder holds no model at all
-    (the one that would write it)."""
+    ``gmpipe.precision.resolve_precision``), a setting named ``precision_key`` (``evaluate.precision``) in the one
+    warning line a ``bf16`` on hardware without it prints. ``missing_stage`` is the stage named when the folder holds
+    no model at all (the one that would write it)."""
     if precision not in PRECISIONS:
         raise GmpipeError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     folder = Path(folder)
@@ -234,7 +235,7 @@ def load_generator(folder: str | Path, *, autoencoder: str | Path | None = None,
                             device=device)
     if decoder is not None:
         generator.use_decoder(load_decoder_for(decoder, autoencoder))
-    generator.precision = resolve_precision(precision, device, "precision")
+    generator.precision = resolve_precision(precision, device, precision_key)
     return generator
 
 

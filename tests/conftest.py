@@ -36,6 +36,14 @@ def smoke_params(**overrides) -> dict:
     return params
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files with a test marked ``slow`` (an end-to-end run of half a minute or more) first, each file's tests kept
+    together in their order: `make test` hands whole files to two workers, so starting the long ones first lets the
+    short ones fill the gaps and both workers finish together, instead of one running a long file at the end alone."""
+    long_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in long_files)  # stable: collection order otherwise
+
+
 @pytest.fixture(scope="session", autouse=True)
 def content_cache(tmp_path_factory) -> Iterator[Path]:
     """The session's own content cache (gmpipe.content_cache), for it and every process it starts: a test run neither

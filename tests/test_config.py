@@ -144,6 +144,10 @@ def test_training_sections_compose_the_loop_and_stay_flat_in_params():
         parse_params({"train_vae": {"loop": {}, "objective": 2, "lr": -1}, "data": {"image_size": 3}})
     assert sorted(problem.split(":")[0] for problem in info.value.problems) == [
         "data.image_size", "train_vae.loop", "train_vae.lr", "train_vae.objective"], info.value.problems
+    with pytest.raises(ValidationError) as raised:  # the section on its own names them all, as a stage reads it
+        type(params.train_vae).model_validate({"loop": {}, "lr": -1, "kl_weight": "x"})
+    assert sorted(tuple(error["loc"]) for error in raised.value.errors()) == [
+        ("kl_weight",), ("loop",), ("loop", "lr")], raised.value.errors()
 
 
 @pytest.mark.parametrize("section", ["train_vae", "train_decoder"])

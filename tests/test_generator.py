@@ -141,6 +141,27 @@ def test_auto_precision_is_what_the_generators_device_computes(tmp_path, monkeyp
         assert load_generator(ldm, autoencoder=vae, precision="auto").precision == expected
 
 
+
+def test_evaluates_bf16_on_an_emulating_cpu_warns_once_naming_its_key(tmp_path, monkeypatch, capsys):
+    """evaluate resolves evaluate.precision when it starts (one warning line) and loads every model with the
+    resolved value under the same key, so loading the teacher and the students adds no second, misnamed line."""
+    from gmpipe import precision
+    from gmpipe.config.evaluate import EvaluateConfig
+    from gmpipe.paths import Paths
+    from gmpipe.stages import evaluate
+
+    ldm, vae = write_model_folders(tmp_path)
+    monkeypatch.setattr(precision, "_warned", set())
+    monkeypatch.setattr(precision, "fast_bf16", lambda device: False)
+    config = EvaluateConfig(precision="bf16")
+    config = config.replace(precision=precision.resolve_precision(config.precision, "cpu", "evaluate.precision"))
+    paths = Paths(tmp_path)
+    assert paths.vae == vae
+    loaded = [evaluate._load(config, paths, ldm, torch.device("cpu")) for _ in range(2)]
+    assert [generator.precision for generator in loaded] == ["bf16", "bf16"]
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("evaluate.precision: bf16 runs emulated here"), lines
+
 def test_model_folders_are_found_by_their_family_file(tmp_path):
     """models/NAME and models/GROUP/NAME with a family.json are model folders; anything else, or hidden (an
     interrupted atomic write), is not."""

@@ -54,6 +54,7 @@ def _kill_after_first_checkpoint(process: subprocess.Popen, checkpoints: Path, r
     return int(latest_checkpoint(checkpoints).name.split("-")[1])
 
 
+@pytest.mark.slow
 def test_kill_nine_each_training_stage_then_dvc_repro_resumes(prefect_api, dvc_project):
     rng = random.Random(os.getpid())
     root = dvc_project(smoke_params(**KILL_PARAMS))
@@ -166,6 +167,7 @@ def test_missing_upstream_names_the_stage_to_run(tmp_path):
         distill.run(params.distill, params.compute, paths)
 
 
+@pytest.mark.slow
 def test_second_dvc_repro_fails_fast_while_one_runs(prefect_api, dvc_project):
     root = dvc_project(smoke_params(prepare={"max_per_class": 20}, train_vae={"steps": 60, "checkpoint_every": 30}))
     run(["dvc", "repro", "prepare"], root)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
 import yaml
 from safetensors.torch import load_file
 
@@ -36,6 +37,7 @@ def _weights(folder) -> dict:
     return load_file(next(folder.rglob("*.safetensors")))
 
 
+@pytest.mark.slow
 def test_reruns_do_what_dvc_says(prefect_api, dvc_project):
     root = dvc_project(smoke_params(**PARAMS))
     _repro(root, "train_vae")

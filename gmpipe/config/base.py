@@ -10,16 +10,27 @@ from the registry, never from a list typed out again.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ModelWrapValidatorHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 from pydantic_core import InitErrorDetails, PydanticCustomError
+from pydantic_core.core_schema import ErrorType
 
 INT64_MAX = 2**63 - 1
 # The error type of a part written as a key of its own (``train_vae: {loop: ...}``): located at that key, which
 # is the one location inside a part that is not flattened away.
 NESTED_PART_ERROR = "nested_part"
+_BUILT_IN = frozenset(get_args(ErrorType))  # pydantic's own error types, raised again by name
 
 
 class Section(BaseModel):
@@ -51,7 +62,8 @@ class ComposedSection(Section):
     Reading moves each part's keys into the part (``{"lr": 1e-3, "preset": "small"}`` -> ``{"loop": {"lr": 1e-3},
     "preset": "small"}``); dumping flattens them back, so ``model_dump()`` has the keys of ``params.yaml`` (what
     fingerprints name: ``train_ldm.lr``). Error locations are flattened by :mod:`gmpipe.config.params`; a part
-    written as a key of its own is an error located at that key (:data:`NESTED_PART_ERROR`).
+    written as a key of its own is an error located at that key (:data:`NESTED_PART_ERROR`), raised together with
+    every other problem of the section.
     """
 
     flat_parts: ClassVar[tuple[str, ...]] = ()
@@ -64,21 +76,28 @@ class ComposedSection(Section):
             fields.update(cls.model_fields[part].annotation.model_fields)
         return fields
 
-    @model_validator(mode="before")
+    @model_validator(mode="wrap")
     @classmethod
-    def _nest_parts(cls, data: Any) -> Any:
+    def _nest_parts(cls, data: Any, handler: ModelWrapValidatorHandler) -> Any:
         if not isinstance(data, dict):
-            return data
-        data = dict(data)
-        message = "unknown key (the {part} keys are written directly in the section)"
-        nested = [InitErrorDetails(type=PydanticCustomError(NESTED_PART_ERROR, message, {"part": part}), loc=(part,),
-                                   input=data[part]) for part in cls.flat_parts if part in data]
-        if nested:
-            raise ValidationError.from_exception_data(cls.__name__, nested)
+            return handler(data)
+        written = {part: data[part] for part in cls.flat_parts if part in data}
+        data = {key: value for key, value in data.items() if key not in written}
         for part in cls.flat_parts:
             part_keys = cls.model_fields[part].annotation.model_fields
             data[part] = {key: data.pop(key) for key in list(data) if key in part_keys}
-        return data
+        if not written:
+            return handler(data)
+        # A part written as a key of its own is an error at that key; the rest of the section is still checked
+        # without it, so one run names every problem.
+        message = "unknown key (the {part} keys are written directly in the section)"
+        errors = [InitErrorDetails(type=PydanticCustomError(NESTED_PART_ERROR, message, {"part": part}), loc=(part,),
+                                   input=value) for part, value in written.items()]
+        try:
+            handler(data)
+        except ValidationError as exc:
+            errors += [_reraised(error) for error in exc.errors()]
+        raise ValidationError.from_exception_data(cls.__name__, errors)
 
     @model_serializer(mode="wrap")
     def _flatten_parts(self, handler) -> dict[str, Any]:
@@ -86,6 +105,15 @@ class ComposedSection(Section):
         for part in self.flat_parts:
             data.update(data.pop(part))
         return data
+
+
+def _reraised(error: Any) -> InitErrorDetails:
+    """One error of ``ValidationError.errors()`` as the details that raise it again, its type and context kept."""
+    kind = PydanticCustomError(error["type"], error["msg"]) if error["type"] not in _BUILT_IN else error["type"]
+    details = InitErrorDetails(type=kind, loc=tuple(error["loc"]), input=error["input"])
+    if "ctx" in error and not isinstance(kind, PydanticCustomError):
+        details["ctx"] = error["ctx"]
+    return details
 
 
 def one_of(names: Iterable[str]) -> Any:

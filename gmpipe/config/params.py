@@ -107,15 +107,6 @@ def parse_params(raw: Any, source: str = "params") -> Params:
         return Params.model_validate(raw)
     except ValidationError as exc:
         errors = exc.errors()
-    nested = [error["loc"][:2] for error in errors if error["type"] == NESTED_PART_ERROR]
-    if nested:  # a section with a part written nested stopped there: the rest of it is checked without that key
-        rest = {section: dict(values) if isinstance(values, dict) else values for section, values in raw.items()}
-        for section, part in nested:
-            rest[section].pop(part)
-        try:
-            Params.model_validate(rest)
-        except ValidationError as exc:
-            errors += [error for error in exc.errors() if error["loc"][:1] in {(section,) for section, _ in nested}]
     raise ParamsError(source, [_describe(e) for e in errors])
 
 

@@ -57,6 +57,12 @@ def _out(paths: Paths) -> Path:
     return paths.reports / "evaluate"
 
 
+def _load(config: EvaluateConfig, paths: Paths, folder: Path, device: torch.device, **options) -> Generator:
+    """A trained model generating at ``evaluate.precision`` (resolved by ``run``), decoding with the autoencoder."""
+    return load_generator(folder, autoencoder=paths.vae, device=device, precision=config.precision,
+                          precision_key="evaluate.precision", **options)
+
+
 def balanced_labels(n: int, num_classes: int) -> list[int]:
     return [i % num_classes for i in range(n)]
 
@@ -204,7 +210,7 @@ def evaluate_teacher(config: EvaluateConfig, paths: Paths, reference: Reference,
     sampler and steps: at the chosen w (the headline) and at every w a student was distilled at; then its test
     likelihood. Every set is the first n of one list of samples (the headline seeds and labels), so a point met
     twice is generated and measured once (``gmpipe.eval.sample_bank``)."""
-    generator = load_generator(paths.ldm, autoencoder=paths.vae, device=device, precision=config.precision)
+    generator = _load(config, paths, paths.ldm, device)
     conditional = generator.conditioning.conditional
     default = generator.settings
     n_sweep = min(config.sweep_samples, len(reference.features))
@@ -286,8 +292,7 @@ def evaluate_student(config: EvaluateConfig, paths: Paths, folder: Path, referen
     rows = []
     n = len(seeds)
     info = read_student_info(folder)
-    generator = load_generator(folder, autoencoder=paths.vae, device=device, missing_stage="distill",
-                               precision=config.precision)
+    generator = _load(config, paths, folder, device, missing_stage="distill")
     labels = balanced_labels(n, len(class_names)) if generator.conditioning.conditional else None
     designed = [s for s in config.student_steps if s in info.steps] or info.steps[:1]
     for steps in designed:
@@ -310,9 +315,8 @@ def evaluate_one_step_end_to_end(config: EvaluateConfig, paths: Paths, reference
     end_to_end``): the student on its family-table row's seeds, labels and n, the teacher on one batch of them."""
     best = min((row for row in student_rows if row["nfe"] == 1), key=lambda row: row["fd_effnet"])
     name = best["model"].split(":", 1)[1]
-    student = load_generator(paths.student / name, autoencoder=paths.vae, device=device, missing_stage="distill",
-                             precision=config.precision)
-    teacher = load_generator(paths.ldm, autoencoder=paths.vae, device=device, precision=config.precision)
+    student = _load(config, paths, paths.student / name, device, missing_stage="distill")
+    teacher = _load(config, paths, paths.ldm, device)
     small = load_decoder_for(paths.decoder, paths.vae)
     n = best["n"]
     labels = balanced_labels(n, len(class_names)) if student.conditioning.conditional else None
@@ -344,7 +348,7 @@ def evaluate_model(config: EvaluateConfig, paths: Paths, folder: Path, reference
     test likelihood if its family defines one."""
     name = folder.relative_to(paths.models).as_posix()
     with timer.section(f"model {name}: samples"):
-        generator = load_generator(folder, autoencoder=paths.vae, device=device, precision=config.precision)
+        generator = _load(config, paths, folder, device)
         n = min(config.n_samples, len(reference.features))
         labels = balanced_labels(n, len(class_names)) if generator.conditioning.conditional else None
         images, nfe, speed = timed_generate(generator, labels, seed_block(config.seed, HEADLINE_SEEDS, n),

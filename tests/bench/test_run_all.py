@@ -32,7 +32,7 @@ def test_quick_run_writes_every_section_with_finite_ratios(tmp_path):
         assert section["ratios"], f"{name}: no ratios"
         for ratio, value in section["ratios"].items():
             assert math.isfinite(value) and value > 0, f"{name}: {ratio} = {value}"
-        assert section["n"] >= 1 and section["rows"]
+        assert section["n"] >= 1 and section["rows"] and section["seconds"] > 0
     assert report["machine"]["torch_threads"] == 1 and report["machine"]["cpu"]
     assert report["sections"]["orchestration"]["targets"]
     markdown = (tmp_path / "bench.md").read_text()

@@ -91,6 +91,7 @@ def test_dvc_exp_run_set_writes_yaml_1_2_that_gmpipe_reads(prefect_api, dvc_proj
     print(f"dvc exp run prepare -S ...: {seconds:.1f} s")
 
 
+@pytest.mark.slow
 def test_dvc_exp_queue_then_queue_start(prefect_api, dvc_project):
     """configs/smoke.yaml (train_vae cut to 4 steps), two `train_vae` experiments queued with different learning
     rates and run by one `dvc queue start` in DVC's temporary workspaces: both found in `dvc exp show` with their

@@ -88,6 +88,7 @@ def _wait_until(condition, timeout: float, what: str) -> None:
         time.sleep(0.5)
 
 
+@pytest.mark.slow
 def test_deployment_runs_on_a_process_worker_leave_params_as_they_were(prefect_api, dvc_project, tmp_path):
     """Real deployments on a real process worker: a run with overrides completes with them, is recorded (artifact
     and DVC experiment), and leaves params.yaml byte for byte as it was; a second run, cancelled while its
@@ -280,6 +281,7 @@ def test_a_deployment_allows_named_keys_and_a_run_cannot_widen_them(prefect_api,
     assert (root / "params.yaml").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_a_failed_or_killed_run_leaves_params_as_they_were(prefect_api, dvc_project, monkeypatch):
     """A run whose stage fails puts params.yaml back at once; a run killed with SIGKILL cannot, and the next run
     that takes the workspace does, keeping the overridden file aside."""

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import run, smoke_params
 
 # What a scratch project commits: its code (dvc.yaml's deps), the pipeline files and the DVC config.
@@ -43,6 +45,7 @@ def test_push_fresh_clone_pull_then_repro_has_nothing_to_do(prefect_api, dvc_pro
     assert "up to date" in run(["dvc", "status", "prepare"], clone).stdout
 
 
+@pytest.mark.slow
 def test_pipeline_pulls_before_and_pushes_after_with_env_remote(prefect_api, dvc_project, tmp_path, monkeypatch):
     remote = tmp_path / "env-remote"
     monkeypatch.setenv("GMPIPE_DVC_REMOTE", str(remote))

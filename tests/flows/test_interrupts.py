@@ -27,6 +27,7 @@ def _ctrl_c_as_in_a_terminal() -> None:
 
 @pytest.mark.parametrize(("stop_signal", "exit_code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)],
                          ids=["ctrl-c", "sigterm"])
+@pytest.mark.slow
 def test_an_interrupted_pipeline_stops_its_stage_and_its_server(stop_signal, exit_code, prefect_api, dvc_project,
                                                                  tmp_path):
     from tests.flows.runs import kill_session, processes_inside, unconfigured_env

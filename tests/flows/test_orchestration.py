@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from gmpipe.stages import STAGES
@@ -45,6 +46,7 @@ def test_a_prefect_imported_before_the_settings_reads_them_once_told(monkeypatch
         prefect_reads_the_environment()
 
 
+@pytest.mark.slow
 def test_pipeline_flow_runs_dvc_repro_then_skips(prefect_api, dvc_project):
     root = dvc_project(smoke_params(prepare={"max_per_class": 5}))
     first = run(["gmpipe", "pipeline", "prepare"], root)
@@ -148,6 +150,7 @@ def test_dvc_yaml_lists_the_modules_each_stage_imports():
             assert covered or _imports_nothing(REPO / relative), (name, relative)
 
 
+@pytest.mark.slow
 def test_pipeline_reports_to_the_profile_server_with_stage_runs_as_children_and_progress(prefect_api, dvc_project,
                                                                                            tmp_path):
     """A user whose active Prefect profile names a server: `gmpipe pipeline` reports there and starts none; it runs

@@ -29,6 +29,7 @@ def _flow_runs(api_url: str) -> list[dict]:
         return json.loads(response.read())
 
 
+@pytest.mark.slow
 def test_stages_share_one_project_server_that_stops_once_idle(dvc_project, tmp_path):
     from tests.flows.runs import processes_inside, unconfigured_env
 

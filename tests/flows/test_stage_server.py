@@ -43,6 +43,7 @@ def _tree_digest(folder: Path) -> dict[str, str]:
             for path in sorted(folder.rglob("*")) if path.is_file()}
 
 
+@pytest.mark.slow
 def test_a_served_stage_writes_what_a_new_process_writes(prefect_api, dvc_project):
     root = dvc_project(smoke_params(prepare={"max_per_class": 3}))
     run(["gmpipe", "stage", "prepare"], root)
@@ -76,6 +77,7 @@ def test_a_served_stage_writes_what_a_new_process_writes(prefect_api, dvc_projec
     assert run(["dvc", "status", "train_vae"], root, check=False).returncode == 0
 
 
+@pytest.mark.slow
 def test_a_served_stage_exits_as_a_process_does_its_last_log_lines_sent(prefect_api, dvc_project, tmp_path):
     """The forked stage ends the way an interpreter ends (Prefect's log worker drained at exit), so its flow run's
     logs on the server are complete, down to the line the stage prints last."""

@@ -459,6 +459,7 @@ def _validation_loss(model_dir, latents_dir) -> float:
     return float(losses.mean())
 
 
+@pytest.mark.slow
 def test_two_process_training_matches_one_process(trained_vae, tmp_path, prefect_api):
     """train_ldm through `accelerate launch` on 2 CPU processes: both ranks run, the result is as good as one
     process with the same global batch, and the run resumes under a different world size."""
@@ -605,6 +606,7 @@ def _two_machines(roots, timeout: float = 400) -> list:
     return results
 
 
+@pytest.mark.slow
 def test_two_machines_on_loopback(trained_vae, tmp_path, prefect_api):
     """num_machines: 2 with one process each on 127.0.0.1: two `gmpipe stage train_ldm` in one workspace, their
     ranks from the environment, resume a one-process checkpoint together and complete; machine 0 writes the

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 from diffusers import AutoencoderKL
 
@@ -38,6 +39,7 @@ def _run(stage: str, root) -> dict:
     return state.result()
 
 
+@pytest.mark.slow
 def test_train_vae_and_every_distill_method_on_two_processes_then_resume_on_one(tmp_path, prefect_api):
     root, port = tmp_path, free_port()
     raw = smoke_params(
