@@ -27,7 +27,7 @@ demo: setup
 
 test:
 	@GMPIPE_SETUP_DATA=no GMPIPE_SETUP_BROWSER=yes bash .ci/setup.sh
-	@. $(VENV)/bin/activate && python -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	@. $(VENV)/bin/activate && python -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 smoke: setup
 	@. $(VENV)/bin/activate && bash .ci/smoke.sh
