@@ -38,9 +38,11 @@ def run(config: CacheLatentsConfig, device: str, paths: Paths) -> dict:
             if name == "train":
                 if len(latent) == 0:
                     raise GmpipeError(f"{paths.prepared}: the train split is empty")
+                # Seeded, never the process's global RNG: what DVC hashes must not depend on what ran before.
                 stats = LatentStats.measure(mean, std, torch.Generator().manual_seed(config.seed))
+                eps = torch.randn(std.shape, generator=torch.Generator().manual_seed(config.seed))  # measure's draw
                 stats.save(out / STATS, measured_on="train", n=len(latent), latent_shape=list(mean.shape[1:]),
-                           raw_std=float((mean + std * torch.randn_like(std)).std()), encoder_precision=precision)
+                           raw_std=float((mean + std * eps).std()), encoder_precision=precision)
         if config.text_encoder:
             from gmpipe.nn.text_encoder import TextEncoder
 

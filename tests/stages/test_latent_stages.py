@@ -75,6 +75,23 @@ def test_bf16_cache_is_the_posterior_within_bfloat16_rounding(trained_vae, tmp_p
     assert json.loads((paths.latents / STATS).read_text())["encoder_precision"] == "fp32"
 
 
+
+def test_the_same_inputs_cache_to_the_same_bytes_whatever_ran_before(trained_vae, tmp_path):
+    """DVC hashes data/latents: the same prepared data and autoencoder write the same files, however the process's
+    global RNG was used before (a fresh `gmpipe stage` or one forked by the stage server), so a forced rerun does not
+    make every later stage start over with `data/latents changed`."""
+    params, paths = trained_vae
+    for name in ("data/prepared", "models/vae"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).symlink_to(paths.root / name)
+    torch.manual_seed(12345)
+    torch.rand(1000)
+    cache_latents.run(params.cache_latents, params.compute.device, Paths(tmp_path))
+    first = sorted(path.name for path in paths.latents.iterdir())
+    assert sorted(path.name for path in (tmp_path / "data/latents").iterdir()) == first
+    for name in first:
+        assert (tmp_path / "data/latents" / name).read_bytes() == (paths.latents / name).read_bytes(), name
+
 def test_stats_normalize_latents(trained_vae):
     _, paths = trained_vae
     stats = LatentStats.load(paths.latents / STATS)
