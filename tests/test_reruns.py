@@ -1,5 +1,6 @@
 """Reruns you can trust, through `dvc repro` in a scratch project: a changed setting or upstream artifact never
-returns the old model, raising `steps` continues, and a run killed after its last checkpoint finishes."""
+returns the old model, raising `steps` continues, lowering it starts over, and a run killed after its last checkpoint
+finishes."""
 
 from __future__ import annotations
 
@@ -72,6 +73,12 @@ def test_reruns_do_what_dvc_says(prefect_api, dvc_project):
     log = _repro(root, "train_ldm")
     assert "train_ldm: resuming from" in log and "(step 10)" in log, log
     assert json.loads((root / "reports/train_ldm/metrics.json").read_text())["step"] == 15
+
+    # Lowering steps never returns the longer-trained model: the run starts over and trains that many.
+    _set(root, "train_ldm", steps=12)
+    log = _repro(root, "train_ldm")
+    assert "train_ldm: starting over: steps is 12, fewer than the 15" in log, log
+    assert json.loads((root / "reports/train_ldm/metrics.json").read_text())["step"] == 12
 
     # A new learning rate retrains the autoencoder from scratch; the denoiser, whose latents changed, too.
     _set(root, "train_vae", lr=0.002)

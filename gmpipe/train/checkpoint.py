@@ -9,7 +9,8 @@ weights that are not finite are never written. Only the newest ``keep`` checkpoi
 
 On resume (:func:`select_checkpoint`) the newest checkpoint that reads back intact is used if its fingerprint
 matches the current run; a corrupt one is reported and set aside (``.corrupt-step-N``), and a foreign one (another
-fingerprint) sends the whole folder aside to ``<folder>.stale`` with one line naming what changed.
+fingerprint) or one past the run's ``steps`` sends the whole folder aside to ``<folder>.stale`` with one line naming
+why.
 """
 
 from __future__ import annotations
@@ -150,13 +151,15 @@ def _set_aside(path: Path, target: Path) -> Path:
 
 
 def select_checkpoint(directory: Path, names: list[str], fingerprint: Fingerprint | None,
-                      log=print) -> tuple[Path, dict] | None:
+                      log=print, steps: int | None = None) -> tuple[Path, dict] | None:
     """The newest intact checkpoint of this run in ``directory`` and its state, or None to start from step 0.
 
     Newest first: a checkpoint that does not read back (truncated, corrupt, pickled, non-finite) is reported and
     set aside as ``.corrupt-step-N`` and the previous one is tried. The first intact one is used when its stored
-    fingerprint equals ``fingerprint`` (None: no check); otherwise the whole folder goes to ``<folder>.stale``
-    and the run starts over, with one line saying what changed. Only the main process calls this.
+    fingerprint equals ``fingerprint`` (None: no check) and it has not trained beyond ``steps`` (None: no check);
+    otherwise the whole folder goes to ``<folder>.stale`` and the run starts over, with one line saying why: a run
+    asked for fewer steps than its checkpoint holds must not return the longer-trained model.
+    Only the main process calls this.
     """
     for path in reversed(checkpoint_dirs(directory)):
         try:
@@ -165,13 +168,16 @@ def select_checkpoint(directory: Path, names: list[str], fingerprint: Fingerprin
             aside = _set_aside(path, path.with_name(f".corrupt-{path.name}"))
             log(f"{exc}; skipped (moved to {aside}), trying the previous checkpoint")
             continue
-        if fingerprint is None:
-            return path, state
-        changes = fingerprint.changes(Fingerprint.from_dict(state["trainer"].get("fingerprint")))
-        if not changes:
+        changes = [] if fingerprint is None else fingerprint.changes(
+            Fingerprint.from_dict(state["trainer"].get("fingerprint")))
+        step = int(state["trainer"]["step"])
+        if changes:
+            why = f"{describe_changes(changes)} since {path} was written"
+        elif steps is not None and step > steps:
+            why = f"steps is {steps}, fewer than the {step} {path} has trained"
+        else:
             return path, state
         stale = _set_aside(directory, directory.with_name(directory.name + STALE_SUFFIX))
-        log(f"starting over: {describe_changes(changes)} since {path} was written; "
-            f"its checkpoints were moved to {stale}")
+        log(f"starting over: {why}; its checkpoints were moved to {stale}")
         return None
     return None

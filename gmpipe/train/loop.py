@@ -195,15 +195,17 @@ def build_optimizers(config: LoopConfig, steps: list[LossStep], device: torch.de
 
 
 def resume(checkpoint_dir: Path, steps: list[LossStep], optimizers: dict, schedulers: dict, ema: EMA | None,
-           fingerprint: Fingerprint | None, accelerator, description: str) -> tuple[int, list[dict[str, float]]]:
-    """Restore the newest intact checkpoint of this run (same fingerprint); return (its step, its log history).
+           fingerprint: Fingerprint | None, accelerator, description: str,
+           total_steps: int) -> tuple[int, list[dict[str, float]]]:
+    """Restore the newest intact checkpoint of this run (same fingerprint, at most ``total_steps``); return (its
+    step, its log history).
 
     The main process picks the checkpoint (setting aside corrupt and foreign ones); then every rank loads it.
     """
     names = [s.name for s in steps]
     if accelerator.is_main_process:
         select_checkpoint(checkpoint_dir, names, fingerprint, log=lambda line: print(f"{description}: {line}",
-                                                                                      flush=True))
+                                                                                      flush=True), steps=total_steps)
     accelerator.wait_for_everyone()
     checkpoint = latest_checkpoint(checkpoint_dir)
     if checkpoint is None:
@@ -390,7 +392,7 @@ def start_run(config: LoopConfig, steps: list[LossStep], checkpoint_dir: Path, l
     optimizers, schedulers = build_optimizers(config, steps, device)
     ema = EMA({s.name: s.module for s in steps}[ema_of], config.ema_decay, config.ema_warmup) if ema_of else None
     start_step, history = resume(checkpoint_dir, steps, optimizers, schedulers, ema, fingerprint, accelerator,
-                                 description)
+                                 description, config.steps)
     resume_every_process(accelerator, start_step, checkpoint_dir, config.seed)
     if ema is not None:
         ema.module.to(device)
@@ -516,5 +518,5 @@ def train(
     _epoch_permutation.cache_clear()
     for module in [*run.unwrapped.values(), *([run.ema.module] if run.ema is not None else [])]:
         module.to(memory_format=torch.contiguous_format)  # what the caller saves or evaluates: the default layout
-    return TrainResult(step=max(config.steps, run.start_step), resumed_from=run.start_step, modules=run.unwrapped,
+    return TrainResult(step=config.steps, resumed_from=run.start_step, modules=run.unwrapped,
                        ema=run.ema, history=run.log.history)

@@ -21,6 +21,24 @@ def test_raising_steps_continues_a_run_with_the_same_fingerprint(tmp_path):
     assert longer.resumed_from == 4 and longer.step == 6
 
 
+def test_lowering_steps_below_the_newest_checkpoint_starts_over_and_trains_that_many(tmp_path, capsys):
+    fresh = _run(tmp_path / "fresh", _config(steps=2), fingerprint=RUN)
+    _run(tmp_path, _config(steps=4), fingerprint=RUN)
+    old = latest_checkpoint(tmp_path / "ckpt")
+    shorter = _run(tmp_path, _config(steps=2), fingerprint=RUN)
+    out = capsys.readouterr().out
+    assert "starting over: steps is 2, fewer than the 4" in out, out
+    assert shorter.resumed_from == 0 and shorter.step == 2
+    assert (tmp_path / "ckpt.stale" / old.name).is_dir()
+    assert latest_checkpoint(tmp_path / "ckpt").name == "step-00000002"
+    # What a run of 2 steps from scratch trains, not the 4-step model (the cosine of its LR schedule included).
+    for a, b in zip(fresh.modules["model"].parameters(), shorter.modules["model"].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # A run killed after its last checkpoint still finishes from it: equal steps are not fewer.
+    again = _run(tmp_path, _config(steps=2), fingerprint=RUN)
+    assert again.resumed_from == 2 and again.step == 2
+
+
 @pytest.mark.parametrize(("changed", "named"), [
     (RUN.with_settings(**{"train.lr": 0.01}), "train.lr changed (0.05 -> 0.01)"),
     (RUN.with_inputs(**{"data/prepared": "def"}), "data/prepared changed"),
