@@ -54,7 +54,7 @@ def test_sample_on_cuda_without_cuda_fails_in_one_line(tmp_path, capsys, monkeyp
     assert not out.exists()
 
 
-def test_network_only_stages_run_in_one_process_and_read_only_the_device():
+def test_network_only_stages_run_in_one_process_and_read_only_the_device_and_threads():
     from gmpipe.config.params import parse_params
     from gmpipe.stages.runner import declared_params, needs_launcher, stage_module
 
@@ -62,7 +62,7 @@ def test_network_only_stages_run_in_one_process_and_read_only_the_device():
     assert [needs_launcher(s, params) for s in ("train_vae", "cache_latents", "train_ldm", "distill", "evaluate")] == [
         True, False, True, True, False]
     for stage in ("cache_latents", "evaluate"):
-        assert stage_module(stage).SECTIONS[1:] == ("compute.device",)
+        assert stage_module(stage).SECTIONS[1:] == ("compute.device", "compute.threads")
     assert declared_params(params, "compute.device") == "cpu" and declared_params(params, "compute").world_size == 2
 
 

@@ -15,12 +15,15 @@ from gmpipe.nn.autoencoder import encode_to_latents, load_autoencoder
 from gmpipe.paths import Paths
 from gmpipe.precision import resolve_precision
 
-SECTIONS = ("cache_latents", "compute.device")
+SECTIONS = ("cache_latents", "compute.device", "compute.threads")
 
 
-def run(config: CacheLatentsConfig, device: str, paths: Paths) -> dict:
-    """``device`` is ``compute.device``: where the VAE and the text encoder run."""
+def run(config: CacheLatentsConfig, device: str, threads: int | None, paths: Paths) -> dict:
+    """``device`` is ``compute.device``: where the VAE and the text encoder run; ``threads`` is
+    ``compute.threads``, torch's threads on a CPU (None: torch's default), as in the training stages."""
     device = resolve_device(device)  # before any work: a device that is not there fails at once
+    if device.type == "cpu" and threads:
+        torch.set_num_threads(threads)
     precision = resolve_precision(config.precision, device, "cache_latents.precision")
     vae = load_autoencoder(paths.vae).to(device)
     splits = {name: load_split(paths.prepared, name) for name in SPLITS}

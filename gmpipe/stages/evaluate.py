@@ -46,7 +46,7 @@ from gmpipe.precision import resolve_precision
 from gmpipe.registry import MODEL_FAMILIES
 from gmpipe.seeds import seed_block
 
-SECTIONS = ("evaluate", "compute.device")
+SECTIONS = ("evaluate", "compute.device", "compute.threads")
 # Seed blocks (gmpipe.seeds.seed_block): the samples of every model, sweeps and headline sets alike (sample i of
 # every set has seed i of this block, so a sweep point at a headline setting is the headline set's first n), and the
 # random draws of the test likelihoods. Block 0 (the sweeps' own, before they shared the headline seeds) is unused.
@@ -404,9 +404,12 @@ def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
         writer.writerows(rows)
 
 
-def run(config: EvaluateConfig, device: str, paths: Paths) -> dict:
-    """``device`` is ``compute.device``: where sampling, the feature networks and the classifier run."""
+def run(config: EvaluateConfig, device: str, threads: int | None, paths: Paths) -> dict:
+    """``device`` is ``compute.device``: where sampling, the feature networks and the classifier run; ``threads``
+    is ``compute.threads``, torch's threads on a CPU (None: torch's default), as in the training stages."""
     device = resolve_device(device)  # before any work: a device that is not there fails at once
+    if device.type == "cpu" and threads:
+        torch.set_num_threads(threads)
     # auto resolved here, so the classifier's cache key and metrics.json name what ran
     config = config.replace(precision=resolve_precision(config.precision, device, "evaluate.precision"),
                             classifier_precision=resolve_precision(config.classifier_precision, device,

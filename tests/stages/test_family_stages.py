@@ -39,7 +39,7 @@ def latents(tmp_path_factory):
     paths = Paths(root)
     prepare.run(params.data, params.prepare, paths)
     train_vae.run(params.data, params.train_vae, params.compute, paths)
-    cache_latents.run(params.cache_latents, params.compute.device, paths)
+    cache_latents.run(params.cache_latents, params.compute.device, params.compute.threads, paths)
     return params, paths
 
 

@@ -42,7 +42,7 @@ def trained_vae(tmp_path_factory):
     paths = Paths(root)
     prepare.run(params.data, params.prepare, paths)
     train_vae.run(params.data, params.train_vae, params.compute, paths)
-    cache_latents.run(params.cache_latents, params.compute.device, paths)
+    cache_latents.run(params.cache_latents, params.compute.device, params.compute.threads, paths)
     return params, paths
 
 
@@ -64,7 +64,7 @@ def test_bf16_cache_is_the_posterior_within_bfloat16_rounding(trained_vae, tmp_p
     for name in ("data/prepared", "models/vae"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).symlink_to(paths.root / name)
-    cache_latents.run(bf16, params.compute.device, Paths(tmp_path))
+    cache_latents.run(bf16, params.compute.device, params.compute.threads, Paths(tmp_path))
     exact, rounded = load_split(paths.latents, "val"), load_split(tmp_path / "data/latents", "val")
     assert rounded.mean.dtype == torch.float32
     assert not torch.equal(rounded.mean, exact.mean)  # the encoder did run in bfloat16
@@ -74,6 +74,28 @@ def test_bf16_cache_is_the_posterior_within_bfloat16_rounding(trained_vae, tmp_p
     assert json.loads((tmp_path / "data/latents" / STATS).read_text())["encoder_precision"] == "bf16"
     assert json.loads((paths.latents / STATS).read_text())["encoder_precision"] == "fp32"
 
+
+
+@pytest.fixture
+def threads_restored():
+    """The stages set torch's threads for the process (``compute.threads``); put the test process's back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_cache_latents_computes_on_compute_threads(trained_vae, tmp_path, threads_restored):
+    """`compute.threads: 1` (the setting for a shared, busy CPU) reaches cache_latents as it does the training
+    stages."""
+    params, paths = trained_vae
+    for name in ("data/prepared", "models/vae"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).symlink_to(paths.root / name)
+    torch.set_num_threads(2)
+    cache_latents.run(params.cache_latents, "cpu", 1, Paths(tmp_path))
+    assert torch.get_num_threads() == 1
+    written = sorted(path.name for path in (tmp_path / "data/latents").iterdir())
+    assert written == sorted(path.name for path in paths.latents.iterdir())
 
 
 def test_the_same_inputs_cache_to_the_same_bytes_whatever_ran_before(trained_vae, tmp_path):
@@ -86,7 +108,7 @@ def test_the_same_inputs_cache_to_the_same_bytes_whatever_ran_before(trained_vae
         (tmp_path / name).symlink_to(paths.root / name)
     torch.manual_seed(12345)
     torch.rand(1000)
-    cache_latents.run(params.cache_latents, params.compute.device, Paths(tmp_path))
+    cache_latents.run(params.cache_latents, params.compute.device, params.compute.threads, Paths(tmp_path))
     first = sorted(path.name for path in paths.latents.iterdir())
     assert sorted(path.name for path in (tmp_path / "data/latents").iterdir()) == first
     for name in first:
@@ -187,7 +209,7 @@ def _assert_pipeline_folder(folder, vae) -> None:
 def test_missing_upstream_names_the_stage(tmp_path):
     params = parse_params(smoke_params())
     with pytest.raises(GmpipeError, match="train_vae"):
-        cache_latents.run(params.cache_latents, params.compute.device, Paths(tmp_path))
+        cache_latents.run(params.cache_latents, params.compute.device, params.compute.threads, Paths(tmp_path))
     with pytest.raises(GmpipeError, match="run the .cache_latents. stage first"):
         train_ldm.run(params.train_ldm, params.compute, Paths(tmp_path))
 
@@ -259,7 +281,7 @@ def evaluated(distilled, small_decoder):
     with pytest.MonkeyPatch.context() as monkeypatch:
         noise = add_noise_family(paths, monkeypatch)
         try:
-            summary = evaluate.run(params.evaluate, params.compute.device, paths)
+            summary = evaluate.run(params.evaluate, params.compute.device, params.compute.threads, paths)
         finally:
             shutil.rmtree(noise)  # the module's project is shared with the tests after this one
     return params, paths, summary
@@ -429,7 +451,7 @@ def test_dvc_plots_draw_one_line_per_curve(evaluated, tmp_path):
     assert len(losses) >= 4, list(shown)
 
 
-def test_evaluate_names_missing_models(tmp_path):
+def test_evaluate_names_missing_models(tmp_path, threads_restored):
     params = parse_params(smoke_params(prepare={"max_per_class": 10}))
     paths = Paths(tmp_path)
     prepare.run(params.data, params.prepare, paths)
@@ -440,7 +462,8 @@ def test_evaluate_names_missing_models(tmp_path):
     config = params.evaluate.model_copy(update={
         "n_samples": 20, "sweep_samples": 20, "classifier_steps": 5,
         "fid_module": "tests.stages.test_latent_stages:tiny_fid_network", "fid_weights": str(weights)})
-    summary = evaluate.run(config, params.compute.device, paths)
+    torch.set_num_threads(2)  # compute.threads: null leaves the process's threads as they are
+    summary = evaluate.run(config, params.compute.device, params.compute.threads, paths)
     metrics = json.loads((paths.reports / "metrics.json").read_text())
     assert [note.split(":")[1].strip() for note in metrics["notes"]] == [
         "run the 'train_vae' stage to evaluate it", "run the 'train_ldm' stage to evaluate it",
@@ -456,8 +479,11 @@ def test_evaluate_names_missing_models(tmp_path):
     # tests/conftest.py): the same floor, the same classifier weights and accuracy.
     assert metrics["cache"] == {"real_features": False, "classifier": False}
     weights = (paths.reports / "evaluate/classifier/model.safetensors").read_bytes()
-    evaluate.run(config, params.compute.device, paths)
+    # ... and computes on compute.threads (1: the setting for a shared, busy CPU), which metrics.json records
+    torch.set_num_threads(2)
+    evaluate.run(config, params.compute.device, 1, paths)
     again = json.loads((paths.reports / "metrics.json").read_text())
+    assert metrics["machine"]["torch_threads"] == 2 and again["machine"]["torch_threads"] == 1
     assert again["cache"] == {"real_features": True, "classifier": True}
     assert again["floor"] == metrics["floor"] and again["classifier"] == metrics["classifier"]
     assert (paths.reports / "evaluate/classifier/model.safetensors").read_bytes() == weights

@@ -73,7 +73,7 @@ def test_train_vae_and_every_distill_method_on_two_processes_then_resume_on_one(
 
     # A teacher on 1 process (in this process), then every distill method on 2 processes.
     params = parse_params(yaml.safe_load((root / "params.yaml").read_text()))
-    cache_latents.run(params.cache_latents, params.compute.device, paths)
+    cache_latents.run(params.cache_latents, params.compute.device, params.compute.threads, paths)
     train_ldm.run(params.train_ldm, params.compute, paths)
     _edit_params(root, compute={"num_processes": 2})
     summary = _run("distill", root)
