@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -77,7 +78,9 @@ def test_dvc_exp_run_set_writes_yaml_1_2_that_gmpipe_reads(prefect_api, dvc_proj
     seconds = time.monotonic() - started
     text = (root / "params.yaml").read_text()
     # As DVC writes YAML 1.2: `no` bare (a boolean in YAML 1.1), 1e-05 without a dot (a string in YAML 1.1).
-    assert "  mixed_precision: no " in text and "  kl_weight: 1e-05 " in text and "  lr: 0.0001\n" in text
+    # Each value is followed by its comment or the line's end, whichever the shipped file has.
+    for line in ("  mixed_precision: no", "  kl_weight: 1e-05", "  lr: 0.0001"):
+        assert re.search(rf"^{re.escape(line)}( |$)", text, re.MULTILINE), line
     assert "# The demo: Fashion-MNIST" in text  # DVC kept the comments
     params = load_params(root / "params.yaml")
     assert params.compute.mixed_precision == "no"
