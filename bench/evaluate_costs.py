@@ -9,8 +9,9 @@ machine's load hits both alike; compare the medians of one run, not across runs)
 - FD: the traces of the two (D, D) covariances (before) vs sums of variances (now).
 - precision/recall: two coverage passes (before) vs one pass over the shared distances (now).
 - AR sampling: the language model's growing key/value cache (before) vs one allocated once (now); same tokens.
-- Batch sizes: the teacher's images/s (10 guided Euler steps, decoding included) and EfficientNet-Lite0 features/s
-  on 500 images at each batch size (at the threads torch is given: ``--threads``, the demo's 2 by default).
+- Batch sizes: the teacher's images/s (10 guided Euler steps, decoding included), EfficientNet-Lite0 features/s, and
+  the autoencoder's decoding and encoding alone, on 500 images at each batch size (at the threads torch is given:
+  ``--threads``, the demo's 2 by default; the autoencoder under the teacher's ``autocast``, as ``generate`` decodes).
 
 As a section of ``python -m bench`` (:func:`run`): the metric cases always, on random features (the cost does not
 depend on the values); the AR case when ROOT/models/ar exists and the batch sizes when ROOT/models/ldm does (both
@@ -116,7 +117,8 @@ def ar_cases(model_dir: str, vae_dir: str, batch: int) -> tuple[dict[str, Callab
 
 
 def batch_cases(teacher_dir: str, vae_dir: str, batches: list[int], n: int = 500) -> dict[str, Callable[[], object]]:
-    """Per batch size, the teacher's images/s and the feature network's on n images."""
+    """Per batch size, on n images: the teacher's images/s, the feature network's, and its autoencoder's decoding (of
+    normalized latents) and encoding (of the teacher's images) alone."""
     from gmpipe.generator import load_generator
     from gmpipe.nn.features import EffNetLite0Features
     from gmpipe.pixels import uint8_to_signed
@@ -135,10 +137,30 @@ def batch_cases(teacher_dir: str, vae_dir: str, batches: list[int], n: int = 500
         extractor.extract(images, batch_size=batch)
         return round(n / (time.perf_counter() - start), 1)
 
+    latents = torch.randn(n, *teacher.latent_shape, generator=torch.Generator().manual_seed(0))
+
+    @torch.no_grad()
+    def decode(batch: int) -> float:
+        start = time.perf_counter()
+        for first in range(0, n, batch):
+            with teacher.autocast():
+                teacher.decode(latents[first:first + batch])
+        return round(n / (time.perf_counter() - start), 1)
+
+    @torch.no_grad()
+    def encode(batch: int) -> float:
+        start = time.perf_counter()
+        for first in range(0, n, batch):
+            with teacher.autocast():
+                teacher.autoencoder.encode(images[first:first + batch].to(teacher.device))
+        return round(n / (time.perf_counter() - start), 1)
+
     cases: dict[str, Callable[[], object]] = {}
     for batch in batches:
         cases[f"generate images/s, batch {batch}"] = lambda batch=batch: generate(batch)
         cases[f"features images/s, batch {batch}"] = lambda batch=batch: features(batch)
+        cases[f"decode images/s, batch {batch}"] = lambda batch=batch: decode(batch)
+        cases[f"encode images/s, batch {batch}"] = lambda batch=batch: encode(batch)
     return cases
 
 
@@ -180,7 +202,8 @@ def run(size: str = "full", root: Path | None = None) -> dict:
     if models is not None and (models / "ldm").is_dir() and vae.is_dir():
         batches, images = list(s["batches"]), s["batch_images"]
         sized = timed_values(batch_cases(str(models / "ldm"), str(vae), batches, images), s["rounds"])
-        for kind, label in (("generate", "teacher, 10 guided steps + decoding"), ("features", "EffNet-Lite0 features")):
+        for kind, label in (("generate", "teacher, 10 guided steps + decoding"), ("features", "EffNet-Lite0 features"),
+                            ("decode", "autoencoder decoding"), ("encode", "autoencoder encoding")):
             first = sized[f"{kind} images/s, batch {batches[0]}"]
             for batch in batches[1:]:
                 pair_row(section, f"{label}, {images} images: batch {batch} vs {batches[0]}", first,

@@ -51,7 +51,8 @@ def test_evaluate_costs_times_batch_sizes_of_a_projects_teacher(project):
     section = evaluate_costs.run("quick", project)
     batches = evaluate_costs.SIZES["quick"]["batches"]
     compared = [row for row in section["rows"] if row[0].endswith(f"batch {batches[1]} vs {batches[0]}")]
-    assert [row[0].split(",")[0] for row in compared] == ["teacher", "EffNet-Lite0 features"]
+    assert [row[0].split(",")[0] for row in compared] == ["teacher", "EffNet-Lite0 features", "autoencoder decoding",
+                                                         "autoencoder encoding"]
     assert all(row[1] > 0 and row[2] > 0 and row[4] == "-" for row in compared)
     assert not any(note.startswith("batch-size cases not run") for note in section["notes"])
 
