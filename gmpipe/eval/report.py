@@ -13,6 +13,13 @@ from pathlib import Path
 from gmpipe.artifacts import atomic_file
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
+# Series past the palette's length reuse its colours with the next dash pattern, so no two lines look alike.
+DASHES = ("", "6 3", "2 2", "8 3 2 3")
+
+
+def series_style(index: int) -> tuple[str, str]:
+    """The colour and SVG ``stroke-dasharray`` ("" for a solid line) of the ``index``-th series."""
+    return PALETTE[index % len(PALETTE)], DASHES[(index // len(PALETTE)) % len(DASHES)]
 
 
 def _ticks(low: float, high: float, count: int = 5) -> list[float]:
@@ -40,26 +47,52 @@ def log2_ticks(low: float, high: float, pixels: float, min_gap: float = 34.0) ->
     return [2.0**k for k in range(first, last + 1) if (k - first) % stride == 0]
 
 
+def log10_ticks(low: float, high: float, pixels: float, min_gap: float = 16.0) -> list[float]:
+    """Values 1, 2, 3 and 5 times a power of ten in [low, high] (both > 0) for an axis ``pixels`` tall, dropping the
+    3s, the 2s and then the 5s while neighbouring labels would sit closer than ``min_gap`` pixels; a range too narrow for two
+    such values, or under one decade, gets the linear axis's round values instead."""
+    if high < 10 * low:
+        return [tick for tick in _ticks(low, high) if tick > 0]
+    per_decade = pixels / max(math.log10(high) - math.log10(low), 1e-9)
+    ticks: list[float] = []
+    for mantissas in ((1, 2, 3, 5), (1, 2, 5), (1, 5), (1,)):
+        thinner = [m * 10.0**k for k in range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1)
+                   for m in mantissas if low <= m * 10.0**k <= high]
+        if len(thinner) < 2:
+            break
+        ticks = thinner
+        if min(per_decade * math.log10(b / a) for a, b in zip(ticks, ticks[1:], strict=False)) >= min_gap:
+            break
+    return ticks or [tick for tick in _ticks(low, high) if tick > 0]
+
+
 def svg_line_plot(series: dict[str, list[tuple[float, float]]], x_label: str, y_label: str,
-                  log_x: bool = False, width: int = 420, height: int = 260, title: str | None = None) -> str:
+                  log_x: bool = False, width: int = 420, height: int = 260, title: str | None = None,
+                  log_y: bool = False) -> str:
     """Polylines with markers, one per named series of (x, y) points, the legend on the right; a log2 x axis
-    labelled at sparse powers of two when ``log_x``. ``width`` is the plotting area plus the axis labels; the
-    legend adds what its longest name needs."""
-    points = [(x, y) for values in series.values() for x, y in values if y is not None and math.isfinite(y)]
+    labelled at sparse powers of two when ``log_x``; a log10 y axis labelled at 1, 2, 3, 5 times powers of ten when
+    ``log_y`` (for values spanning decades, e.g. FDs from near the floor to a model 15x over it; non-positive y are
+    left out). ``width`` is the plotting area plus the axis labels; the legend adds what its longest name needs."""
+    usable = (lambda y: y is not None and math.isfinite(y) and (y > 0 or not log_y))  # noqa: E731
+    points = [(x, y) for values in series.values() for x, y in values if usable(y)]
     if not points:
         return "<p><em>no data</em></p>"
     fx = (lambda v: math.log2(v)) if log_x else (lambda v: v)
-    xs, ys = [fx(x) for x, _ in points], [y for _, y in points]
+    fy = (lambda v: math.log10(v)) if log_y else (lambda v: v)
+    xs, ys = [fx(x) for x, _ in points], [fy(y) for _, y in points]
     x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
     y_low, y_high = min(ys), max(ys)
     pad = 0.05 * (y_high - y_low) if y_high > y_low else max(abs(y_high), 1.0) * 0.05
-    y0, y1 = (0.0 if y_low >= 0 and y_low < 0.5 * y_high else y_low - pad), y_high + pad
+    if log_y:
+        y0, y1 = y_low - pad, y_high + pad
+    else:
+        y0, y1 = (0.0 if y_low >= 0 and y_low < 0.5 * y_high else y_low - pad), y_high + pad
     left, top, bottom = 62, 26 if title else 12, 42
-    legend = 18 + 6.4 * max(len(name) for name in series) if len(series) > 1 else 10
+    legend = 40 + 6.4 * max(len(name) for name in series) if len(series) > 1 else 10
     pw, ph = width - left - 10, height - top - bottom
     total_width = int(width + legend)
     sx = lambda v: left + (fx(v) - x0) / (x1 - x0) * pw  # noqa: E731
-    sy = lambda v: top + ph - (v - y0) / (y1 - y0) * ph  # noqa: E731
+    sy = lambda v: top + ph - (fy(v) - y0) / (y1 - y0) * ph  # noqa: E731
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{total_width}" height="{height}" font-size="11" '
            f'font-family="sans-serif"><rect width="100%" height="100%" fill="white"/>']
     if title:
@@ -71,22 +104,25 @@ def svg_line_plot(series: dict[str, list[tuple[float, float]]], x_label: str, y_
         out.append(f'<text x="{sx(tick):.1f}" y="{top + ph + 15}" text-anchor="middle">{tick:g}</text>')
         out.append(f'<line x1="{sx(tick):.1f}" y1="{top + ph}" x2="{sx(tick):.1f}" y2="{top + ph + 4}" '
                    f'stroke="#333"/>')
-    for tick in _ticks(y0, y1):
+    for tick in log10_ticks(10**y0, 10**y1, ph) if log_y else _ticks(y0, y1):
         out.append(f'<text x="{left - 5}" y="{sy(tick) + 4:.1f}" text-anchor="end">{tick:g}</text>')
         out.append(f'<line x1="{left}" y1="{sy(tick):.1f}" x2="{left + pw}" y2="{sy(tick):.1f}" stroke="#eee"/>')
     out.append(f'<text x="{left + pw / 2}" y="{height - 6}" text-anchor="middle">{html.escape(x_label)}</text>')
     out.append(f'<text x="14" y="{top + ph / 2}" text-anchor="middle" '
                f'transform="rotate(-90 14 {top + ph / 2})">{html.escape(y_label)}</text>')
     for index, (name, values) in enumerate(series.items()):
-        color = PALETTE[index % len(PALETTE)]
-        valid = sorted((x, y) for x, y in values if y is not None and math.isfinite(y))
+        color, dashes = series_style(index)
+        dash = f' stroke-dasharray="{dashes}"' if dashes else ""
+        valid = sorted((x, y) for x, y in values if usable(y))
         path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in valid)
-        out.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="1.8"/>')
+        out.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="1.8"{dash}/>')
         if len(valid) <= 60:  # markers only where they can be told apart (not on a loss curve of 100s of points)
             out += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.8" fill="{color}"/>' for x, y in valid]
-        if len(series) > 1:
-            out.append(f'<text x="{left + pw + 14}" y="{top + 10 + 14 * index}" fill="{color}">'
-                       f'{html.escape(name)}</text>')
+        if len(series) > 1:  # a sample of the line (colour and dashes) before each name
+            y = top + 10 + 14 * index
+            out.append(f'<line x1="{left + pw + 14}" y1="{y - 4}" x2="{left + pw + 36}" y2="{y - 4}" '
+                       f'stroke="{color}" stroke-width="1.8"{dash}/>')
+            out.append(f'<text x="{left + pw + 40}" y="{y}" fill="{color}">{html.escape(name)}</text>')
     out.append("</svg>")
     return "\n".join(out)
 

@@ -647,7 +647,7 @@ def write_report(paths: Paths, n_headline: int) -> None:
     series = families.fd_vs_nfe_series(row for row in table if row["n"] == n_headline)
     if series:
         figures.append(report.svg_line_plot(series, "network evaluations per image (log2)",
-                                            f"FD-EffNetLite0 (n={n_headline})", log_x=True,
+                                            f"FD-EffNetLite0 (n={n_headline}, log10)", log_x=True, log_y=True,
                                             title=f"Every family, n = {n_headline}"))
     if nfe_curve:
         sweep: dict[str, list] = {}

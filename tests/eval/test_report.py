@@ -42,6 +42,40 @@ def test_log_plot_labels_do_not_overlap():
     assert len(labels) >= 4 and all(b - a >= 34 for a, b in zip(labels, labels[1:], strict=False))
 
 
+def test_log10_ticks_are_round_values_spaced_apart():
+    # The demo's family FDs (the floor's ~250 to the VAE prior's ~3,600) on a 200-pixel axis.
+    assert report.log10_ticks(230, 3800, 200) == [300, 500, 1000, 2000, 3000]
+    for low, high, pixels in [(0.5, 2000, 200), (0.5, 2000, 60), (20, 90_000, 150), (1, 10, 30)]:
+        ticks = report.log10_ticks(low, high, pixels)
+        assert len(ticks) >= 2 and all(low <= tick <= high for tick in ticks), (low, high, ticks)
+        gaps = [pixels * math.log10(b / a) / math.log10(high / low) for a, b in zip(ticks, ticks[1:], strict=False)]
+        assert all(gap >= 16 for gap in gaps), (low, high, gaps)
+    assert report.log10_ticks(300, 900, 200) == [400, 600, 800]  # under a decade: the linear axis's round values
+
+
+def test_log_y_plot_spaces_decades_evenly_and_leaves_out_what_has_no_log():
+    svg = report.svg_line_plot({"a": [(1, 100.0), (2, 1000.0), (4, 10_000.0), (8, 0.0)]}, "NFE", "FD", log_x=True,
+                               log_y=True)
+    heights = [float(y) for y in re.findall(r'<circle cx="[\d.]+" cy="([\d.]+)"', svg)]
+    assert len(heights) == 3  # y = 0 has no logarithm: left out, not drawn at the bottom
+    assert heights[0] > heights[1] > heights[2] and heights[0] - heights[1] == pytest.approx(heights[1] - heights[2],
+                                                                                             abs=0.15)
+    assert ">1000</text>" in svg and ">10000</text>" in svg
+
+
+def test_series_past_the_palette_get_their_own_dashes_in_the_lines_and_the_legend():
+    count = len(report.PALETTE) + 3
+    svg = report.svg_line_plot({f"model {i}": [(1, 1.0 + i), (2, 2.0 + i)] for i in range(count)}, "NFE", "FD")
+    lines = re.findall(r'<polyline [^>]*stroke="(#[0-9a-f]{6})" stroke-width="1.8"(?: stroke-dasharray="([\d ]+)")?',
+                       svg)
+    assert len(lines) == count and len(set(lines)) == count  # no two series drawn alike
+    assert all(dash == "" for _, dash in lines[:len(report.PALETTE)])
+    assert all(dash for _, dash in lines[len(report.PALETTE):])
+    samples = re.findall(r'<line [^>]*stroke="(#[0-9a-f]{6})" stroke-width="1.8"(?: stroke-dasharray="([\d ]+)")?',
+                         svg)
+    assert samples == lines  # each legend entry shows its series' colour and dashes
+
+
 def test_grid_rows_are_named_in_the_margin(tmp_path):
     images = np.full((6, 1, 8, 8), 128, np.uint8)
     save_grid(images, tmp_path / "plain.png", columns=3, scale=2)
