@@ -49,10 +49,8 @@ def log2_ticks(low: float, high: float, pixels: float, min_gap: float = 34.0) ->
 
 def log10_ticks(low: float, high: float, pixels: float, min_gap: float = 16.0) -> list[float]:
     """Values 1, 2, 3 and 5 times a power of ten in [low, high] (both > 0) for an axis ``pixels`` tall, dropping the
-    3s, the 2s and then the 5s while neighbouring labels would sit closer than ``min_gap`` pixels; a range too narrow for two
-    such values, or under one decade, gets the linear axis's round values instead."""
-    if high < 10 * low:
-        return [tick for tick in _ticks(low, high) if tick > 0]
+    3s, the 2s and then the 5s while neighbouring labels would sit closer than ``min_gap`` pixels; a range with fewer
+    than two such values (or only two within one decade) gets the linear axis's round values instead."""
     per_decade = pixels / max(math.log10(high) - math.log10(low), 1e-9)
     ticks: list[float] = []
     for mantissas in ((1, 2, 3, 5), (1, 2, 5), (1, 5), (1,)):
@@ -63,7 +61,9 @@ def log10_ticks(low: float, high: float, pixels: float, min_gap: float = 16.0) -
         ticks = thinner
         if min(per_decade * math.log10(b / a) for a, b in zip(ticks, ticks[1:], strict=False)) >= min_gap:
             break
-    return ticks or [tick for tick in _ticks(low, high) if tick > 0]
+    if len(ticks) >= 3 or (ticks and high >= 10 * low):
+        return ticks
+    return [tick for tick in _ticks(low, high) if tick > 0]
 
 
 def svg_line_plot(series: dict[str, list[tuple[float, float]]], x_label: str, y_label: str,

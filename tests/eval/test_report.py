@@ -50,7 +50,8 @@ def test_log10_ticks_are_round_values_spaced_apart():
         assert len(ticks) >= 2 and all(low <= tick <= high for tick in ticks), (low, high, ticks)
         gaps = [pixels * math.log10(b / a) / math.log10(high / low) for a, b in zip(ticks, ticks[1:], strict=False)]
         assert all(gap >= 16 for gap in gaps), (low, high, gaps)
-    assert report.log10_ticks(300, 900, 200) == [400, 600, 800]  # under a decade: the linear axis's round values
+    assert report.log10_ticks(405, 4010, 200) == [500, 1000, 2000, 3000]  # just under a decade: still log values
+    assert report.log10_ticks(300, 900, 200) == [400, 600, 800]  # two log values only: the linear axis's round values
 
 
 def test_log_y_plot_spaces_decades_evenly_and_leaves_out_what_has_no_log():
