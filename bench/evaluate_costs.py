@@ -127,41 +127,25 @@ def batch_cases(teacher_dir: str, vae_dir: str, batches: list[int], n: int = 500
     labels, seeds = [i % len(teacher.conditioning.class_names) for i in range(n)], list(range(n))
     images = uint8_to_signed(teacher.generate(labels, seeds, batch_size=max(batches), steps=10)[0])
 
-    def generate(batch: int) -> float:
-        start = time.perf_counter()
-        teacher.generate(labels, seeds, batch_size=batch, steps=10)
-        return round(n / (time.perf_counter() - start), 1)
-
-    def features(batch: int) -> float:
-        start = time.perf_counter()
-        extractor.extract(images, batch_size=batch)
-        return round(n / (time.perf_counter() - start), 1)
-
     latents = torch.randn(n, *teacher.latent_shape, generator=torch.Generator().manual_seed(0))
 
-    @torch.no_grad()
-    def decode(batch: int) -> float:
+    def images_per_second(work: Callable[[], object]) -> float:
         start = time.perf_counter()
-        for first in range(0, n, batch):
-            with teacher.autocast():
-                teacher.decode(latents[first:first + batch])
+        work()
         return round(n / (time.perf_counter() - start), 1)
 
     @torch.no_grad()
-    def encode(batch: int) -> float:
-        start = time.perf_counter()
-        for first in range(0, n, batch):
+    def in_batches(network: Callable[[torch.Tensor], object], inputs: torch.Tensor, batch: int) -> None:
+        for first in range(0, n, batch):  # under the teacher's autocast, as generate decodes
             with teacher.autocast():
-                teacher.autoencoder.encode(images[first:first + batch].to(teacher.device))
-        return round(n / (time.perf_counter() - start), 1)
+                network(inputs[first:first + batch].to(teacher.device))
 
-    cases: dict[str, Callable[[], object]] = {}
-    for batch in batches:
-        cases[f"generate images/s, batch {batch}"] = lambda batch=batch: generate(batch)
-        cases[f"features images/s, batch {batch}"] = lambda batch=batch: features(batch)
-        cases[f"decode images/s, batch {batch}"] = lambda batch=batch: decode(batch)
-        cases[f"encode images/s, batch {batch}"] = lambda batch=batch: encode(batch)
-    return cases
+    work = {"generate": lambda batch: teacher.generate(labels, seeds, batch_size=batch, steps=10),
+            "features": lambda batch: extractor.extract(images, batch_size=batch),
+            "decode": lambda batch: in_batches(teacher.decode, latents, batch),
+            "encode": lambda batch: in_batches(teacher.autoencoder.encode, images, batch)}
+    return {f"{kind} images/s, batch {batch}": (lambda run=run, batch=batch: images_per_second(lambda: run(batch)))
+            for batch in batches for kind, run in work.items()}
 
 
 def _same(before: object, now: object) -> bool:
