@@ -11,6 +11,7 @@ import torch
 
 from gmpipe.eval.frechet import frechet_distance_from_features
 from gmpipe.eval.reconstruction import psnr_per_image, ssim_per_image
+from gmpipe.nn.autoencoder import autoencoder_passes
 from gmpipe.pixels import uint8_to_signed
 from gmpipe.vae.elbo import kl_divergence
 
@@ -20,10 +21,10 @@ def reconstruct(vae, images: torch.Tensor, batch_size: int = 256, device: str | 
     """Decode the posterior mean: images (N, C, H, W) in [-1, 1] -> (reconstructions, mean KL per image)."""
     outputs, kl_sum = [], 0.0
     for start in range(0, len(images), batch_size):
-        x = images[start : start + batch_size].to(device)
-        posterior = vae.encode(x).latent_dist
-        outputs.append(vae.decode(posterior.mean).sample.clamp(-1, 1).cpu())
-        kl_sum += float(kl_divergence(posterior.mean, posterior.logvar)) * len(x)
+        for x in autoencoder_passes(images[start : start + batch_size].to(device), device):
+            posterior = vae.encode(x).latent_dist
+            outputs.append(vae.decode(posterior.mean).sample.clamp(-1, 1).cpu())
+            kl_sum += float(kl_divergence(posterior.mean, posterior.logvar)) * len(x)
     return torch.cat(outputs), kl_sum / max(len(images), 1)
 
 

@@ -146,10 +146,11 @@ def encode_to_latents(vae: AutoencoderKL, images: np.ndarray, batch_size: int, d
     autocast = bf16_autocast(device, bf16)
     for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", mininterval=1.0):
         x = uint8_to_signed(torch.from_numpy(images[start : start + batch_size]).to(device))
-        with autocast:
-            posterior = vae.encode(x).latent_dist
-        means.append(posterior.mean.float().cpu())
-        stds.append(posterior.std.float().cpu())
+        for part in autoencoder_passes(x, device):
+            with autocast:
+                posterior = vae.encode(part).latent_dist
+            means.append(posterior.mean.float().cpu())
+            stds.append(posterior.std.float().cpu())
     return torch.cat(means), torch.cat(stds)
 
 
@@ -160,4 +161,20 @@ def decode_latents(vae: AutoencoderKL | None, z: torch.Tensor, device: torch.dev
     them here."""
     if vae is None:
         raise GmpipeError("no autoencoder loaded: load the model with autoencoder=<the models/vae folder>")
-    return vae.decode(z.to(device)).sample.float().clamp(-1, 1).cpu()
+    return torch.cat([vae.decode(part).sample.float().clamp(-1, 1).cpu()
+                      for part in autoencoder_passes(z.to(device), device)])
+
+
+# On a CPU the autoencoder runs fastest on ~100 images a pass, whatever batch its caller works in: larger passes'
+# activations outgrow the caches. On the 2-core Intel Xeon, decoding 1,200 latents of the demo's autoencoder ran at
+# 1,600 images/s in passes of 100 against 1,360 in passes of 300 under bf16 autocast, and 890 against 450 in float32
+# (encoding: 3,000 against 2,800 and 1,860 against 1,200; the small decoder 16,100 against 13,900 in bf16).
+CPU_PASS_IMAGES = 100
+
+
+def autoencoder_passes(batch: torch.Tensor, device: torch.device | str) -> tuple[torch.Tensor, ...]:
+    """``batch`` (B, ...) as the passes an autoencoder (or small decoder) on ``device`` runs: views of at most
+    ``CPU_PASS_IMAGES`` images on a CPU, the whole batch elsewhere (a GPU is fastest on the largest batch)."""
+    if torch.device(device).type == "cpu":
+        return batch.split(CPU_PASS_IMAGES)
+    return (batch,)

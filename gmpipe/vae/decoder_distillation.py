@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from gmpipe.data.latents import LatentSplit
+from gmpipe.nn.autoencoder import autoencoder_passes
 from gmpipe.nn.small_decoder import SmallDecoder
 from gmpipe.train.step import LossStep
 
@@ -72,7 +73,8 @@ def decoded_targets(autoencoder: nn.Module, split: LatentSplit, n: int, seed: in
     for first in range(0, n, batch_size):
         batch = split.sample(index[first:first + batch_size], generator=generator)
         with autocast():
-            decoded = autoencoder.decode(batch.to(device)).sample
+            parts = autoencoder_passes(batch.to(device), device)
+            decoded = torch.cat([autoencoder.decode(part).sample for part in parts])
         if z is None:
             z = torch.empty((n, *batch.shape[1:]), dtype=batch.dtype)
             images = torch.empty((n, *decoded.shape[1:]), dtype=torch.float32)

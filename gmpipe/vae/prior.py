@@ -27,7 +27,7 @@ import torch
 from gmpipe.batching import even_batches
 from gmpipe.conditioning import Request, Unconditional
 from gmpipe.generator import DEFAULT_BATCH_SIZE, Generated, Generator, Likelihood, write_family
-from gmpipe.nn.autoencoder import load_autoencoder
+from gmpipe.nn.autoencoder import decode_latents, load_autoencoder
 from gmpipe.pixels import signed_to_uint8
 from gmpipe.seeds import SampleNoise
 from gmpipe.vae.density import PriorFile, negative_elbo_bits
@@ -93,7 +93,7 @@ class VAEPrior(Generator):
         for start, stop in even_batches(len(seeds), batch_size):
             z = temperature * noise.take(start, stop).randn((stop - start, *self.latent_shape))
             with self.autocast():
-                images.append(signed_to_uint8(self.autoencoder.decode(z.to(self.device)).sample))
+                images.append(signed_to_uint8(decode_latents(self.autoencoder, z, self.device)))
         return Generated(np.concatenate(images), 1)
 
     def likelihood(self, images: np.ndarray, requests: Sequence[Request] | None, seeds: Sequence[int], *,

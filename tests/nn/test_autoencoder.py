@@ -4,11 +4,15 @@ from diffusers import AutoencoderKL
 
 from gmpipe.nn.autoencoder import (
     AUTOENCODER_PRESETS,
+    CPU_PASS_IMAGES,
+    autoencoder_passes,
     build_autoencoder,
     build_autoencoder_preset,
     check_image_size,
+    decode_latents,
     decoder_last_layer,
     downsampling_factor,
+    encode_to_latents,
 )
 
 
@@ -73,3 +77,44 @@ def test_invalid_sizes_and_presets():
     for preset in AUTOENCODER_PRESETS.values():
         assert all(width % preset.norm_num_groups == 0 for width in preset.block_out_channels)
     assert AUTOENCODER_PRESETS["small"].downsampling_factor == 4
+
+
+def _recording_passes(vae, method):
+    """Wrap ``vae.<method>`` to record the batch size of every call."""
+    sizes, original = [], getattr(vae, method)
+
+    def recorded(x, *args, **kwargs):
+        sizes.append(len(x))
+        return original(x, *args, **kwargs)
+
+    setattr(vae, method, recorded)
+    return sizes
+
+
+def test_a_cpu_decodes_and_encodes_in_passes_of_at_most_cpu_pass_images_with_the_same_result():
+    torch.manual_seed(0)
+    vae = build_autoencoder_preset("tiny", 1).eval()
+    n = 2 * CPU_PASS_IMAGES + 37
+    z = torch.randn(n, 4, 8, 8)
+    with torch.no_grad():
+        whole = vae.decode(z).sample.clamp(-1, 1)
+    decoded_sizes = _recording_passes(vae, "decode")
+    images = decode_latents(vae, z)
+    assert decoded_sizes == [CPU_PASS_IMAGES, CPU_PASS_IMAGES, 37]
+    assert images.shape == (n, 1, 16, 16)
+    torch.testing.assert_close(images, whole, atol=1e-5, rtol=1e-5)  # per-image work: the split changes nothing
+
+    pixels = torch.randint(0, 256, (n, 1, 16, 16), dtype=torch.uint8).numpy()
+    encoded_sizes = _recording_passes(vae, "encode")
+    mean, std = encode_to_latents(vae, pixels, batch_size=150, desc="test")
+    assert encoded_sizes == [CPU_PASS_IMAGES, 50, CPU_PASS_IMAGES - 13]  # each batch of 150, then the last 87
+    with torch.no_grad():
+        posterior = vae.encode(torch.from_numpy(pixels).float() / 127.5 - 1).latent_dist
+    torch.testing.assert_close(mean, posterior.mean, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(std, posterior.std, atol=1e-5, rtol=1e-5)
+
+
+def test_other_devices_take_the_whole_batch_in_one_pass():
+    batch = torch.zeros(3 * CPU_PASS_IMAGES, 4, 2, 2)
+    assert [len(part) for part in autoencoder_passes(batch, "cuda")] == [3 * CPU_PASS_IMAGES]
+    assert [len(part) for part in autoencoder_passes(batch, torch.device("cpu"))] == [CPU_PASS_IMAGES] * 3
