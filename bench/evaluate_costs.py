@@ -9,9 +9,11 @@ machine's load hits both alike; compare the medians of one run, not across runs)
 - FD: the traces of the two (D, D) covariances (before) vs sums of variances (now).
 - precision/recall: two coverage passes (before) vs one pass over the shared distances (now).
 - AR sampling: the language model's growing key/value cache (before) vs one allocated once (now); same tokens.
-- Batch sizes: the teacher's images/s (10 guided Euler steps, decoding included), EfficientNet-Lite0 features/s, and
-  the autoencoder's decoding and encoding alone, on 500 images at each batch size (at the threads torch is given:
-  ``--threads``, the demo's 2 by default; the autoencoder under the teacher's ``autocast``, as ``generate`` decodes).
+- Batch sizes: the teacher's images/s (10 guided Euler steps, decoding included: on a CPU in passes of at most
+  ``gmpipe.nn.autoencoder.CPU_PASS_IMAGES``), EfficientNet-Lite0 features/s, and the autoencoder's decoding and
+  encoding alone, one pass per batch (the curve behind ``CPU_PASS_IMAGES``), on 500 images at each batch size (at the
+  threads torch is given: ``--threads``, the demo's 2 by default; the autoencoder under the teacher's ``autocast``, as
+  ``generate`` decodes).
 
 As a section of ``python -m bench`` (:func:`run`): the metric cases always, on random features (the cost does not
 depend on the values); the AR case when ROOT/models/ar exists and the batch sizes when ROOT/models/ldm does (both
@@ -118,7 +120,7 @@ def ar_cases(model_dir: str, vae_dir: str, batch: int) -> tuple[dict[str, Callab
 
 def batch_cases(teacher_dir: str, vae_dir: str, batches: list[int], n: int = 500) -> dict[str, Callable[[], object]]:
     """Per batch size, on n images: the teacher's images/s, the feature network's, and its autoencoder's decoding (of
-    normalized latents) and encoding (of the teacher's images) alone."""
+    normalized latents) and encoding (of the teacher's images) alone, one pass of the network per batch."""
     from gmpipe.generator import load_generator
     from gmpipe.nn.features import EffNetLite0Features
     from gmpipe.pixels import uint8_to_signed
@@ -142,7 +144,7 @@ def batch_cases(teacher_dir: str, vae_dir: str, batches: list[int], n: int = 500
 
     work = {"generate": lambda batch: teacher.generate(labels, seeds, batch_size=batch, steps=10),
             "features": lambda batch: extractor.extract(images, batch_size=batch),
-            "decode": lambda batch: in_batches(teacher.decode, latents, batch),
+            "decode": lambda batch: in_batches(teacher.autoencoder.decode, latents, batch),
             "encode": lambda batch: in_batches(teacher.autoencoder.encode, images, batch)}
     return {f"{kind} images/s, batch {batch}": (lambda run=run, batch=batch: images_per_second(lambda: run(batch)))
             for batch in batches for kind, run in work.items()}
