@@ -2,8 +2,9 @@
 
 A checkpoint or a cache is reused only when its fingerprint equals the one the current run would write (the
 same rule DVC applies to whole stages through ``dvc.lock``). Settings that only say how long or how often (the
-number of steps, checkpoint and log intervals) are left out by the caller, so raising ``steps`` continues a
-run; everything else that changes the result is in, so a changed setting or upstream artifact starts over.
+number of steps under a constant learning rate, checkpoint and log intervals: ``gmpipe.config.loop.resumable_keys``)
+are left out by the caller, so raising ``steps`` there continues a run; everything else that changes the result is
+in, so a changed setting or upstream artifact starts over.
 
 Settings are flat ``{"section.key": value}`` maps (the names a user knows from ``params.yaml``); inputs are
 ``{"path/as/the/user/sees/it": sha256}``. :meth:`Fingerprint.changes` says, in those names, what differs.

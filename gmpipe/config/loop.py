@@ -10,7 +10,8 @@ from pydantic import Field, model_validator
 from gmpipe.config.base import PositiveInt, Section, Seed
 
 # Keys that say how long, how often or how a run is computed, not what it computes: a checkpoint written under
-# other values of these is still this run's, so raising ``steps`` continues it (gmpipe.fingerprint).
+# other values of these is still this run's, so raising ``steps`` continues it (gmpipe.fingerprint), where the
+# learning rate does not depend on ``steps`` (resumable_keys).
 RESUMABLE_KEYS = ("steps", "checkpoint_every", "keep_checkpoints", "log_every", "grad_accum", "compile",
                   "gradient_checkpointing", "channels_last", "nonfinite")
 
@@ -55,3 +56,13 @@ class LoopConfig(Section):
         if self.warmup_steps > self.steps:
             raise ValueError(f"warmup_steps must be <= steps (got {self.warmup_steps} > {self.steps})")
         return self
+
+
+def resumable_keys(loop: LoopConfig) -> tuple[str, ...]:
+    """The keys of ``RESUMABLE_KEYS`` a checkpoint may differ in and still be this run's. ``steps`` is one only under
+    a constant learning rate: a cosine or linear schedule spreads its decay over ``steps``, so step k of a run of
+    other length trained at other rates than step k of this one, and continuing it would return a model that no
+    fresh run of these settings makes (nor ``dvc repro`` in a fresh clone). Such a run starts over, naming ``steps``."""
+    if loop.lr_schedule == "constant":
+        return RESUMABLE_KEYS
+    return tuple(key for key in RESUMABLE_KEYS if key != "steps")

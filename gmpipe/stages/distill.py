@@ -8,7 +8,7 @@ from __future__ import annotations
 from gmpipe.artifacts import atomic_dir, write_json
 from gmpipe.config.compute import ComputeConfig
 from gmpipe.config.distill import DistillConfig
-from gmpipe.config.loop import RESUMABLE_KEYS
+from gmpipe.config.loop import resumable_keys
 from gmpipe.data.latents import STATS, LatentStats, load_split, make_batch_fn
 from gmpipe.distill.session import DistillSession, Student
 from gmpipe.distill.student import write_student_info
@@ -26,10 +26,11 @@ SECTIONS = ("distill", "compute")
 
 def teacher_fingerprint(config: DistillConfig, paths: Paths) -> Fingerprint:
     """What every student depends on: the teacher's weights and objective, the latents, and the distill keys shared
-    by all methods (loop, guidance weight, time shift; not how long or how often), and the code of this stage."""
+    by all methods (loop, guidance weight, time shift; not how often, nor how long under a constant learning rate),
+    and the code of this stage."""
     methods = [DISTILL_METHODS[name] for name in DISTILL_METHODS]
     method_keys = [key for method in methods for key in (*method.keys, *method.sampling_keys)]
-    settings = section_settings("distill", config, exclude=(*RESUMABLE_KEYS, "methods", *method_keys))
+    settings = section_settings("distill", config, exclude=(*resumable_keys(config.loop), "methods", *method_keys))
     denoiser, objective = paths.ldm / WEIGHTS, paths.ldm / OBJECTIVE
     inputs = {**{paths.name(p): hash_tree(p) for p in (denoiser, objective, paths.latents)}, **code_hashes(__name__)}
     return Fingerprint(settings, inputs)

@@ -21,7 +21,7 @@ from gmpipe.ar.tokenizer import LatentTokenizer, reconstruction_floor
 from gmpipe.artifacts import atomic_dir, read_json, write_json
 from gmpipe.conditioning import Conditioning
 from gmpipe.config.compute import ComputeConfig
-from gmpipe.config.loop import RESUMABLE_KEYS
+from gmpipe.config.loop import resumable_keys
 from gmpipe.config.train_ar import TrainARConfig
 from gmpipe.data.latents import STATS, LatentStats, load_split
 from gmpipe.data.prepared import MANIFEST, load_manifest
@@ -41,7 +41,7 @@ AFTER_TRAINING_KEYS = ("guidance", "temperature", "top_k", "grid_per_class", "nl
 def training_fingerprint(config: TrainARConfig, paths: Paths) -> Fingerprint:
     """What defines the trained prior: tokenizer, model and loop keys, the cached latents (the tokenizer is fitted
     on them), the class list, and the code of this stage."""
-    settings = section_settings("train_ar", config, exclude=(*RESUMABLE_KEYS, *AFTER_TRAINING_KEYS))
+    settings = section_settings("train_ar", config, exclude=(*resumable_keys(config.loop), *AFTER_TRAINING_KEYS))
     manifest = paths.prepared / MANIFEST
     return Fingerprint(settings, {paths.name(paths.latents): hash_tree(paths.latents),
                                   paths.name(manifest): hash_tree(manifest), **code_hashes(__name__)})

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from gmpipe.artifacts import atomic_dir, write_json
 from gmpipe.config.compute import ComputeConfig
-from gmpipe.config.loop import RESUMABLE_KEYS
+from gmpipe.config.loop import resumable_keys
 from gmpipe.config.train_decoder import TrainDecoderConfig
 from gmpipe.data.latents import STATS, LatentStats, load_split
 from gmpipe.decoder_folder import autoencoder_hash, save_small_decoder
@@ -32,9 +32,9 @@ COMPARE_BATCH = 250
 
 
 def training_fingerprint(config: TrainDecoderConfig, paths: Paths) -> Fingerprint:
-    """What defines the small decoder: its size and loss keys (not how long, not the comparison size), the cached
-    latents, the autoencoder it learns from, and the code of this stage."""
-    settings = section_settings("train_decoder", config, exclude=(*RESUMABLE_KEYS, "eval_images"))
+    """What defines the small decoder: its size and loss keys (how long only where the learning rate decays over it;
+    not the comparison size), the cached latents, the autoencoder it learns from, and the code of this stage."""
+    settings = section_settings("train_decoder", config, exclude=(*resumable_keys(config.loop), "eval_images"))
     return Fingerprint(settings, {paths.name(paths.latents): hash_tree(paths.latents),
                                   paths.name(paths.vae): hash_tree(paths.vae), **code_hashes(__name__)})
 

@@ -12,7 +12,7 @@ import torch
 from gmpipe.artifacts import atomic_dir, read_json, write_json
 from gmpipe.conditioning import Conditioning
 from gmpipe.config.compute import ComputeConfig
-from gmpipe.config.loop import RESUMABLE_KEYS
+from gmpipe.config.loop import resumable_keys
 from gmpipe.config.train_gan import TrainGANConfig
 from gmpipe.data.latents import STATS, LatentStats, load_split, make_batch_fn
 from gmpipe.data.prepared import MANIFEST, load_manifest
@@ -42,7 +42,7 @@ GRID_SEEDS, PATH_SEEDS, PPL_SEEDS = 0, 1, 2
 def training_fingerprint(config: TrainGANConfig, paths: Paths) -> Fingerprint:
     """What defines the trained GAN: networks, game and loop keys, the cached latents, the class list, and the code
     of this stage."""
-    settings = section_settings("train_gan", config, exclude=(*RESUMABLE_KEYS, *AFTER_TRAINING_KEYS))
+    settings = section_settings("train_gan", config, exclude=(*resumable_keys(config.loop), *AFTER_TRAINING_KEYS))
     manifest = paths.prepared / MANIFEST
     return Fingerprint(settings, {paths.name(paths.latents): hash_tree(paths.latents),
                                   paths.name(manifest): hash_tree(manifest), **code_hashes(__name__)})

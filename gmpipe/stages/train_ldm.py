@@ -9,7 +9,7 @@ import json
 from gmpipe.artifacts import atomic_dir, read_json, write_json
 from gmpipe.conditioning import Conditioning
 from gmpipe.config.compute import ComputeConfig
-from gmpipe.config.loop import RESUMABLE_KEYS
+from gmpipe.config.loop import resumable_keys
 from gmpipe.config.train_ldm import TrainLDMConfig
 from gmpipe.data.latents import STATS, LatentStats, load_split, make_batch_fn
 from gmpipe.data.prepared import MANIFEST, load_manifest
@@ -32,7 +32,7 @@ SAMPLING_KEYS = ("sampler", "sample_steps", "guidance", "grid_per_class")
 def training_fingerprint(config: TrainLDMConfig, paths: Paths) -> Fingerprint:
     """What defines the trained denoiser: model, objective and loop keys, the cached latents, the class list, and
     the code of this stage."""
-    settings = section_settings("train_ldm", config, exclude=(*RESUMABLE_KEYS, *SAMPLING_KEYS))
+    settings = section_settings("train_ldm", config, exclude=(*resumable_keys(config.loop), *SAMPLING_KEYS))
     manifest = paths.prepared / MANIFEST
     return Fingerprint(settings, {paths.name(paths.latents): hash_tree(paths.latents),
                                   paths.name(manifest): hash_tree(manifest), **code_hashes(__name__)})

@@ -17,7 +17,7 @@ import torch
 from gmpipe.artifacts import atomic_dir, write_json
 from gmpipe.config.compute import ComputeConfig
 from gmpipe.config.data import DataConfig
-from gmpipe.config.loop import RESUMABLE_KEYS
+from gmpipe.config.loop import resumable_keys
 from gmpipe.config.train_vae import TrainVAEConfig
 from gmpipe.data.prepared import load_manifest, load_split
 from gmpipe.device import transfer
@@ -45,10 +45,11 @@ SECTIONS = ("data", "train_vae", "compute")
 
 
 def training_fingerprint(data: DataConfig, config: TrainVAEConfig, paths: Paths) -> Fingerprint:
-    """What defines the trained autoencoder: the data and model/loss keys (not how long or how often, not the
-    evaluation size), the prepared images, any LPIPS weight files, and the code of this stage."""
+    """What defines the trained autoencoder: the data and model/loss keys (not how often nor the evaluation size;
+    how long only where the learning rate decays over it), the prepared images, any LPIPS weight files, and the code
+    of this stage."""
     settings = {**section_settings("data", data),
-                **section_settings("train_vae", config, exclude=(*RESUMABLE_KEYS, "eval_images"))}
+                **section_settings("train_vae", config, exclude=(*resumable_keys(config.loop), "eval_images"))}
     inputs = {paths.name(paths.prepared): hash_tree(paths.prepared), **code_hashes(__name__)}
     files = {"lpips_weights": config.lpips_weights, "lpips_backbone_weights": config.lpips_backbone_weights}
     if config.lpips_backbone_weights and not config.lpips_weights:

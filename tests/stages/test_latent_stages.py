@@ -727,8 +727,9 @@ def test_train_decoder_writes_a_diffusers_folder_that_decodes(small_decoder):
 
 
 def test_train_decoder_resumes_by_fingerprint(small_decoder, tmp_path, capsys):
-    """Killed after its last checkpoint (outputs gone), the stage finishes from it; more steps continue; a changed
-    size or target pool starts over with one line naming the key."""
+    """Killed after its last checkpoint (outputs gone), the stage finishes from it; more steps continue at a constant
+    learning rate and start over under a cosine one; a changed size or target pool starts over with one line naming
+    the key."""
     params, shared, _ = small_decoder
     shutil.copytree(shared.root, tmp_path / "copy")
     paths = Paths(tmp_path / "copy")
@@ -754,6 +755,17 @@ def test_train_decoder_resumes_by_fingerprint(small_decoder, tmp_path, capsys):
     finished = train_decoder.run(config.replace(width=4, target_pool=48), params.compute, paths)
     assert finished["resumed_from"] == steps and finished["metrics"]["target_pool_seconds"] is None
     assert "target pool" not in capsys.readouterr().out
+    # Under a decaying learning rate the length defines the run: a checkpoint of a shorter one trained at other
+    # rates, so more steps start over, naming them, and train what a fresh run of that length trains.
+    cosine = config.replace(width=4, lr_schedule="cosine")
+    train_decoder.run(cosine, params.compute, paths)
+    assert 'train_decoder.lr_schedule changed ("constant" -> "cosine")' in capsys.readouterr().out
+    killed = train_decoder.run(cosine, params.compute, paths)  # the same run again still finishes from its checkpoint
+    assert killed["resumed_from"] == steps
+    longer = train_decoder.run(cosine.replace(steps=steps + 2), params.compute, paths)
+    assert longer["resumed_from"] == 0 and longer["steps"] == steps + 2
+    assert f"train_decoder: starting over: train_decoder.steps changed ({steps} -> {steps + 2})" in \
+        capsys.readouterr().out
 
 
 def test_train_decoder_compares_the_perceptual_blocks_asked_for(small_decoder, tmp_path, monkeypatch, capsys):

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from gmpipe.config.loop import RESUMABLE_KEYS, LoopConfig, resumable_keys
 from gmpipe.fingerprint import Fingerprint, hash_tensors, hash_tree, section_settings
 from gmpipe.train.checkpoint import NonFiniteWeightsError, latest_checkpoint, save_checkpoint
 from tests.train.test_loop import _config, _run
@@ -19,6 +20,16 @@ def test_raising_steps_continues_a_run_with_the_same_fingerprint(tmp_path):
     _run(tmp_path, _config(steps=4), fingerprint=RUN)
     longer = _run(tmp_path, _config(steps=6), fingerprint=RUN)
     assert longer.resumed_from == 4 and longer.step == 6
+
+
+@pytest.mark.parametrize(("schedule", "continues"), [("constant", True), ("cosine", False), ("linear", False)])
+def test_more_steps_continue_a_run_only_under_a_constant_learning_rate(schedule, continues):
+    """A decaying schedule spreads over ``steps``: a stage's fingerprint then keeps them, so other steps start over."""
+    keys = resumable_keys(LoopConfig(lr_schedule=schedule))
+    assert ("steps" in keys) is continues
+    assert set(RESUMABLE_KEYS) - set(keys) == (set() if continues else {"steps"})
+    settings = section_settings("train", LoopConfig(lr_schedule=schedule, steps=10), exclude=keys)
+    assert ("train.steps" in settings) is not continues
 
 
 def test_lowering_steps_below_the_newest_checkpoint_starts_over_and_trains_that_many(tmp_path, capsys):
