@@ -756,7 +756,7 @@ def test_train_decoder_resumes_by_fingerprint(small_decoder, tmp_path, capsys):
     assert finished["resumed_from"] == steps and finished["metrics"]["target_pool_seconds"] is None
     assert "target pool" not in capsys.readouterr().out
     # Under a decaying learning rate the length defines the run: a checkpoint of a shorter one trained at other
-    # rates, so more steps start over, naming them, and train what a fresh run of that length trains.
+    # rates, so more steps start over, naming them.
     cosine = config.replace(width=4, lr_schedule="cosine")
     train_decoder.run(cosine, params.compute, paths)
     assert 'train_decoder.lr_schedule changed ("constant" -> "cosine")' in capsys.readouterr().out
