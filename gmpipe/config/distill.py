@@ -6,9 +6,16 @@ from typing import Annotated
 
 from pydantic import Field, model_validator
 
-from gmpipe.config.base import ComposedSection, Precision, one_of
+from gmpipe.config.base import ComposedSection, Precision, Section, one_of
 from gmpipe.config.loop import LoopConfig
 from gmpipe.registry import DETERMINISTIC_SAMPLERS, DISTILL_METHODS
+
+
+class MethodLoop(Section):
+    """One method's own ``steps`` and ``lr`` (``distill.method_loop.<method>``); a key left out is the section's."""
+
+    steps: Annotated[int, Field(ge=1)] | None = None
+    lr: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
 
 
 class DistillConfig(ComposedSection):
@@ -35,6 +42,19 @@ class DistillConfig(ComposedSection):
     reflow_precision: Precision = "fp32"  # of the teacher while it makes the couplings
     consistency_intervals: Annotated[int, Field(ge=2, le=1000)] = 16
     consistency_steps: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1)] = [1, 2, 4]
+    # per method, the loop's steps and lr where they differ from the section's (e.g. consistency: {steps: 200})
+    method_loop: dict[one_of(DISTILL_METHODS), MethodLoop] = {}
+
+    def method_changes(self, method: str) -> dict[str, int | float]:
+        """The loop keys ``method_loop`` sets for ``method``: {key: value}, empty when it sets none."""
+        changes = self.method_loop.get(method)
+        if changes is None:
+            return {}
+        return {key: value for key, value in changes.model_dump().items() if value is not None}
+
+    def loop_for(self, method: str) -> LoopConfig:
+        """The loop ``method``'s students train with: the section's, with ``method_loop``'s keys for it."""
+        return self.loop.replace(**self.method_changes(method))
 
     @model_validator(mode="after")
     def _rounds_halve(self):

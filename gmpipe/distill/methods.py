@@ -47,7 +47,7 @@ class ProgressiveDistillation(DistillMethod):
             # Each round is defined by its own step count and by the exact weights of the round before it.
             fingerprint = session.fingerprint(self, **{"distill.progressive_round_steps": n_steps}).with_inputs(
                 previous_round=hash_tensors(previous.state_dict()) if previous is not None else "teacher")
-            model, trained, final = session.train(student, loss, f"progressive-{n_steps}",
+            model, trained, final = session.train(self, student, loss, f"progressive-{n_steps}",
                                                   f"distill progressive {n_steps}-step", fingerprint)
             model.requires_grad_(False)
             students.append(Student(f"progressive-{n_steps}step", model, "progressive", [n_steps], "ddim",
@@ -71,8 +71,9 @@ class Reflow(DistillMethod):
             z, x, cond = couplings.batch(index)
             return z.to(device), x.to(device), to_device(cond, device)
 
-        model, trained, final = session.train(session.fresh_student(), reflow_loss_fn(), "reflow", "distill reflow",
-                                              fingerprint, make_batch=coupling_batch, n_items=len(couplings))
+        model, trained, final = session.train(self, session.fresh_student(), reflow_loss_fn(), "reflow",
+                                              "distill reflow", fingerprint, make_batch=coupling_batch,
+                                              n_items=len(couplings))
         return [Student("reflow", model, "reflow", [1, 2, 4], "euler", reflow_objective(), trained, final)]
 
 
@@ -88,7 +89,7 @@ class ConsistencyDistillation(DistillMethod):
         config = session.config
         loss = consistency_loss_fn(session.denoise, session.objective, config.consistency_intervals, w=session.w,
                                    null_condition=session.null, shift=config.time_shift)
-        model, trained, final = session.train(session.fresh_student(), loss, "consistency", "distill consistency",
+        model, trained, final = session.train(self, session.fresh_student(), loss, "consistency", "distill consistency",
                                               session.fingerprint(self))
         return [Student("consistency", model, "consistency", list(config.consistency_steps), "consistency",
                         session.objective, trained, final)]
@@ -102,7 +103,7 @@ class GuidanceDistillation(DistillMethod):
 
     def distill(self, session: DistillSession) -> list[Student]:
         loss = guidance_loss_fn(session.denoise, session.objective, w=session.w, null_condition=session.null)
-        model, trained, final = session.train(session.fresh_student(), loss, "guidance", "distill guidance",
+        model, trained, final = session.train(self, session.fresh_student(), loss, "guidance", "distill guidance",
                                               session.fingerprint(self))
         teacher = session.teacher.settings
         return [Student("guidance", model, "guidance", [teacher["steps"]], teacher["sampler"], session.objective,

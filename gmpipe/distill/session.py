@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import torch
 
 from gmpipe.config.distill import DistillConfig
+from gmpipe.config.loop import resumable_keys
 from gmpipe.diffusion import Objective
 from gmpipe.fingerprint import Fingerprint, code_hashes
 from gmpipe.latent_diffusion import WEIGHTS, LatentDiffusion
@@ -101,16 +102,22 @@ class DistillSession:
         return Denoiser.from_pretrained(self.teacher_folder / WEIGHTS).train()
 
     def fingerprint(self, method: DistillMethod, **extra: object) -> Fingerprint:
-        """The base fingerprint plus the method's keys, its code, and ``extra`` settings (e.g. a round)."""
+        """The base fingerprint plus the method's keys, its own loop keys (``method_loop``, those a checkpoint may
+        not differ in), its code, and ``extra`` settings (e.g. a round)."""
         keys = {f"distill.{key}": getattr(self.config, key) for key in method.keys}
+        resumable = resumable_keys(self.config.loop_for(method.name))
+        keys |= {f"distill.method_loop.{method.name}.{key}": value
+                 for key, value in self.config.method_changes(method.name).items() if key not in resumable}
         return self.base.with_settings(**keys, **extra).with_inputs(**code_hashes(type(method).__module__))
 
-    def train(self, student: Denoiser, loss: LossFn, checkpoint: str, description: str, fingerprint: Fingerprint,
-              make_batch: MakeBatch | None = None, n_items: int | None = None) -> tuple[Denoiser, int, float | None]:
-        """Train ``student`` on ``loss`` through the shared loop (checkpoints in ``checkpoints/<checkpoint>``);
-        return its EMA weights (CPU, eval mode), the steps trained and the final logged loss."""
+    def train(self, method: DistillMethod, student: Denoiser, loss: LossFn, checkpoint: str, description: str,
+              fingerprint: Fingerprint, make_batch: MakeBatch | None = None,
+              n_items: int | None = None) -> tuple[Denoiser, int, float | None]:
+        """Train ``student`` on ``loss`` through the shared loop, with ``method``'s loop (the section's and its
+        ``method_loop`` keys; checkpoints in ``checkpoints/<checkpoint>``); return its EMA weights (CPU, eval mode),
+        the steps trained and the final logged loss."""
         folder = self.checkpoints / checkpoint
-        result = train(self.config.loop, [LossStep("student", student, loss)], n_items or self.n_items,
+        result = train(self.config.loop_for(method.name), [LossStep("student", student, loss)], n_items or self.n_items,
                        make_batch or self.make_batch, folder, live_dir=folder / "live", ema_of="student",
                        accelerator=self.accelerator, description=description, fingerprint=fingerprint)
         final_loss = result.history[-1].get("student/loss") if result.history else None

@@ -27,10 +27,12 @@ SECTIONS = ("distill", "compute")
 def teacher_fingerprint(config: DistillConfig, paths: Paths) -> Fingerprint:
     """What every student depends on: the teacher's weights and objective, the latents, and the distill keys shared
     by all methods (loop, guidance weight, time shift; not how often, nor how long under a constant learning rate),
-    and the code of this stage."""
+    and the code of this stage. A method's own ``method_loop`` keys are in its students' fingerprints only
+    (``DistillSession.fingerprint``)."""
     methods = [DISTILL_METHODS[name] for name in DISTILL_METHODS]
     method_keys = [key for method in methods for key in (*method.keys, *method.sampling_keys)]
-    settings = section_settings("distill", config, exclude=(*resumable_keys(config.loop), "methods", *method_keys))
+    settings = section_settings("distill", config, exclude=(*resumable_keys(config.loop), "methods", "method_loop",
+                                                            *method_keys))
     denoiser, objective = paths.ldm / WEIGHTS, paths.ldm / OBJECTIVE
     inputs = {**{paths.name(p): hash_tree(p) for p in (denoiser, objective, paths.latents)}, **code_hashes(__name__)}
     return Fingerprint(settings, inputs)

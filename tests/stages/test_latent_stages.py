@@ -604,6 +604,28 @@ def test_distill_reruns_only_what_changed(distilled, tmp_path, capsys, monkeypat
     assert json.loads((paths.reports / "distill" / "metrics.json").read_text())["reflow"]["mixed_precision"] == "no"
 
 
+def test_distill_method_loop_gives_one_method_its_own_steps_and_lr(distilled, tmp_path, capsys):
+    """``distill.method_loop``: a method's own lr restarts its students alone, naming the key; more steps for it under
+    the constant learning rate continue its checkpoint, and the other methods keep the section's steps."""
+    params, shared, _ = distilled
+    paths = _copy_project(shared, tmp_path)
+    steps = params.distill.loop.steps
+    capsys.readouterr()
+    own_lr = params.distill.replace(method_loop={"consistency": {"lr": 0.002}})
+    distill.run(own_lr, params.compute, paths)
+    out = capsys.readouterr().out
+    assert "distill consistency: starting over: distill.method_loop.consistency.lr" in out, out
+    assert out.count("starting over") == 1, out
+    assert "distill reflow: resuming from" in out and "distill progressive 1-step: resuming from" in out
+    longer = own_lr.replace(method_loop={"consistency": {"lr": 0.002, "steps": steps + 4}})
+    distill.run(longer, params.compute, paths)
+    out = capsys.readouterr().out
+    assert "starting over" not in out and "distill consistency: resuming from" in out, out
+    table = json.loads((paths.reports / "distill" / "metrics.json").read_text())
+    assert table["consistency"]["train_steps"] == steps + 4
+    assert table["reflow"]["train_steps"] == table["progressive-1step"]["train_steps"] == steps
+
+
 def test_time_shift_is_stored_and_sampled_on_its_grid(trained_ldm, tmp_path):
     """A teacher and a student trained with time shift 3 are sampled on the shifted grid they were trained on."""
     from gmpipe.diffusion.samplers import time_grid
