@@ -48,9 +48,7 @@ class DistillConfig(ComposedSection):
     def method_changes(self, method: str) -> dict[str, int | float]:
         """The loop keys ``method_loop`` sets for ``method``: {key: value}, empty when it sets none."""
         changes = self.method_loop.get(method)
-        if changes is None:
-            return {}
-        return {key: value for key, value in changes.model_dump().items() if value is not None}
+        return {} if changes is None else changes.model_dump(exclude_none=True)
 
     def loop_for(self, method: str) -> LoopConfig:
         """The loop ``method``'s students train with: the section's, with ``method_loop``'s keys for it."""
