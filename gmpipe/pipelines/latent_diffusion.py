@@ -55,6 +55,7 @@ from gmpipe.decoder_folder import DECODER_INFO, LATENT_STATS, save_small_decoder
 from gmpipe.decoder_folder import STAGE as DECODER_STAGE
 from gmpipe.errors import GmpipeError
 from gmpipe.latent_diffusion import WEIGHTS, LatentDiffusion
+from gmpipe.nn.autoencoder import attention_outputs_in_default_layout
 from gmpipe.nn.denoiser import Denoiser
 from gmpipe.nn.small_decoder import SmallDecoder
 from gmpipe.pipelines.scheduler import LatentDiffusionScheduler
@@ -98,6 +99,8 @@ class LatentDiffusionPipeline(DiffusionPipeline):
                  decoder: AutoencoderTiny | None = None, conditioning: dict | None = None, guidance: float = 0.0,
                  stage: str = "train_ldm") -> None:
         super().__init__()
+        if vae is not None:
+            attention_outputs_in_default_layout(vae)
         self.register_modules(denoiser=denoiser, vae=vae, scheduler=scheduler, decoder=decoder)
         self.register_to_config(conditioning=conditioning, guidance=guidance, stage=stage)
         self._wrapped: tuple[ModelMixin, Denoiser] | None = None

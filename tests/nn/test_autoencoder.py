@@ -5,6 +5,7 @@ from diffusers import AutoencoderKL
 from gmpipe.nn.autoencoder import (
     AUTOENCODER_PRESETS,
     CPU_PASS_IMAGES,
+    attention_outputs_in_default_layout,
     autoencoder_passes,
     build_autoencoder,
     build_autoencoder_preset,
@@ -13,6 +14,7 @@ from gmpipe.nn.autoencoder import (
     decoder_last_layer,
     downsampling_factor,
     encode_to_latents,
+    load_autoencoder,
 )
 
 
@@ -118,3 +120,45 @@ def test_other_devices_take_the_whole_batch_in_one_pass():
     batch = torch.zeros(3 * CPU_PASS_IMAGES, 4, 2, 2)
     assert [len(part) for part in autoencoder_passes(batch, "cuda")] == [3 * CPU_PASS_IMAGES]
     assert [len(part) for part in autoencoder_passes(batch, torch.device("cpu"))] == [CPU_PASS_IMAGES] * 3
+
+
+def _group_norm_inputs(vae: AutoencoderKL, x: torch.Tensor) -> list[tuple[str, bool]]:
+    """(name, default layout?) of the input of every GroupNorm an encode + decode of x passes through."""
+    seen, handles = [], []
+    for name, module in vae.named_modules():
+        if isinstance(module, torch.nn.GroupNorm):
+            handles.append(module.register_forward_hook(
+                lambda m, inputs, out, name=name: seen.append((name, inputs[0].is_contiguous()))))
+    with torch.no_grad():
+        vae.decode(vae.encode(x).latent_dist.mean)
+    for handle in handles:
+        handle.remove()
+    return seen
+
+
+def test_the_attention_hands_the_default_layout_on_to_every_group_norm(tmp_path):
+    """diffusers' mid-block attention returns a channels-last image, which made every later GroupNorm (the whole
+    decoder) run its much slower channels-last kernel; built and loaded autoencoders copy it back, the same numbers."""
+    torch.manual_seed(0)
+    vae = build_autoencoder(1, (8, 16), latent_channels=4, layers_per_block=1, norm_num_groups=4).eval()
+    x = torch.rand(2, 1, 16, 16) * 2 - 1
+    raw = AutoencoderKL.from_config(vae.config).eval()
+    raw.load_state_dict(vae.state_dict())
+    after_attention = [name for name, default in _group_norm_inputs(raw, x) if not default]
+    assert "decoder.conv_norm_out" in after_attention  # what diffusers alone does: the hook has work to do
+    assert all(default for _, default in _group_norm_inputs(vae, x))
+    with torch.no_grad():
+        torch.testing.assert_close(vae.decode(vae.encode(x).latent_dist.mean).sample,
+                                   raw.decode(raw.encode(x).latent_dist.mean).sample)
+    vae.save_pretrained(tmp_path / "vae", safe_serialization=True)
+    loaded = load_autoencoder(tmp_path / "vae")
+    assert all(default for _, default in _group_norm_inputs(loaded, x))
+    assert len(loaded.decoder.mid_block.attentions[0]._forward_hooks) == 1
+    attention_outputs_in_default_layout(loaded)  # idempotent: one copy, however often it is asked
+    assert len(loaded.decoder.mid_block.attentions[0]._forward_hooks) == 1
+
+
+def test_an_autoencoder_without_attention_builds_and_runs():
+    vae = build_autoencoder(1, (8, 16), latent_channels=4, layers_per_block=1, norm_num_groups=4,
+                            mid_block_attention=False).eval()
+    assert all(default for _, default in _group_norm_inputs(vae, torch.zeros(1, 1, 16, 16)))

@@ -107,6 +107,8 @@ def test_the_pipeline_class_loads_without_remote_code_and_saves_a_gmpipe_folder(
         (ldm / "pipeline.py").write_text((ldm / "pipeline.py").read_text().rsplit("raise", 1)[0])
     pipe = LatentDiffusionPipeline.from_pretrained(ldm)
     assert isinstance(pipe.scheduler, LatentDiffusionScheduler) and pipe.get_label_ids(["b", "a"]) == [1, 0]
+    attentions = [a for a in pipe.vae.decoder.mid_block.attentions if a is not None]
+    assert attentions and all(len(a._forward_hooks) == 1 for a in attentions)  # diffusers' loading gets the layout fix
     generators = [torch.Generator().manual_seed(seed) for seed in SEEDS]
     as_numbers = pipe(class_labels=LABELS, guidance_scale=1 + W, num_inference_steps=STEPS, generator=generators,
                       output_type="np")
