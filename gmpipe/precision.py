@@ -17,6 +17,15 @@ import torch
 
 _warned: set[tuple[str, str]] = set()
 
+HALF = (torch.bfloat16, torch.float16)
+
+
+def computes_in_half(x: torch.Tensor) -> bool:
+    """Whether an operation on ``x`` runs in half precision: ``x`` is bfloat16 / float16, or autocast to one of them
+    is on for its device."""
+    device = x.device.type
+    return x.dtype in HALF or (torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) in HALF)
+
 
 def fast_bf16(device: torch.device | str) -> bool:
     """Whether ``device`` computes bfloat16 in hardware: a CUDA GPU with native bf16 (Ampere and newer), or a CPU

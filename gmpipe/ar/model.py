@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from gmpipe.artifacts import load_model_folder, read_json, write_json
 from gmpipe.nn.presets import AR_PRESETS, ARPreset, get_ar_preset
+from gmpipe.precision import computes_in_half
 
 MODEL_FOLDER = "lm"
 CONFIG_FILE = "ar.json"
@@ -57,6 +58,33 @@ class ARFile(BaseModel):
 
 ACTIVATION = "gelu"  # of models built now (GPT2Config.activation_function)
 
+# The attention every LatentAR's language model runs (transformers' attention registry; not saved with the model, so a
+# saved folder loads anywhere with transformers' own "sdpa"). It is transformers' SDPA attention, in float32 while
+# training in half precision on a CPU: PyTorch's fused CPU attention runs its backward 1.7x slower in bfloat16 than
+# in float32 at the demo's 4 heads of 32 over 256 positions (forward + backward, batch 32: 44 vs 25 ms), so the
+# demo's bf16 train_ar step took 1.15x as long as with the attention in float32 (README, Performance).
+ATTENTION = "gmpipe_sdpa"
+
+
+def _attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if query.device.type == "cpu" and torch.is_grad_enabled() and computes_in_half(query):
+        with torch.autocast("cpu", enabled=False):
+            output, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(),
+                                                     attention_mask, **kwargs)
+        return output.to(query.dtype), weights
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def with_gmpipe_attention(lm):
+    """``lm`` (a transformers model) running :data:`ATTENTION`; returns ``lm``."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION, _attention)
+    lm.set_attn_implementation(ATTENTION)
+    return lm
+
 
 def build_causal_lm(preset: ARPreset, vocab_size: int, positions: int, dropout: float = 0.0):
     """A randomly initialised GPT2LMHeadModel of the given sizes (input and output embeddings tied)."""
@@ -71,7 +99,7 @@ def build_causal_lm(preset: ARPreset, vocab_size: int, positions: int, dropout: 
         activation_function=ACTIVATION,
         bos_token_id=None, eos_token_id=None, pad_token_id=None,  # GPT-2's defaults (50256) lie outside this vocabulary
     )
-    return GPT2LMHeadModel(config)
+    return with_gmpipe_attention(GPT2LMHeadModel(config))
 
 
 class LatentAR(nn.Module):
@@ -199,5 +227,5 @@ class LatentAR(nn.Module):
             raise ValueError(f"{MODEL_FOLDER}/config.json has vocab_size {lm.config.vocab_size} and n_positions "
                              f"{lm.config.n_positions}; {CONFIG_FILE} needs {model.vocab_size} and "
                              f">= {config.sequence_length}")
-        model.lm = lm
+        model.lm = with_gmpipe_attention(lm)
         return model.eval()

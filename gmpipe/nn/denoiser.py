@@ -65,9 +65,9 @@ from gmpipe.artifacts import ArtifactError, load_model_folder, read_json, read_s
 from gmpipe.diffusion.guidance import drop_conditions, drop_text_conditions
 from gmpipe.diffusion.times import as_time
 from gmpipe.nn.presets import DENOISER_PRESETS, DenoiserPreset, get_denoiser_preset
+from gmpipe.precision import computes_in_half
 
 MATH_ATTENTION_TOKENS = 128  # at most this many tokens: the math attention kernel (training, CPU, half precision)
-HALF = (torch.bfloat16, torch.float16)
 ACTIVATION = "gelu"  # the feed-forward's of denoisers built now (diffusers' activation_fn; see the module docstring)
 
 __all__ = ["DENOISER_PRESETS", "CaptionDenoiser", "Denoiser", "DenoiserPreset", "LabelDenoiser",
@@ -141,9 +141,7 @@ def disable_label_dropout(model: nn.Module) -> None:
 def attention_kernel(x: Tensor, tokens: int) -> contextlib.AbstractContextManager:
     """The attention kernel for a forward pass on ``x`` over ``tokens`` tokens: the math one while training in half
     precision on a CPU with at most ``MATH_ATTENTION_TOKENS`` tokens (see the module docstring), else PyTorch's."""
-    device = x.device.type
-    half = x.dtype in HALF or (torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) in HALF)
-    if device == "cpu" and half and torch.is_grad_enabled() and tokens <= MATH_ATTENTION_TOKENS:
+    if x.device.type == "cpu" and computes_in_half(x) and torch.is_grad_enabled() and tokens <= MATH_ATTENTION_TOKENS:
         return sdpa_kernel(SDPBackend.MATH)
     return contextlib.nullcontext()
 

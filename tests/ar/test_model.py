@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -118,3 +119,41 @@ def test_new_models_use_exact_gelu_and_a_saved_model_keeps_its_own(tmp_path):
     config_path.write_text(json.dumps({**config, "activation_function": "gelu_new"}))
     old = LatentAR.from_pretrained(tmp_path).lm.transformer.h[0].mlp.act
     torch.testing.assert_close(old(x), ACT2FN["gelu_new"](x), rtol=0, atol=0)
+
+
+def test_training_in_bf16_on_a_cpu_runs_the_attention_in_float32_and_saved_folders_load_with_plain_transformers(
+        tmp_path, monkeypatch):
+    """The attention gmpipe registers computes in float32 while training in bf16 on a CPU (its fused kernel's bf16
+    backward is the slow one), as transformers' "sdpa" would in float32; sampling and scoring keep the kernel as is;
+    the implementation is not written into the saved config."""
+    import torch.nn.functional as F
+    from transformers import GPT2LMHeadModel
+
+    model = random_model(BINS, CLASSES, LENGTH)
+    assert model.lm.config._attn_implementation == "gmpipe_sdpa"
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, *a, **k: seen.append(q.dtype) or sdpa(q, *a, **k))
+    tokens, labels = _tokens(4), torch.tensor([0, 1, 2, 3])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(tokens, labels)
+        assert seen and set(seen) == {torch.float32} and logits.dtype == torch.bfloat16
+        seen.clear()
+        with torch.no_grad():
+            model(tokens, labels)
+        assert set(seen) == {torch.bfloat16}
+    logits.float().square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+    reference = GPT2LMHeadModel(copy.deepcopy(model.lm.config))
+    reference.load_state_dict(model.lm.state_dict())
+    reference.set_attn_implementation("sdpa")
+    assert model.lm.config._attn_implementation == "gmpipe_sdpa"
+    with torch.no_grad():
+        embeds = model.input_embeddings(model.input_ids(tokens, labels), labels)
+        torch.testing.assert_close(model.lm(inputs_embeds=embeds).logits, reference(inputs_embeds=embeds).logits)
+
+    model.save_pretrained(tmp_path / "ar")
+    config = json.loads((tmp_path / "ar" / MODEL_FOLDER / "config.json").read_text())
+    assert "gmpipe_sdpa" not in json.dumps(config)
+    assert GPT2LMHeadModel.from_pretrained(tmp_path / "ar" / MODEL_FOLDER).config._attn_implementation == "sdpa"
