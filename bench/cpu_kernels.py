@@ -3,7 +3,9 @@ tanh approximation DiT and GPT-2 were published with vs the exact one), forward 
 under bf16 autocast with the denoiser's attention rule (the math kernel while training in half precision on at most
 ``MATH_ATTENTION_TOKENS`` tokens, ``gmpipe.nn.denoiser``) against the fused kernel everywhere. And the feature
 network every stage measures or trains with, EfficientNet-Lite0, as its library builds it against gmpipe's folded
-one (batch norms folded into the convolutions, channels-last weights).
+one (batch norms folded into the convolutions, channels-last weights). And the train_ar step under bf16 autocast
+with the AR prior's attention (``gmpipe.ar.model.ATTENTION``: float32 while training in half precision on a CPU)
+against transformers' own SDPA attention in bf16.
 
 Attention cases: 4 heads of 32 channels, the same number of tokens in every case (batch x sequence length fixed),
 in float32 and bfloat16, each kernel forced with ``sdpa_kernel``. GELU cases: a (tokens, 512) activation, the
@@ -22,13 +24,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from bench.measure import interleave, median, speedup, spread
 from bench.report import Section
 from bench.workloads import ldm_batches, ldm_config, ldm_step, steady_seconds, synthetic_latents
+from gmpipe.ar.model import ATTENTION
 from gmpipe.nn import denoiser as denoiser_module
 
 SIZES = {
     "full": dict(tokens=[16, 64, 128, 256], total_tokens=16_384, gelu_rows=8_000, batch_size=256, warmup=2,
-                 measured=5, rounds=3, feature_batch=64, perceptual_batch=32),
+                 measured=5, rounds=3, feature_batch=64, perceptual_batch=32, ar_batch_size=32),
     "quick": dict(tokens=[16, 64], total_tokens=256, gelu_rows=64, batch_size=8, warmup=1, measured=1, rounds=1,
-                  feature_batch=4, perceptual_batch=2),
+                  feature_batch=4, perceptual_batch=2, ar_batch_size=2),
 }
 KERNELS = {"fused": SDPBackend.FLASH_ATTENTION, "math": SDPBackend.MATH}
 
@@ -119,6 +122,38 @@ def ldm_training(batch_size: int):
     return seconds_per_step
 
 
+def ar_training(batch_size: int):
+    """One train_ar step closure on the demo's ``small`` AR prior (32 bins, 10 classes, 256 tokens) and its loss
+    on random tokens under bf16 autocast, with the attention implementation named per call."""
+    from gmpipe.ar.likelihood import ar_loss_step
+    from gmpipe.ar.model import LatentAR
+
+    torch.manual_seed(0)
+    model = LatentAR(32, 10, 256, "small")
+    step = ar_loss_step(model, 0.1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    generator = torch.Generator().manual_seed(1)
+    batch = (torch.randint(0, 32, (batch_size, 256), generator=generator),
+             torch.randint(0, 10, (batch_size,), generator=generator))
+
+    def seconds_per_step(attention: str, warmup: int, measured: int) -> float:
+        model.lm.set_attn_implementation(attention)
+        try:
+            stamps = []
+            for _ in range(warmup + measured + 1):
+                stamps.append(time.perf_counter())
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    loss, _ = step.loss(batch, 0, {}, {step.name: model})
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        finally:
+            model.lm.set_attn_implementation(ATTENTION)
+        return steady_seconds(stamps, warmup)
+
+    return seconds_per_step
+
+
 def run(size: str = "full", root=None) -> dict:
     s = SIZES[size]
     cases = {}
@@ -135,18 +170,23 @@ def run(size: str = "full", root=None) -> dict:
     limit = denoiser_module.MATH_ATTENTION_TOKENS
     cases["train_ldm step, bf16, gmpipe's rule"] = lambda: step(limit, s["warmup"], s["measured"])
     cases["train_ldm step, bf16, fused everywhere"] = lambda: step(0, s["warmup"], s["measured"])
+    ar_step = ar_training(s["ar_batch_size"])
+    cases["train_ar step, bf16, attention in float32"] = lambda: ar_step(ATTENTION, s["warmup"], s["measured"])
+    cases["train_ar step, bf16, attention in bf16"] = lambda: ar_step("sdpa", s["warmup"], s["measured"])
     seconds = interleave(cases, s["rounds"])
 
     rows = []
     section = Section("cpu_kernels", f"CPU kernels, forward + backward: attention over 4 heads x 32 "
                       f"({s['total_tokens']} tokens per case), GELU on {s['gelu_rows']} x 512, train_ldm step (small "
-                      f"DiT, batch {s['batch_size']}), EfficientNet-Lite0 ({s['feature_batch']} feature images at "
+                      f"DiT, batch {s['batch_size']}), train_ar step (small AR prior, batch {s['ar_batch_size']}), "
+                      f"EfficientNet-Lite0 ({s['feature_batch']} feature images at "
                       f"64 px, perceptual loss on {s['perceptual_batch']} pairs at 32 px); "
                       f"{torch.get_num_threads()} thread(s)", s["rounds"],
-                      ["case", "ms", "ms range", "speed vs fused / tanh / library"], rows)
+                      ["case", "ms", "ms range", "speed vs fused / tanh / library / bf16 attention"], rows)
     for name, times in seconds.items():
         reference = (name.replace(" math", " fused").replace("gmpipe's rule", "fused everywhere")
-                     .replace("gelu none", "gelu tanh").replace(" folded", " library"))
+                     .replace("gelu none", "gelu tanh").replace(" folded", " library")
+                     .replace("attention in float32", "attention in bf16"))
         rows.append([name, median(times) * 1000, spread([1000 * t for t in times]),
                      speedup(times, seconds[reference])])
     for label in ("fp32", "bf16"):
@@ -160,6 +200,8 @@ def run(size: str = "full", root=None) -> dict:
             seconds[f"effnet {case} folded"], seconds[f"effnet {case} library"])
     section.ratios["train_ldm bf16 step: gmpipe's rule / fused speed"] = speedup(
         seconds["train_ldm step, bf16, gmpipe's rule"], seconds["train_ldm step, bf16, fused everywhere"])
+    section.ratios["train_ar bf16 step: attention in float32 / in bf16 speed"] = speedup(
+        seconds["train_ar step, bf16, attention in float32"], seconds["train_ar step, bf16, attention in bf16"])
     section.notes.append(f"gmpipe's rule: the math kernel while training in bf16/fp16 on a CPU with at most "
                          f"{limit} tokens (the demo's DiT: 16); sampling and float32 keep the fused kernel. New "
                          f"denoisers and AR priors use exact GELU; the step cases are built with it")
