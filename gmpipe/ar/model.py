@@ -77,11 +77,23 @@ def _attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, att
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
-def with_gmpipe_attention(lm):
-    """``lm`` (a transformers model) running :data:`ATTENTION`; returns ``lm``."""
-    from transformers import AttentionInterface
+def _attention_registry():
+    """transformers' ``AttentionInterface``, or None for a transformers without it or without its SDPA function."""
+    try:
+        from transformers import AttentionInterface
+        from transformers.integrations import sdpa_attention  # noqa: F401 (what _attention runs)
+    except ImportError:
+        return None
+    return AttentionInterface
 
-    AttentionInterface.register(ATTENTION, _attention)
+
+def with_gmpipe_attention(lm):
+    """``lm`` (a transformers model) running :data:`ATTENTION`; returns ``lm``. A transformers without the attention
+    registry (before 4.5x; gmpipe accepts 4.40 on) keeps its own attention: the same model, the slower bf16 step."""
+    registry = _attention_registry()
+    if registry is None or not hasattr(lm, "set_attn_implementation"):
+        return lm
+    registry.register(ATTENTION, _attention)
     lm.set_attn_implementation(ATTENTION)
     return lm
 

@@ -157,3 +157,15 @@ def test_training_in_bf16_on_a_cpu_runs_the_attention_in_float32_and_saved_folde
     config = json.loads((tmp_path / "ar" / MODEL_FOLDER / "config.json").read_text())
     assert "gmpipe_sdpa" not in json.dumps(config)
     assert GPT2LMHeadModel.from_pretrained(tmp_path / "ar" / MODEL_FOLDER).config._attn_implementation == "sdpa"
+
+
+def test_a_transformers_without_the_attention_registry_keeps_its_own_attention(monkeypatch):
+    """gmpipe accepts transformers 4.40 on; one without ``AttentionInterface`` builds and trains the same model with
+    its own attention."""
+    import gmpipe.ar.model
+
+    monkeypatch.setattr(gmpipe.ar.model, "_attention_registry", lambda: None)
+    model = random_model(BINS, CLASSES, LENGTH)
+    assert model.lm.config._attn_implementation != "gmpipe_sdpa"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(_tokens(2), torch.tensor([0, 1])).float().mean().backward()
