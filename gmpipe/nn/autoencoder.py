@@ -67,11 +67,16 @@ def build_autoencoder(
 
 
 def _default_layout(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-    return output.contiguous()
+    """The attention's output in its input's layout: NCHW, or channels-last when the model runs channels-last."""
+    image = inputs[0] if inputs else output
+    channels_last = image.dim() == 4 and not image.is_contiguous() and \
+        image.is_contiguous(memory_format=torch.channels_last)
+    return output.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def attention_outputs_in_default_layout(vae: AutoencoderKL) -> AutoencoderKL:
-    """``vae`` with each mid-block attention's output copied into the default (NCHW) layout; returns ``vae``.
+    """``vae`` with each mid-block attention's output copied into the default (NCHW) layout, or channels-last in a
+    model that runs channels-last (``channels_last: true``, for GPUs); returns ``vae``.
 
     diffusers' attention turns its (B, H*W, C) result back into an image by a transpose, which leaves it channels-last,
     and the residual additions pass that layout on to every later layer: the rest of the encoder and the whole decoder

@@ -162,3 +162,17 @@ def test_an_autoencoder_without_attention_builds_and_runs():
     vae = build_autoencoder(1, (8, 16), latent_channels=4, layers_per_block=1, norm_num_groups=4,
                             mid_block_attention=False).eval()
     assert all(default for _, default in _group_norm_inputs(vae, torch.zeros(1, 1, 16, 16)))
+
+
+def test_a_channels_last_autoencoder_stays_channels_last_after_the_attention():
+    """The hook hands back its input's layout: a model trained channels-last (for GPUs) keeps that layout."""
+    torch.manual_seed(0)
+    vae = build_autoencoder(1, (8, 16), latent_channels=4, layers_per_block=1, norm_num_groups=4).eval()
+    vae.to(memory_format=torch.channels_last)
+    x = (torch.rand(2, 1, 16, 16) * 2 - 1).contiguous(memory_format=torch.channels_last)
+    seen = []
+    vae.decoder.mid_block.attentions[0].register_forward_hook(
+        lambda m, inputs, out: seen.append(out.is_contiguous(memory_format=torch.channels_last)))
+    with torch.no_grad():
+        vae.decode(vae.encode(x).latent_dist.mean)
+    assert seen == [True]
