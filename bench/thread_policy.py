@@ -1,5 +1,6 @@
 """9. Threads beside other work: the demo's train_vae step (``bench.conv_layout``'s: real losses, discriminator on,
-batch 32) under each OpenMP wait policy and on one thread, alone and beside other work.
+batch 32; in float32, as in every run of this section) under each OpenMP wait policy and on one thread, alone and
+beside other work.
 
 How OpenMP worker threads wait between parallel regions is fixed when torch loads its OpenMP runtime (libgomp), so
 every case runs in a new process whose environment sets ``OMP_NUM_THREADS``, ``OMP_WAIT_POLICY`` (absent for

@@ -23,8 +23,16 @@ HALF = (torch.bfloat16, torch.float16)
 def computes_in_half(x: torch.Tensor) -> bool:
     """Whether an operation on ``x`` runs in half precision: ``x`` is bfloat16 / float16, or autocast to one of them
     is on for its device."""
-    device = x.device.type
-    return x.dtype in HALF or (torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) in HALF)
+    return x.dtype in HALF or _autocast_in_half(x.device.type)
+
+
+def _autocast_in_half(device: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) in HALF
+    except (TypeError, AttributeError):  # torch before 2.4 (gmpipe accepts 2.2 on): the per-device functions
+        if device == "cpu":
+            return torch.is_autocast_cpu_enabled() and torch.get_autocast_cpu_dtype() in HALF
+        return device == "cuda" and torch.is_autocast_enabled() and torch.get_autocast_gpu_dtype() in HALF
 
 
 def fast_bf16(device: torch.device | str) -> bool:

@@ -79,3 +79,20 @@ def test_params_take_auto_everywhere_a_precision_is_set():
     assert DistillConfig.model_validate({"reflow_precision": "auto"}).reflow_precision == "auto"
     evaluate = EvaluateConfig(precision="auto", classifier_precision="auto")
     assert (evaluate.precision, evaluate.classifier_precision) == ("auto", "auto")
+
+
+def test_computes_in_half_reads_autocast_on_a_torch_without_the_device_argument(monkeypatch):
+    """torch before 2.4 (gmpipe accepts 2.2 on) has no is_autocast_enabled(device): the per-device functions answer."""
+    from gmpipe.precision import computes_in_half
+
+    def old_is_autocast_enabled(*args):
+        if args:
+            raise TypeError("is_autocast_enabled() takes 0 positional arguments")
+        return False
+
+    x = torch.zeros(2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        monkeypatch.setattr(torch, "is_autocast_enabled", old_is_autocast_enabled)
+        assert computes_in_half(x)
+    assert not computes_in_half(x)
+    assert computes_in_half(x.bfloat16())

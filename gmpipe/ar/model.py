@@ -70,6 +70,8 @@ def _attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, att
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if query.device.type == "cpu" and torch.is_grad_enabled() and computes_in_half(query):
+        if attention_mask is not None and attention_mask.is_floating_point():
+            attention_mask = attention_mask.float()  # an additive mask in the inputs' precision
         with torch.autocast("cpu", enabled=False):
             output, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(),
                                                      attention_mask, **kwargs)
@@ -78,13 +80,15 @@ def _attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, att
 
 
 def _attention_registry():
-    """transformers' ``AttentionInterface``, or None for a transformers without it or without its SDPA function."""
+    """transformers' ``AttentionInterface`` and ``AttentionMaskInterface`` with its SDPA mask builder, or None for a
+    transformers without them (or without the SDPA attention function ``_attention`` runs)."""
     try:
         from transformers import AttentionInterface
         from transformers.integrations import sdpa_attention  # noqa: F401 (what _attention runs)
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     except ImportError:
         return None
-    return AttentionInterface
+    return AttentionInterface, AttentionMaskInterface, sdpa_mask
 
 
 def with_gmpipe_attention(lm):
@@ -93,7 +97,9 @@ def with_gmpipe_attention(lm):
     registry = _attention_registry()
     if registry is None or not hasattr(lm, "set_attn_implementation"):
         return lm
-    registry.register(ATTENTION, _attention)
+    attentions, masks, sdpa_mask = registry
+    attentions.register(ATTENTION, _attention)
+    masks.register(ATTENTION, sdpa_mask)  # the masks "sdpa" gets (an unknown name would get none: padding dropped)
     lm.set_attn_implementation(ATTENTION)
     return lm
 

@@ -42,8 +42,8 @@ class LoopConfig(Section):
     gradient_checkpointing: bool = False
     # 4-D weights and the activations of the convolutions that read them in channels-last layout: the same math,
     # often faster convolutions on GPUs with tensor cores; the saved weights are in PyTorch's default layout. Off by
-    # default: on the 2-core CPU the demo's train_vae step ran at 0.94x (1 thread) and 0.99x (2 threads) the speed
-    # of the default layout (python -m bench.conv_layout).
+    # default: on the 2-core CPU the demo's bf16 train_vae step ran at 0.83x the default layout (its GroupNorms take
+    # PyTorch's slow channels-last kernel); the demo's train_gan turns it on (1.20x; python -m bench.conv_layout).
     channels_last: bool = False
     nonfinite: Literal["stop", "skip"] = "stop"
 

@@ -68,8 +68,8 @@ def build_autoencoder(
 
 def _default_layout(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
     """The attention's output in its input's layout: NCHW, or channels-last when the model runs channels-last."""
-    image = inputs[0] if inputs else output
-    channels_last = image.dim() == 4 and not image.is_contiguous() and \
+    image = inputs[0] if inputs and torch.is_tensor(inputs[0]) else None  # called by keyword: the default layout
+    channels_last = image is not None and image.dim() == 4 and not image.is_contiguous() and \
         image.is_contiguous(memory_format=torch.channels_last)
     return output.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
@@ -84,8 +84,8 @@ def attention_outputs_in_default_layout(vae: AutoencoderKL) -> AutoencoderKL:
     up to 10x slower in bf16, so one copy of a (B, C, h, w) tensor buys a 9-10% faster train_vae step (README,
     Performance). The hook is not part of the weights: every model gmpipe builds or loads gets it, once.
     """
-    for block in (vae.encoder.mid_block, vae.decoder.mid_block):
-        for attention in getattr(block, "attentions", None) or ():
+    for half in (getattr(vae, "encoder", None), getattr(vae, "decoder", None)):
+        for attention in getattr(getattr(half, "mid_block", None), "attentions", None) or ():
             if attention is not None and _default_layout not in attention._forward_hooks.values():
                 attention.register_forward_hook(_default_layout)
     return vae

@@ -169,3 +169,38 @@ def test_a_transformers_without_the_attention_registry_keeps_its_own_attention(m
     assert model.lm.config._attn_implementation != "gmpipe_sdpa"
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(_tokens(2), torch.tensor([0, 1])).float().mean().backward()
+
+
+def test_the_float32_training_attention_stays_causal_and_close_to_transformers_own():
+    """With gradients under bf16 autocast (the path that computes in float32): a later token never changes earlier
+    logits, and the logits agree with transformers' "sdpa" to bf16 rounding."""
+    model = random_model(BINS, CLASSES, LENGTH)
+    tokens, labels = _tokens(3), torch.tensor([0, 1, 3])
+    changed = tokens.clone()
+    changed[:, 6] = (changed[:, 6] + 1) % BINS
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, other = model(tokens, labels), model(changed, labels)
+        model.lm.set_attn_implementation("sdpa")
+        reference = model(tokens, labels)
+    assert logits.requires_grad
+    torch.testing.assert_close(other[:, :7], logits[:, :7], rtol=0, atol=0)
+    torch.testing.assert_close(logits.float(), reference.float(), rtol=0.05, atol=0.05)
+
+
+def test_a_padding_mask_reaches_the_attention_as_with_transformers_own():
+    """The masks transformers builds for "sdpa" are built for gmpipe's attention too (an unknown name gets none)."""
+    from transformers import GPT2LMHeadModel
+
+    model = random_model(BINS, CLASSES, LENGTH)
+    reference = GPT2LMHeadModel(copy.deepcopy(model.lm.config))
+    reference.load_state_dict(model.lm.state_dict())
+    reference.set_attn_implementation("sdpa")
+    ids = model.input_ids(_tokens(2), torch.tensor([0, 1]))
+    mask = torch.ones_like(ids)
+    mask[0, 1:4] = 0
+    with torch.no_grad():
+        ours = model.lm(input_ids=ids, attention_mask=mask).logits
+        theirs = reference(input_ids=ids, attention_mask=mask).logits
+        unmasked = model.lm(input_ids=ids).logits
+    torch.testing.assert_close(ours, theirs)
+    assert not torch.allclose(ours[0, 5:], unmasked[0, 5:])

@@ -270,3 +270,12 @@ def test_channels_last_trains_the_same_convolution_and_hands_back_the_default_la
     assert all(p.is_contiguous() for p in fast.ema.module.parameters())
     resumed = run("fast", False, steps=6)  # a layout switch is no new run: it continues
     assert resumed.resumed_from == 4 and resumed.step == 6
+    # ... and continues it: AdamW's moments follow their weights into the new layout (the fused CPU kernel walks both
+    # in memory order), so either switch ends where six uninterrupted steps do
+    run("plain_then_fast", False)
+    switched = run("plain_then_fast", True, steps=6)
+    straight = run("straight", False, steps=6)
+    for model in (resumed, switched):
+        assert model.resumed_from == 4
+        for a, b in zip(straight.modules["model"].parameters(), model.modules["model"].parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
