@@ -95,6 +95,19 @@ def effnet_cases(feature_batch: int, perceptual_batch: int, repeats: int) -> dic
     return cases
 
 
+def bf16_step_seconds(step, batch, optimizer, warmup: int, measured: int) -> float:
+    """Steady-state seconds of one training step of ``step`` (a LossStep) on ``batch`` under bf16 autocast."""
+    stamps = []
+    for _ in range(warmup + measured + 1):
+        stamps.append(time.perf_counter())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = step.loss(batch, 0, {}, {step.name: step.module})
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return steady_seconds(stamps, warmup)
+
+
 def ldm_training(batch_size: int):
     """One train_ldm step closure per case, on the same initial weights and batch, under bf16 autocast."""
     torch.manual_seed(0)
@@ -107,17 +120,9 @@ def ldm_training(batch_size: int):
         saved = denoiser_module.MATH_ATTENTION_TOKENS
         denoiser_module.MATH_ATTENTION_TOKENS = limit
         try:
-            stamps = []
-            for _ in range(warmup + measured + 1):
-                stamps.append(time.perf_counter())
-                with torch.autocast("cpu", dtype=torch.bfloat16):
-                    loss, _ = step.loss(batch, 0, {}, {step.name: step.module})
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            return bf16_step_seconds(step, batch, optimizer, warmup, measured)
         finally:
             denoiser_module.MATH_ATTENTION_TOKENS = saved
-        return steady_seconds(stamps, warmup)
 
     return seconds_per_step
 
@@ -139,17 +144,9 @@ def ar_training(batch_size: int):
     def seconds_per_step(attention: str, warmup: int, measured: int) -> float:
         model.lm.set_attn_implementation(attention)
         try:
-            stamps = []
-            for _ in range(warmup + measured + 1):
-                stamps.append(time.perf_counter())
-                with torch.autocast("cpu", dtype=torch.bfloat16):
-                    loss, _ = step.loss(batch, 0, {}, {step.name: model})
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            return bf16_step_seconds(step, batch, optimizer, warmup, measured)
         finally:
             model.lm.set_attn_implementation(ATTENTION)
-        return steady_seconds(stamps, warmup)
 
     return seconds_per_step
 
