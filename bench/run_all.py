@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench import (
+    allocator,
     command,
     conv_layout,
     cpu_kernels,
@@ -50,6 +51,7 @@ SECTIONS: dict[str, Callable[..., dict]] = {
     "conv_layout": conv_layout.run,
     "precision": precision.run,
     "thread_policy": thread_policy.run,
+    "allocator": allocator.run,
     "cpu_kernels": cpu_kernels.run,
     "scale_plan": scale_plan.run,
     "evaluate_costs": evaluate_costs.run,
