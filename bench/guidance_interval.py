@@ -68,9 +68,8 @@ def main(argv: list[str]) -> None:
     from bench import teacher_quality
 
     root, low, high, weights = parse(argv)
-    teacher_quality.GUIDANCE = weights
     with guidance_interval(low, high, Counter()) as calls:
-        result = teacher_quality.measure_teacher(root)
+        result = teacher_quality.measure_teacher(root, guidance=weights)
     steps = calls["guided"] + calls["plain"]
     result["interval"] = [low, high]
     result["calls"] = dict(calls)

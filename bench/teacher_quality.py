@@ -30,8 +30,9 @@ GUIDANCE = (0.5, 1.0)  # the demo's headline w and the w its students reproduce
 REPORTED = ("fd_effnet", "accuracy", "precision", "recall", "kid")
 
 
-def measure_teacher(root: Path, evaluate_overrides: dict | None = None, log=print) -> dict:
-    """The teacher of ROOT at each w of ``GUIDANCE`` at ``evaluate.n_samples``, measured as ``evaluate`` does
+def measure_teacher(root: Path, evaluate_overrides: dict | None = None, log=print,
+                    guidance: tuple[float, ...] = GUIDANCE) -> dict:
+    """The teacher of ROOT at each w of ``guidance`` at ``evaluate.n_samples``, measured as ``evaluate`` does
     (no NFE sweep and no likelihood; the guidance sweep at ``sweep_samples`` is the first images of the same
     sets)."""
     from gmpipe.stages import evaluate
@@ -42,7 +43,7 @@ def measure_teacher(root: Path, evaluate_overrides: dict | None = None, log=prin
     config = config.replace(precision=resolve_precision(config.precision, device, "evaluate.precision"),
                             classifier_precision=resolve_precision(config.classifier_precision, device,
                                                                    "evaluate.classifier_precision"),
-                            guidance_sweep=list(GUIDANCE), sweep_samplers=[], likelihood_samples=0)
+                            guidance_sweep=list(guidance), sweep_samplers=[], likelihood_samples=0)
     paths = Paths(root)
     class_names = evaluate.load_manifest(paths.prepared)["class_names"]
     torch.manual_seed(config.seed)
@@ -50,7 +51,7 @@ def measure_teacher(root: Path, evaluate_overrides: dict | None = None, log=prin
     reference, real = evaluate.build_reference(config, paths, class_names, device, timer)
     start = time.perf_counter()
     _, by_w, guidance_rows, _, _ = evaluate.evaluate_teacher(
-        config, paths, reference, class_names, real["classifier_test_accuracy"], set(GUIDANCE), None, device, timer)
+        config, paths, reference, class_names, real["classifier_test_accuracy"], set(guidance), None, device, timer)
     n = next(iter(by_w.values()))["n"]
     floor = real["floor"][str(n)]["fd_effnet"]
     rows = {f"{w:g}": {**{key: row[key] for key in REPORTED}, "x_floor": row["fd_effnet"] / floor}

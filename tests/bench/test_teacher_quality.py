@@ -36,6 +36,9 @@ def test_the_study_reproduces_evaluates_teacher_rows_and_retrains_with_overrides
     for key in teacher_quality.REPORTED:
         assert row[key] == headline[key], key
     assert row["x_floor"] == headline["fd_ratio_to_floor"]
+    # other weights on request (bench.guidance_interval's), each row the same as among the defaults
+    alone = teacher_quality.measure_teacher(tmp_path, guidance=(1.0,))
+    assert set(alone["by_w"]) == {"1"} and alone["by_w"]["1"] == study["by_w"]["1"]
 
     teacher_quality.main([str(tmp_path), '{"steps": 8}'])
     assert json.loads((paths.reports / "train_ldm" / "metrics.json").read_text())["step"] == 8
